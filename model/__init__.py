@@ -1,0 +1,1 @@
+"""Code shared by training, serving and batch scoring: network, text, ids, schemas."""

@@ -1,0 +1,181 @@
+"""The catalog of known books and users with their feature vectors, loaded from a run folder.
+
+Training evaluates with it, the TorchServe handler answers with it and the Beam job scores with
+it, so a known user or book has one feature vector everywhere. Rating-derived features come from
+the training split only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from model import schemas
+from model.features import (
+    FeatureSpec,
+    book_feature_table,
+    book_features,
+    book_history,
+    group_totals,
+    user_features,
+)
+from model.text import group_key
+
+CATALOG_DIR = "catalog"
+BOOKS_FILE = "books.parquet"
+USERS_FILE = "users.parquet"
+HISTORY_FILE = "history.parquet"
+SPEC_FILE = "feature_spec.json"
+
+
+def embedding_column(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    """A [N, D] float32 matrix as an Arrow fixed-size-list column (zero-copy back to numpy)."""
+    flat = pa.array(np.ascontiguousarray(matrix, dtype=np.float32).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1])
+
+
+def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Inverse of ``embedding_column``."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    dim = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)
+
+
+def write_catalog(
+    folder: Path,
+    books: pd.DataFrame,
+    book_emb: np.ndarray,
+    users: pd.DataFrame,
+    user_emb: np.ndarray,
+    history: pd.DataFrame,
+    spec: FeatureSpec,
+) -> None:
+    """Write the catalog tables (metadata + text embeddings, training history, feature spec)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    book_table = pa.Table.from_pandas(books[schemas.BOOKS.names], schema=schemas.BOOKS, preserve_index=False)
+    pq.write_table(
+        book_table.append_column("embedding", embedding_column(book_emb)),
+        folder / BOOKS_FILE,
+    )
+    user_table = pa.Table.from_pandas(users[schemas.USERS.names], schema=schemas.USERS, preserve_index=False)
+    pq.write_table(
+        user_table.append_column("embedding", embedding_column(user_emb)),
+        folder / USERS_FILE,
+    )
+    hist = pa.Table.from_pandas(history[schemas.RATINGS.names], schema=schemas.RATINGS, preserve_index=False)
+    pq.write_table(hist, folder / HISTORY_FILE)
+    spec.save(folder / SPEC_FILE)
+
+
+def group_codes(values: pd.Series) -> tuple[torch.Tensor, dict[str, int]]:
+    """Code per row of the normalised author/publisher name (-1 when missing) and the vocabulary."""
+    keys = [group_key(v) for v in values.tolist()]
+    vocab: dict[str, int] = {}
+    for key in keys:
+        if key is not None and key not in vocab:
+            vocab[key] = len(vocab)
+    return torch.tensor([vocab[k] if k is not None else -1 for k in keys], dtype=torch.long), vocab
+
+
+@dataclass
+class Catalog:
+    """Known books and users, their text embeddings and their full-training-history features."""
+
+    spec: FeatureSpec
+    books: pd.DataFrame  # isbn, title, author, year, publisher (row order = feature row order)
+    book_emb: torch.Tensor
+    book_feats: torch.Tensor
+    users: pd.DataFrame  # user_id, city, region, country, age
+    user_emb: torch.Tensor
+    user_feats: torch.Tensor
+    history: pd.DataFrame  # training ratings: user_id, isbn, rating
+    book_index: dict[str, int]
+    user_index: dict[int, int]
+    # author / publisher: code per catalog book (-1 unknown), key -> code, per-code rating count and sum
+    groups: dict[str, tuple[torch.Tensor, dict[str, int], torch.Tensor, torch.Tensor]]
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Catalog:
+        """Load ``run_dir/catalog`` and compute every feature vector from the training history."""
+        folder = Path(run_dir) / CATALOG_DIR
+        spec = FeatureSpec.load(folder / SPEC_FILE)
+        book_table = pq.read_table(folder / BOOKS_FILE)
+        user_table = pq.read_table(folder / USERS_FILE)
+        books = book_table.drop(["embedding"]).to_pandas()
+        users = user_table.drop(["embedding"]).to_pandas()
+        book_emb = torch.tensor(embedding_matrix(book_table["embedding"]))
+        user_emb = torch.tensor(embedding_matrix(user_table["embedding"]))
+        history = pq.read_table(folder / HISTORY_FILE).to_pandas()
+        book_index = {isbn: i for i, isbn in enumerate(books["isbn"].tolist())}
+        user_index = {int(u): i for i, u in enumerate(users["user_id"].tolist())}
+        b = torch.tensor(history["isbn"].map(book_index).to_numpy(np.int64))
+        u = torch.tensor(history["user_id"].map(user_index).to_numpy(np.int64))
+        r = torch.tensor(history["rating"].to_numpy(np.float32))
+        codes = {name: group_codes(books[name]) for name in ("author", "publisher")}
+        count, total = book_history(b, r, len(books))
+        groups = {}
+        for name, (code, vocab) in codes.items():
+            groups[name] = (code, vocab, *group_totals(code, count, total, len(vocab)))
+        return cls(
+            spec=spec,
+            books=books,
+            book_emb=book_emb,
+            book_feats=book_feature_table(book_emb, codes["author"][0], codes["publisher"][0], b, r, spec),
+            users=users,
+            user_emb=user_emb,
+            user_feats=user_features(user_emb, u, book_emb[b], r, spec),
+            history=history,
+            book_index=book_index,
+            user_index=user_index,
+            groups=groups,
+        )
+
+    def book_rows(self, isbns: list[str]) -> torch.Tensor:
+        """Feature rows of known ISBNs (KeyError names the first unknown one)."""
+        return torch.tensor([self.book_index[i] for i in isbns], dtype=torch.long)
+
+    def user_rows(self, user_ids: list[int]) -> torch.Tensor:
+        """Feature rows of known user ids (KeyError names the first unknown one)."""
+        return torch.tensor([self.user_index[int(u)] for u in user_ids], dtype=torch.long)
+
+    def new_book_features(self, text_emb: torch.Tensor, authors: list, publishers: list) -> torch.Tensor:
+        """Feature vectors of books outside the catalog: no history of their own, but the
+        ratings of the catalog books by the same author and publisher."""
+        zeros = torch.zeros(text_emb.shape[0])
+        stats = []
+        for name, values in (("author", authors), ("publisher", publishers)):
+            _, vocab, g_count, g_total = self.groups[name]
+            code = torch.tensor([vocab.get(group_key(v), -1) for v in values], dtype=torch.long)
+            known = code >= 0
+            stats.append(torch.where(known, g_count[code.clamp_min(0)], zeros))
+            stats.append(torch.where(known, g_total[code.clamp_min(0)], zeros))
+        return book_features(text_emb, zeros, zeros, *stats, self.spec)
+
+    def new_user_features(
+        self,
+        text_emb: torch.Tensor,
+        hist_user: torch.Tensor,
+        hist_isbns: list[str],
+        hist_rating: torch.Tensor,
+    ) -> torch.Tensor:
+        """Feature vectors of users outside the catalog, from their text and a few known-ISBN ratings."""
+        return user_features(
+            text_emb,
+            hist_user,
+            self.book_emb[self.book_rows(hist_isbns)],
+            hist_rating,
+            self.spec,
+        )
+
+    def rated_by(self, user_row: int) -> np.ndarray:
+        """Catalog rows of the books a known user rated in training."""
+        user_id = int(self.users["user_id"].iat[user_row])
+        isbns = self.history.loc[self.history["user_id"] == user_id, "isbn"]
+        return isbns.map(self.book_index).to_numpy(np.int64)

@@ -1,0 +1,186 @@
+"""Typed configuration: one YAML file loaded into dataclasses and passed down.
+
+The same dataclasses are saved beside every model (``config.yaml`` in the run folder),
+so a run can be reproduced from its folder alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_URL = "https://www2.informatik.uni-freiburg.de/~cziegler/BX/BX-CSV-Dump.zip"
+
+
+@dataclass
+class DataConfig:
+    """Where the Book-Crossing CSVs come from."""
+
+    # Folder with the CSVs (either layout). None: $BOOKREC_DATA, then a download, then fail.
+    source: str | None = None
+    url: str = DEFAULT_URL
+    download_dir: str = "data/raw"
+    # With no source at all, generate the built-in sample instead of failing (the offline demo).
+    sample_if_missing: bool = False
+    sample_users: int = 400
+    sample_books: int = 300
+    sample_ratings: int = 8000
+
+
+@dataclass
+class SplitConfig:
+    """Deterministic warm and cold-start splits."""
+
+    seed: int = 42
+    val_frac: float = 0.1
+    test_frac: float = 0.1
+    cold_book_frac: float = 0.05
+    cold_user_frac: float = 0.05
+    # Rating-derived features of training rows come from the other folds (out-of-fold).
+    folds: int = 5
+
+
+@dataclass
+class EncoderConfig:
+    """The BERT-tiny text encoder.
+
+    ``name`` is a Hugging Face id or a local folder with weights. ``random_init`` builds an
+    untrained BERT-tiny instead; only then is ``config_dir`` used (config.json + vocab.txt),
+    and with no ``config_dir`` a WordPiece vocabulary is trained on the corpus.
+    """
+
+    name: str = "prajjwal1/bert-tiny"
+    random_init: bool = False
+    config_dir: str | None = None
+    pooling: str = "mean"  # "mean" | "cls"
+    max_length: int = 64
+    batch_size: int = 256
+    vocab_size: int = 8000  # only for a WordPiece vocab trained on the corpus
+    seed: int = 0
+    cache_dir: str = "cache/embeddings"
+
+
+@dataclass
+class ModelConfig:
+    """The rating MLP."""
+
+    hidden: list[int] = field(default_factory=lambda: [128, 64])
+    dropout: float = 0.1
+    # Prior weight (in ratings) that shrinks a user's or book's mean rating towards the global mean.
+    shrinkage: float = 5.0
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation of the MLP (and optionally the encoder)."""
+
+    seed: int = 0
+    optimizer: str = "adamw"  # "adamw" | "adam" | "sgd"
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 1024
+    epochs: int = 20
+    patience: int = 3
+    fine_tune_encoder: bool = False
+    encoder_lr: float = 1e-4
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    threads: int = 0  # 0: torch's default
+    wandb: bool = False
+    wandb_project: str = "bookrec"
+
+
+@dataclass
+class CompressConfig:
+    """Pruning, quantization and TorchScript export."""
+
+    prune_amount: float = 0.25  # fraction of hidden units removed per layer (structured)
+    finetune_epochs: int = 2  # recovery epochs after pruning
+    max_rmse_loss: float = 0.01  # the shipped artifact may lose at most this against fp32
+    latency_batch: int = 1024
+    latency_repeats: int = 50
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation and baselines."""
+
+    ndcg_k: int = 10
+    svd_grid: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    """Everything one run needs."""
+
+    run_dir: str = "runs/latest"
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Recursively build dataclass ``cls`` from ``data``, rejecting unknown keys."""
+    if not isinstance(data, dict):
+        raise ValueError(f"config section '{where or 'root'}' must be a mapping, got {data!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"unknown config key(s) in '{where or 'root'}': {', '.join(unknown)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, f"{where}.{name}".lstrip("."))
+        else:
+            kwargs[name] = _check_type(value, hint, f"{where}.{name}".lstrip("."))
+    return cls(**kwargs)
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(hint)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    expected = origin or hint
+    if expected is Any or (isinstance(value, expected) and not (expected in (int, float) and isinstance(value, bool))):
+        return value
+    raise ValueError(f"config key '{where}' must be {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (missing keys take defaults) and apply ``key.sub=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override '{item}' must look like section.key=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    return _build(Config, data, "")

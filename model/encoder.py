@@ -1,0 +1,237 @@
+"""BERT-tiny text encoder: load it (hub id, local folder or explicit random init) and embed texts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from model.config import EncoderConfig
+
+log = logging.getLogger("bookrec.encoder")
+
+# BERT-tiny (google/bert_uncased_L-2_H-128_A-2) hyper-parameters, used when no config.json is given.
+BERT_TINY = dict(
+    hidden_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=512,
+    max_position_embeddings=512,
+    type_vocab_size=2,
+    hidden_act="gelu",
+)
+ENCODER_INFO = "encoder.json"
+
+
+class EncoderUnavailable(RuntimeError):
+    """The configured encoder could not be loaded (no network, no folder, no weights)."""
+
+
+@dataclass
+class TextEncoder:
+    """A tokenizer + BertModel pair with a pooling rule; ``source`` says what the weights are."""
+
+    tokenizer: object
+    model: torch.nn.Module
+    pooling: str
+    max_length: int
+    source: str  # "pretrained:<id or folder>" or "random-init:seed=<n>,vocab=<where>"
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes an embedding: weights, vocab, pooling, length."""
+        h = hashlib.sha256()
+        h.update(f"{self.pooling}|{self.max_length}|".encode())
+        h.update(json.dumps(self.tokenizer.get_vocab(), sort_keys=True).encode())
+        for name, tensor in sorted(self.model.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """Pooled embeddings of one batch of texts, with autograd (used for fine-tuning)."""
+        batch = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        ).to(self.device)
+        hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
+        """Embeddings of ``texts`` as float32 [N, dim]; batches are length-sorted for speed."""
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        was_training = self.model.training
+        self.model.eval()
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        bar = tqdm(total=len(texts), desc="embed", unit="text", disable=not progress)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            out[idx] = self.encode([texts[i] for i in idx]).float().cpu().numpy()
+            bar.update(len(idx))
+        bar.close()
+        self.model.train(was_training)
+        return out
+
+    def save(self, folder: Path) -> None:
+        """Write weights, config and tokenizer so ``load_encoder`` can reload them offline."""
+        folder.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        info = {
+            "pooling": self.pooling,
+            "max_length": self.max_length,
+            "source": self.source,
+        }
+        (folder / ENCODER_INFO).write_text(json.dumps(info, indent=2))
+
+
+def load_encoder(cfg: EncoderConfig, corpus: Iterable[str] | None = None) -> TextEncoder:
+    """Build the encoder ``cfg`` asks for.
+
+    Pretrained weights come from ``cfg.name`` (hub id or folder). A random-init BERT-tiny is built
+    only when ``cfg.random_init`` is set; its vocabulary comes from ``cfg.config_dir`` or, failing
+    that, is trained on ``corpus`` with WordPiece.
+    """
+    if cfg.pooling not in ("mean", "cls"):
+        raise ValueError(f"encoder.pooling must be 'mean' or 'cls', got {cfg.pooling!r}")
+    if cfg.random_init:
+        return _random_init(cfg, corpus)
+    return _pretrained(cfg)
+
+
+def load_saved_encoder(folder: Path) -> TextEncoder:
+    """Reload an encoder written by ``TextEncoder.save`` (no network)."""
+    from transformers import AutoTokenizer, BertModel
+
+    info = json.loads((folder / ENCODER_INFO).read_text())
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = BertModel.from_pretrained(str(folder), add_pooling_layer=False)
+    model.eval()
+    return TextEncoder(tokenizer, model, info["pooling"], int(info["max_length"]), info["source"])
+
+
+def _pretrained(cfg: EncoderConfig) -> TextEncoder:
+    from transformers import AutoTokenizer, BertModel
+
+    # A local folder or the hub cache first; only then the network, checked quickly because the
+    # hub client retries for about a minute before giving up on an unreachable host.
+    local_only = os.path.isdir(cfg.name) or not _hub_reachable()
+    try:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(cfg.name, local_files_only=True)
+            model = BertModel.from_pretrained(cfg.name, add_pooling_layer=False, local_files_only=True)
+        except OSError:
+            if local_only:
+                raise
+            tokenizer = AutoTokenizer.from_pretrained(cfg.name)
+            model = BertModel.from_pretrained(cfg.name, add_pooling_layer=False)
+    except (OSError, ValueError) as err:
+        where = "folder" if os.path.isdir(cfg.name) else "Hugging Face model"
+        raise EncoderUnavailable(
+            f"could not load the pretrained encoder {where} '{cfg.name}': {err.__class__.__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}\n"
+            "Without network access, point encoder.name at a local folder holding the weights "
+            "(config.json, model.safetensors or pytorch_model.bin, vocab.txt), or set "
+            "encoder.random_init: true to build an untrained BERT-tiny (its embeddings carry no "
+            "pretrained knowledge; every reported number then says random-init)."
+        ) from err
+    model.eval()
+    return TextEncoder(tokenizer, model, cfg.pooling, cfg.max_length, f"pretrained:{cfg.name}")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connect (False when offline or HF_HUB_OFFLINE)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = endpoint.split("://", 1)[-1].split("/", 1)[0]
+    try:
+        with socket.create_connection((host.split(":")[0], 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _random_init(cfg: EncoderConfig, corpus: Iterable[str] | None) -> TextEncoder:
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    if cfg.config_dir:
+        folder = Path(cfg.config_dir)
+        if not (folder / "vocab.txt").is_file():
+            raise EncoderUnavailable(f"encoder.config_dir '{folder}' has no vocab.txt")
+        tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+        vocab_from = str(folder)
+        config_file = folder / "config.json"
+        base = BertConfig.from_json_file(str(config_file)).to_dict() if config_file.is_file() else {}
+    else:
+        if corpus is None:
+            raise EncoderUnavailable(
+                "a random-init encoder without encoder.config_dir needs a corpus to train a vocab on"
+            )
+        tokenizer = _train_wordpiece(corpus, cfg.vocab_size)
+        vocab_from = f"wordpiece-{len(tokenizer)}"
+        base = {}
+    params = {**BERT_TINY, **{k: v for k, v in base.items() if k in BERT_TINY}}
+    config = BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **params)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = BertModel(config, add_pooling_layer=False)
+    model.eval()
+    source = f"random-init:seed={cfg.seed},vocab={vocab_from}"
+    log.warning("using a randomly initialised BERT-tiny (%s): no pretrained knowledge", source)
+    return TextEncoder(tokenizer, model, cfg.pooling, cfg.max_length, source)
+
+
+def _train_wordpiece(corpus: Iterable[str], vocab_size: int):
+    """An uncased BERT WordPiece tokenizer trained on ``corpus`` (the offline fallback)."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordPiece
+    from tokenizers.trainers import WordPieceTrainer
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False)
+    tok.train_from_iterator(list(corpus), trainer)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )

@@ -1,0 +1,46 @@
+"""Shared fixtures: a tiny model trained once per test session on the generated sample."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from model.config import Config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def tiny_config(run_dir: Path, source: Path, cache: Path) -> Config:
+    """A config small enough to train in seconds: sample data, random-init encoder, tiny MLP."""
+    return load_config(
+        None,
+        [
+            f"run_dir={run_dir}",
+            f"data.source={source}",
+            "encoder.random_init=true",
+            "encoder.vocab_size=1000",
+            f"encoder.cache_dir={cache}",
+            "model.hidden=[32, 16]",
+            "split.folds=3",
+            "train.epochs=4",
+            "train.batch_size=256",
+            "train.patience=2",
+            "compress.finetune_epochs=1",
+            "compress.latency_repeats=3",
+        ],
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete run folder (data, catalog, encoder, fp32/pruned/int8/scripted models, evaluation)."""
+    from train.pipeline import run_all
+    from train.sample import write_sample
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    write_sample(root / "csv", layout="kaggle", n_users=300, n_books=200, n_ratings=5000, seed=0)
+    cfg = tiny_config(root / "run", root / "csv", root / "cache")
+    run_all(cfg, progress=False)
+    return root / "run"

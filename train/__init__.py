@@ -1,0 +1,1 @@
+"""Training pipeline: ingest Book-Crossing, split, embed, train, compress, evaluate."""

@@ -1,0 +1,68 @@
+"""Command line: ``python -m train {run,data,features,train,compress,evaluate} --config FILE``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+
+from model.config import load_config
+from model.encoder import EncoderUnavailable
+from train.download import DatasetUnavailable
+
+STEPS = ("run", "data", "features", "train", "compress", "evaluate")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
+    parser.add_argument("step", choices=STEPS, help="'run' does every step in order")
+    parser.add_argument("--config", help="YAML config (missing keys take defaults)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override, e.g. train.epochs=5",
+    )
+    parser.add_argument("--run-dir", help="shortcut for --set run_dir=DIR")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # TorchScript and friends announce their deprecation on every call; the run report says what was used.
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    overrides = args.set + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
+    try:
+        cfg = load_config(args.config, overrides)
+    except (OSError, ValueError) as err:
+        print(f"error: bad config: {err}", file=sys.stderr)
+        return 2
+
+    from train import pipeline
+    from train.compress import step_compress
+    from train.evaluate import step_evaluate
+
+    steps = {
+        "data": pipeline.step_data,
+        "features": pipeline.step_features,
+        "train": pipeline.step_train,
+        "compress": step_compress,
+        "evaluate": step_evaluate,
+    }
+    try:
+        if args.step == "run":
+            result = pipeline.run_all(cfg, progress=not args.quiet)
+        else:
+            result = steps[args.step](cfg, pipeline.prepare_run(cfg), progress=not args.quiet)
+    except (DatasetUnavailable, EncoderUnavailable) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({"run_dir": cfg.run_dir, args.step: result}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

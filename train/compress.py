@@ -1,0 +1,192 @@
+"""Prune, quantize and script the trained MLP, measuring what each step costs.
+
+- prune: structured L2 pruning of hidden units (``torch.nn.utils.prune``), made permanent, then
+  the layers are physically shrunk and briefly fine-tuned to recover;
+- quantize: weight-only int8 in plain tensor ops (``Int8Linear``), which runs on CPU and CUDA;
+- script: ``torch.jit.script`` of the chosen variant; the file loads with ``torch.jit.load`` alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from model.catalog import Catalog
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.config import Config
+from model.network import RatingMLP, quantize_int8
+from train.dataset import TrainingData, build_training_data
+from train.fit import fit, plot_learning_curve, predict
+
+log = logging.getLogger("bookrec.compress")
+
+PRUNED_FILE = "model_pruned.pt"
+INT8_FILE = "model_int8.pt"
+SCRIPTED_FILE = "model_scripted.pt"
+REPORT_SPLITS = ("val", "test", "cold_book", "cold_user")
+
+
+def _shrink_linear(layer: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    """A smaller copy of ``layer`` keeping output ``rows`` and input ``cols``."""
+    weight = layer.weight.detach()
+    if rows is not None:
+        weight = weight[rows]
+    if cols is not None:
+        weight = weight[:, cols]
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=layer.bias is not None)
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        if layer.bias is not None:
+            out.bias.copy_(layer.bias.detach()[rows] if rows is not None else layer.bias.detach())
+    return out
+
+
+def prune_structured(model: RatingMLP, amount: float) -> RatingMLP:
+    """Remove ``amount`` of the hidden units of every hidden layer (lowest L2 norm first).
+
+    Masks come from ``torch.nn.utils.prune``; after ``prune.remove`` makes them permanent the zeroed
+    units are cut out of their layer and out of the next layer's inputs.
+    """
+    model = copy.deepcopy(model).cpu().eval()
+    if amount <= 0:
+        return model
+    # First hidden layer: its units live in both halves, so both get the user half's mask.
+    prune.ln_structured(model.user_in, "weight", amount=amount, n=2, dim=0)
+    unit_mask = model.user_in.weight_mask[:, 0].clone()
+    prune.custom_from_mask(model.book_in, "weight", mask=unit_mask[:, None].expand_as(model.book_in.weight))
+    prune.custom_from_mask(model.user_in, "bias", mask=unit_mask)
+    for module, name in (
+        (model.user_in, "weight"),
+        (model.user_in, "bias"),
+        (model.book_in, "weight"),
+    ):
+        prune.remove(module, name)
+    keep = unit_mask.nonzero().squeeze(1)
+    model.user_in = _shrink_linear(model.user_in, rows=keep)
+    model.book_in = _shrink_linear(model.book_in, rows=keep)
+
+    linear_at = [i for i, m in enumerate(model.tail) if isinstance(m, nn.Linear)]
+    for position, index in enumerate(linear_at):
+        layer = _shrink_linear(model.tail[index], cols=keep)
+        if position < len(linear_at) - 1:  # the output layer keeps its single unit
+            prune.ln_structured(layer, "weight", amount=amount, n=2, dim=0)
+            keep = layer.weight_mask[:, 0].nonzero().squeeze(1)
+            prune.remove(layer, "weight")
+            layer = _shrink_linear(layer, rows=keep)
+        model.tail[index] = layer
+    return model
+
+
+def script_model(model: nn.Module, path: Path) -> torch.jit.ScriptModule:
+    """TorchScript-compile ``model`` (eval mode) to ``path`` and return the reloaded module."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(copy.deepcopy(model).cpu().eval())
+        scripted.save(str(path))
+        return torch.jit.load(str(path), map_location="cpu")
+
+
+def measure(model: nn.Module, data: TrainingData, batch: int, repeats: int) -> dict:
+    """RMSE/MAE per split and median CPU latency of one ``batch``-pair forward."""
+    out: dict = {}
+    for split in REPORT_SPLITS:
+        rows = data.splits[split]
+        if len(rows) == 0:
+            continue
+        err = predict(model, data.user_table, data.book_table, rows) - rows.rating.numpy()
+        out[split] = {
+            "rmse": float(np.sqrt(np.mean(err**2))),
+            "mae": float(np.mean(np.abs(err))),
+        }
+    users = data.user_table[torch.arange(batch) % data.user_table.shape[0]]
+    books = data.book_table[torch.arange(batch) % data.book_table.shape[0]]
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 5):
+            start = time.perf_counter()
+            model(users, books)
+            if i >= 5:  # warm-up calls (TorchScript profiles its first runs)
+                times.append(time.perf_counter() - start)
+    out["latency_ms"] = {
+        "batch": int(users.shape[0]),
+        "p50": 1e3 * float(np.median(times)),
+        "p95": 1e3 * float(np.percentile(times, 95)),
+    }
+    return out
+
+
+def step_compress(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
+    """Write pruned, int8 and scripted artifacts and ``compression.json`` with their costs."""
+    catalog = Catalog.load(run_dir)
+    from train.pipeline import FP32_FILE, METRICS_FILE, load_tables
+
+    _, _, ratings = load_tables(run_dir)
+    data = build_training_data(catalog, ratings, cfg.split.folds, cfg.split.seed)
+    fp32 = load_checkpoint(run_dir / FP32_FILE)
+
+    pruned = prune_structured(fp32, cfg.compress.prune_amount)
+    if cfg.compress.finetune_epochs > 0 and cfg.compress.prune_amount > 0:
+        tune_cfg = dataclasses.replace(cfg.train, lr=cfg.train.lr / 4)
+        result = fit(
+            pruned,
+            data,
+            tune_cfg,
+            run_dir / METRICS_FILE,
+            epochs=cfg.compress.finetune_epochs,
+            progress=progress,
+            stage="prune-finetune",
+        )
+        epochs = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+        plot_learning_curve(epochs, run_dir / "learning_curve.png")
+        log.info("pruned model fine-tuned: val RMSE %.4f", result.best_val_rmse)
+    save_checkpoint(pruned, run_dir / PRUNED_FILE)
+    quantized = quantize_int8(pruned)
+    save_checkpoint(quantized, run_dir / INT8_FILE)
+
+    variants = {"fp32": fp32, "pruned": pruned, "int8": quantized}
+    files = {"fp32": FP32_FILE, "pruned": PRUNED_FILE, "int8": INT8_FILE}
+    report: dict = {"variants": {}}
+    for name, model in variants.items():
+        report["variants"][name] = {
+            **measure(model, data, cfg.compress.latency_batch, cfg.compress.latency_repeats),
+            "file": files[name],
+            "bytes": (run_dir / files[name]).stat().st_size,
+            "shapes": model.shapes(),
+        }
+    # Ship the smallest variant within the accuracy budget, scripted.
+    base = report["variants"]["fp32"]["val"]["rmse"]
+    choice = next(
+        name
+        for name in ("int8", "pruned", "fp32")
+        if report["variants"][name]["val"]["rmse"] - base <= cfg.compress.max_rmse_loss
+    )
+    scripted = script_model(variants[choice], run_dir / SCRIPTED_FILE)
+    report["variants"]["scripted"] = {
+        **measure(scripted, data, cfg.compress.latency_batch, cfg.compress.latency_repeats),
+        "file": SCRIPTED_FILE,
+        "bytes": (run_dir / SCRIPTED_FILE).stat().st_size,
+        "scripted_from": choice,
+    }
+    report["shipped"] = {
+        "file": SCRIPTED_FILE,
+        "from": choice,
+        "val_rmse_loss_vs_fp32": report["variants"]["scripted"]["val"]["rmse"] - base,
+    }
+    (run_dir / "compression.json").write_text(json.dumps(report, indent=2) + "\n")
+    log.info(
+        "compression: shipped %s (%s), val RMSE loss %.4f",
+        SCRIPTED_FILE,
+        choice,
+        report["shipped"]["val_rmse_loss_vs_fp32"],
+    )
+    return report["shipped"]

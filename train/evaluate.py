@@ -1,0 +1,134 @@
+"""One comparison table on one split: baselines and every compression step of the model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.catalog import Catalog
+from model.checkpoint import load_checkpoint
+from model.config import Config
+from train.baselines import SVD_GRID, BiasBaseline, GlobalMean, SurpriseSVD, tune
+from train.compress import INT8_FILE, PRUNED_FILE, SCRIPTED_FILE
+from train.dataset import TrainingData, build_training_data
+from train.fit import predict
+from train.metrics import mae, ndcg_at_k, rmse
+from train.run_info import machine
+
+log = logging.getLogger("bookrec.evaluate")
+
+TEST_SPLITS = ("test", "cold_book", "cold_user")
+COLUMNS = [
+    ("test", "rmse", "warm RMSE"),
+    ("test", "mae", "warm MAE"),
+    ("test", "ndcg", "warm NDCG@{k}"),
+    ("cold_book", "rmse", "cold-book RMSE"),
+    ("cold_book", "mae", "cold-book MAE"),
+    ("cold_user", "rmse", "cold-user RMSE"),
+    ("cold_user", "mae", "cold-user MAE"),
+]
+
+
+def score_split(data: TrainingData, split: str, pred: np.ndarray, k: int) -> dict:
+    rows = data.splits[split]
+    y = rows.rating.numpy()
+    out = {"rmse": rmse(y, pred), "mae": mae(y, pred), "n": len(y)}
+    if split == "test":
+        out["ndcg"] = ndcg_at_k(rows.user_id, y, pred, k=k)
+    return out
+
+
+def _triple(data: TrainingData, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rows = data.splits[split]
+    return rows.user_id, rows.isbn.astype(object), rows.rating.numpy()
+
+
+def evaluate_baselines(data: TrainingData, cfg: Config) -> dict[str, dict]:
+    """Global mean, user+item bias and Surprise SVD (grid-tuned on validation), fit on train."""
+    train, val = _triple(data, "train"), _triple(data, "val")
+    grid = cfg.eval.svd_grid or SVD_GRID
+    params, val_rmse = tune(lambda p: SurpriseSVD(**p, random_state=cfg.split.seed), grid, train, val)
+    log.info("Surprise SVD tuned on validation: %s (val RMSE %.4f)", params, val_rmse)
+    models = {
+        "global mean": GlobalMean(),
+        "user+item bias": BiasBaseline(),
+        f"Surprise SVD ({', '.join(f'{k}={v}' for k, v in params.items())})": SurpriseSVD(
+            **params, random_state=cfg.split.seed
+        ),
+    }
+    out = {}
+    for name, model in models.items():
+        model.fit(*train)
+        out[name] = {
+            s: score_split(data, s, model.predict(*_triple(data, s)[:2]), cfg.eval.ndcg_k) for s in TEST_SPLITS
+        }
+    return out
+
+
+def load_variants(run_dir: Path) -> dict[str, torch.nn.Module]:
+    """Every model artifact the run wrote, the scripted one through ``torch.jit.load`` alone."""
+    from train.pipeline import FP32_FILE
+
+    out = {}
+    for name, file in (
+        ("MLP fp32", FP32_FILE),
+        ("MLP pruned", PRUNED_FILE),
+        ("MLP pruned+int8", INT8_FILE),
+    ):
+        if (run_dir / file).exists():
+            out[name] = load_checkpoint(run_dir / file)
+    if (run_dir / SCRIPTED_FILE).exists():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out["MLP TorchScript (shipped)"] = torch.jit.load(str(run_dir / SCRIPTED_FILE), map_location="cpu")
+    return out
+
+
+def markdown_table(results: dict[str, dict], k: int) -> str:
+    header = ["model"] + [label.format(k=k) for _, _, label in COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, splits in results.items():
+        cells = [f"{splits[s][m]:.4f}" if s in splits else "n/a" for s, m, _ in COLUMNS]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def step_evaluate(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
+    """Print and write ``evaluation.json`` / ``evaluation.md`` for the run."""
+    from train.pipeline import load_tables
+
+    start = time.perf_counter()
+    catalog = Catalog.load(run_dir)
+    _, _, ratings = load_tables(run_dir)
+    data = build_training_data(catalog, ratings, cfg.split.folds, cfg.split.seed)
+    results = evaluate_baselines(data, cfg)
+    for name, model in load_variants(run_dir).items():
+        results[name] = {
+            s: score_split(
+                data,
+                s,
+                predict(model, data.user_table, data.book_table, data.splits[s]),
+                cfg.eval.ndcg_k,
+            )
+            for s in TEST_SPLITS
+        }
+    features = json.loads((run_dir / "features.json").read_text())
+    meta = {
+        "encoder": features["encoder"],
+        "pooling": features["pooling"],
+        "machine": machine(),
+        "split_sizes": {s: len(data.splits[s]) for s in ("train", "val", *TEST_SPLITS)},
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    table = markdown_table(results, cfg.eval.ndcg_k)
+    (run_dir / "evaluation.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    md = f"Encoder: {meta['encoder']} ({meta['pooling']} pooling). Machine: {meta['machine']}.\n\n{table}\n"
+    (run_dir / "evaluation.md").write_text(md)
+    print(md)
+    return {"table": "evaluation.md", **meta}

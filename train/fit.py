@@ -1,0 +1,194 @@
+"""The training loop: mini-batch MSE, early stopping on validation RMSE, per-epoch JSONL log."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from model.config import TrainConfig
+from model.network import RatingMLP
+from train.dataset import SplitRows, TrainingData
+
+log = logging.getLogger("bookrec.fit")
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_val_rmse: float
+    epochs: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    user_table: torch.Tensor,
+    book_table: torch.Tensor,
+    rows: SplitRows,
+    batch_size: int = 16384,
+) -> np.ndarray:
+    """Clipped predictions for every row of a split, in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(iter(model.buffers())).device
+    out = []
+    for start in range(0, len(rows), batch_size):
+        u = user_table[rows.user_row[start : start + batch_size]].to(device)
+        b = book_table[rows.book_row[start : start + batch_size]].to(device)
+        out.append(model(u, b).float().cpu())
+    model.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+
+
+def rmse_of(model: nn.Module, data: TrainingData, split: str) -> float:
+    rows = data.splits[split]
+    pred = predict(model, data.user_table, data.book_table, rows)
+    return float(np.sqrt(np.mean((pred - rows.rating.numpy()) ** 2)))
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    raise ValueError(f"train.optimizer must be adamw, adam or sgd, got {cfg.optimizer!r}")
+
+
+def fit(
+    model: RatingMLP,
+    data: TrainingData,
+    cfg: TrainConfig,
+    log_path: Path | None = None,
+    epochs: int | None = None,
+    progress: bool = True,
+    stage: str = "train",
+) -> FitResult:
+    """Train ``model`` in place; keeps the weights of the epoch with the best validation RMSE."""
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    device = next(iter(model.buffers())).device
+    optimizer = make_optimizer(model.parameters(), cfg)
+    train = data.splits["train"]
+    n_epochs = cfg.epochs if epochs is None else epochs
+    tracker = _wandb_run(cfg, stage)
+
+    best_rmse, best_epoch, best_state, stale = (
+        math.inf,
+        0,
+        copy.deepcopy(model.state_dict()),
+        0,
+    )
+    result = FitResult(0, math.inf)
+    start = time.perf_counter()
+    for epoch in range(1, n_epochs + 1):
+        model.train()
+        order = torch.randperm(len(train), generator=generator)
+        total, seen = 0.0, 0
+        bar = tqdm(
+            range(0, len(order), cfg.batch_size),
+            desc=f"{stage} epoch {epoch}",
+            leave=False,
+            disable=not progress,
+        )
+        for begin in bar:
+            idx = order[begin : begin + cfg.batch_size]
+            u = data.user_table[train.user_row[idx]].to(device)
+            b = data.book_table[train.book_row[idx]].to(device)
+            y = train.rating[idx].to(device)
+            loss = nn.functional.mse_loss(model(u, b), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+        val_rmse = rmse_of(model, data, "val")
+        row = {
+            "stage": stage,
+            "epoch": epoch,
+            "train_rmse": math.sqrt(total / max(seen, 1)),
+            "val_rmse": val_rmse,
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        result.epochs.append(row)
+        if log_path is not None:
+            with log_path.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        if tracker is not None:
+            tracker.log(row)
+        log.info(
+            "%s epoch %d: train RMSE %.4f, val RMSE %.4f",
+            stage,
+            epoch,
+            row["train_rmse"],
+            val_rmse,
+        )
+        if val_rmse < best_rmse - 1e-5:
+            best_rmse, best_epoch, stale = val_rmse, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    if tracker is not None:
+        tracker.finish()
+    result.best_epoch, result.best_val_rmse = best_epoch, best_rmse
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _wandb_run(cfg: TrainConfig, stage: str):
+    """A W&B run when ``train.wandb`` is on (off by default; needs ``pip install wandb``)."""
+    if not cfg.wandb:
+        return None
+    try:
+        import wandb
+    except ImportError as err:
+        raise RuntimeError("train.wandb is on but wandb is not installed: pip install wandb") from err
+    return wandb.init(project=cfg.wandb_project, job_type=stage, config={"train": cfg.__dict__})
+
+
+def plot_learning_curve(epochs: list[dict], path: Path) -> None:
+    """Train and validation RMSE per epoch, one line per stage, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    stages = dict.fromkeys(row["stage"] for row in epochs)
+    offset = 0
+    for stage in stages:
+        rows = [r for r in epochs if r["stage"] == stage]
+        x = [offset + r["epoch"] for r in rows]
+        ax.plot(x, [r["train_rmse"] for r in rows], "o--", label=f"{stage} train")
+        ax.plot(x, [r["val_rmse"] for r in rows], "o-", label=f"{stage} validation")
+        offset = x[-1]
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("RMSE")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,220 @@
+"""The training job, step by step: data -> features -> train -> compress -> evaluate.
+
+Each step reads what the previous one wrote into the run folder, so steps can be rerun alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from model import schemas
+from model.catalog import Catalog, write_catalog
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.config import Config
+from model.encoder import load_encoder
+from model.features import FeatureSpec
+from model.network import RatingMLP
+from model.text import book_text, user_text
+from train.dataset import build_training_data
+from train.download import DatasetUnavailable, resolve_data_dir
+from train.embed import EmbeddingCache
+from train.fit import fit, plot_learning_curve, resolve_device
+from train.ingest import read_bookcrossing
+from train.run_info import data_fingerprint, machine, versions
+from train.sample import write_sample
+from train.split import assign_splits
+
+log = logging.getLogger("bookrec.pipeline")
+
+DATA_DIR = "data"
+ENCODER_DIR = "encoder"
+FP32_FILE = "model_fp32.pt"
+METRICS_FILE = "metrics.jsonl"
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def _write_parquet(frame: pd.DataFrame, schema: pa.Schema, path: Path) -> None:
+    pq.write_table(
+        pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False),
+        path,
+    )
+
+
+def locate_data(cfg: Config, run_dir: Path) -> Path:
+    """The CSV folder to read; with ``data.sample_if_missing`` the generated sample as a last resort."""
+    try:
+        return resolve_data_dir(cfg.data.source, cfg.data.url, Path(cfg.data.download_dir))
+    except DatasetUnavailable as err:
+        if not cfg.data.sample_if_missing:
+            raise
+        folder = run_dir / "sample-csv"
+        write_sample(
+            folder,
+            n_users=cfg.data.sample_users,
+            n_books=cfg.data.sample_books,
+            n_ratings=cfg.data.sample_ratings,
+            seed=cfg.split.seed,
+        )
+        log.warning(
+            "%s\n-> no real data reachable: using the generated sample in %s",
+            err,
+            folder,
+        )
+        return folder
+
+
+def step_data(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
+    """Ingest, clean and split Book-Crossing; write Parquet tables and the data fingerprint."""
+    source = locate_data(cfg, run_dir)
+    raw = read_bookcrossing(source, progress=progress)
+    ratings = assign_splits(raw.ratings, cfg.split)
+    out = run_dir / DATA_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    _write_parquet(raw.users, schemas.USERS, out / "users.parquet")
+    _write_parquet(raw.books, schemas.BOOKS, out / "books.parquet")
+    _write_parquet(ratings, schemas.RATINGS_SPLIT, out / "ratings.parquet")
+    _write_json(out / "ingest_report.json", raw.report.to_dict())
+    fingerprint = data_fingerprint(source, {"users": raw.users, "books": raw.books, "ratings": ratings})
+    _write_json(run_dir / "fingerprint.json", fingerprint)
+    summary = {
+        "source": str(source),
+        "layout": raw.report.layout,
+        "splits": ratings["split"].value_counts().to_dict(),
+    }
+    log.info("data: %s", summary)
+    print(raw.report.summary())
+    return summary
+
+
+def load_tables(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    folder = run_dir / DATA_DIR
+    return tuple(pq.read_table(folder / f"{name}.parquet").to_pandas() for name in ("users", "books", "ratings"))
+
+
+def step_features(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
+    """Embed every catalog book and user with the encoder (cached) and write the catalog."""
+    users, books, ratings = load_tables(run_dir)
+    rated = ratings[ratings["rating"] > 0]
+    books = books[books["isbn"].isin(rated["isbn"])].reset_index(drop=True)
+    users = users[users["user_id"].isin(rated["user_id"])].reset_index(drop=True)
+    btexts = [book_text(*row) for row in books[["title", "author", "year", "publisher"]].itertuples(index=False)]
+    utexts = [user_text(*row) for row in users[["city", "region", "country", "age"]].itertuples(index=False)]
+
+    encoder = load_encoder(cfg.encoder, corpus=btexts + utexts)
+    cache = EmbeddingCache(Path(cfg.encoder.cache_dir))
+    book_emb, book_stats = cache.embed(encoder, btexts, cfg.encoder.batch_size, progress)
+    user_emb, user_stats = cache.embed(encoder, utexts, cfg.encoder.batch_size, progress)
+    encoder.save(run_dir / ENCODER_DIR)
+
+    train = ratings[ratings["split"] == "train"]
+    spec = FeatureSpec(
+        emb_dim=encoder.dim,
+        global_mean=float(train["rating"].mean()),
+        shrinkage=cfg.model.shrinkage,
+    )
+    write_catalog(run_dir / "catalog", books, book_emb, users, user_emb, train, spec)
+    summary = {
+        "encoder": encoder.source,
+        "pooling": encoder.pooling,
+        "books": len(books),
+        "users": len(users),
+        "book_embedding": book_stats,
+        "user_embedding": user_stats,
+    }
+    _write_json(run_dir / "features.json", summary)
+    log.info("features: %s", summary)
+    return summary
+
+
+def new_model(cfg: Config, spec: FeatureSpec) -> RatingMLP:
+    return RatingMLP(
+        spec.user_dim,
+        spec.book_dim,
+        cfg.model.hidden,
+        cfg.model.dropout,
+        spec.global_mean,
+    )
+
+
+def step_train(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
+    """Train the MLP with early stopping; write the fp32 checkpoint, JSONL log and learning curve."""
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    catalog = Catalog.load(run_dir)
+    _, _, ratings = load_tables(run_dir)
+    data = build_training_data(catalog, ratings, cfg.split.folds, cfg.split.seed)
+    device = resolve_device(cfg.train.device)
+    model = new_model(cfg, catalog.spec)
+    model.set_standardisation(data.user_table, data.book_table)
+    model.to(device)
+    log_path = run_dir / METRICS_FILE
+    log_path.unlink(missing_ok=True)
+    result = fit(model, data, cfg.train, log_path, progress=progress)
+    save_checkpoint(model.cpu(), run_dir / FP32_FILE)
+    plot_learning_curve(result.epochs, run_dir / "learning_curve.png")
+    summary = {
+        "best_epoch": result.best_epoch,
+        "best_val_rmse": result.best_val_rmse,
+        "seconds": round(result.seconds, 1),
+        "device": str(device),
+    }
+    _write_json(run_dir / "train.json", summary)
+    return summary
+
+
+def prepare_run(cfg: Config) -> Path:
+    """Create the run folder with the config, versions and machine beside it."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.yaml")
+    _write_json(run_dir / "versions.json", {**versions(), "machine": machine()})
+    return run_dir
+
+
+def run_all(cfg: Config, progress: bool = True) -> dict:
+    """Every step in order; returns each step's summary and its wall time."""
+    from train.compress import step_compress
+    from train.evaluate import step_evaluate
+
+    run_dir = prepare_run(cfg)
+    out = {}
+    for name, step in (
+        ("data", step_data),
+        ("features", step_features),
+        ("train", step_train),
+        ("compress", step_compress),
+        ("evaluate", step_evaluate),
+    ):
+        start = time.perf_counter()
+        out[name] = step(cfg, run_dir, progress)
+        out[f"{name}_seconds"] = round(time.perf_counter() - start, 1)
+        log.info("step %s done in %.1f s", name, out[f"{name}_seconds"])
+    _write_json(
+        run_dir / "timings.json",
+        {k: v for k, v in out.items() if k.endswith("_seconds")},
+    )
+    return out
+
+
+__all__ = [
+    "load_checkpoint",
+    "new_model",
+    "run_all",
+    "step_data",
+    "step_features",
+    "step_train",
+]

@@ -1,0 +1,72 @@
+"""What makes a run reproducible: data fingerprint, library versions, machine."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import platform
+from pathlib import Path
+
+import pandas as pd
+
+PACKAGES = (
+    "torch",
+    "transformers",
+    "tokenizers",
+    "numpy",
+    "pandas",
+    "pyarrow",
+    "scikit-surprise",
+    "ftfy",
+)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def frame_sha256(frame: pd.DataFrame) -> str:
+    """Order-sensitive hash of a table's values (stable across pandas versions)."""
+    h = hashlib.sha256()
+    for name in frame.columns:
+        h.update(name.encode())
+        h.update(pd.util.hash_pandas_object(frame[name].astype(str), index=False).to_numpy().tobytes())
+    return h.hexdigest()
+
+
+def data_fingerprint(source: Path, tables: dict[str, pd.DataFrame]) -> dict:
+    """Hashes of the input CSVs and of the cleaned tables, with row counts."""
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(source.glob("*.csv"))}
+    cleaned = {name: {"rows": len(df), "sha256": frame_sha256(df)} for name, df in tables.items()}
+    return {"source": str(source), "files": files, "tables": cleaned}
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def machine() -> str:
+    """One line naming the CPU, core count and accelerator."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}, {platform.system()} {platform.machine()}"
