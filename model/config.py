@@ -57,6 +57,8 @@ class EncoderConfig:
 
     name: str = "prajjwal1/bert-tiny"
     random_init: bool = False
+    # When the pretrained weights cannot be loaded, fall back to a random init (loudly) instead of failing.
+    fallback_random_init: bool = False
     config_dir: str | None = None
     pooling: str = "mean"  # "mean" | "cls"
     max_length: int = 64
@@ -87,7 +89,11 @@ class TrainConfig:
     batch_size: int = 1024
     epochs: int = 20
     patience: int = 3
+    # End-to-end: BERT-tiny and the MLP trained together for fine_tune_steps mini-batches, then the
+    # catalog is re-embedded with the tuned encoder and the MLP refitted on those features.
     fine_tune_encoder: bool = False
+    fine_tune_steps: int = 300
+    fine_tune_batch_size: int = 256
     encoder_lr: float = 1e-4
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     threads: int = 0  # 0: torch's default

@@ -121,7 +121,13 @@ def load_encoder(cfg: EncoderConfig, corpus: Iterable[str] | None = None) -> Tex
         raise ValueError(f"encoder.pooling must be 'mean' or 'cls', got {cfg.pooling!r}")
     if cfg.random_init:
         return _random_init(cfg, corpus)
-    return _pretrained(cfg)
+    try:
+        return _pretrained(cfg)
+    except EncoderUnavailable as err:
+        if not cfg.fallback_random_init:
+            raise
+        log.warning("%s\n-> encoder.fallback_random_init is on: using a RANDOMLY INITIALISED BERT-tiny", err)
+        return _random_init(cfg, corpus)
 
 
 def load_saved_encoder(folder: Path) -> TextEncoder:
@@ -178,13 +184,14 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _random_init(cfg: EncoderConfig, corpus: Iterable[str] | None) -> TextEncoder:
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import BertConfig, BertModel
 
     if cfg.config_dir:
         folder = Path(cfg.config_dir)
         if not (folder / "vocab.txt").is_file():
             raise EncoderUnavailable(f"encoder.config_dir '{folder}' has no vocab.txt")
-        tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+        tokens = (folder / "vocab.txt").read_text(encoding="utf-8").splitlines()
+        tokenizer = bert_tokenizer({token: i for i, token in enumerate(tokens)})
         vocab_from = str(folder)
         config_file = folder / "config.json"
         base = BertConfig.from_json_file(str(config_file)).to_dict() if config_file.is_file() else {}
@@ -196,6 +203,8 @@ def _random_init(cfg: EncoderConfig, corpus: Iterable[str] | None) -> TextEncode
         tokenizer = _train_wordpiece(corpus, cfg.vocab_size)
         vocab_from = f"wordpiece-{len(tokenizer)}"
         base = {}
+    if len(tokenizer) <= 5:  # only the special tokens: every text would embed alike
+        raise EncoderUnavailable(f"the encoder vocabulary from {vocab_from} has only {len(tokenizer)} tokens")
     params = {**BERT_TINY, **{k: v for k, v in base.items() if k in BERT_TINY}}
     config = BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **params)
     with torch.random.fork_rng(devices=[]):
@@ -208,24 +217,47 @@ def _random_init(cfg: EncoderConfig, corpus: Iterable[str] | None) -> TextEncode
 
 
 def _train_wordpiece(corpus: Iterable[str], vocab_size: int):
-    """An uncased BERT WordPiece tokenizer trained on ``corpus`` (the offline fallback)."""
+    """An uncased BERT WordPiece tokenizer whose vocabulary comes from ``corpus`` (the offline fallback).
+
+    The vocabulary is every character (alone and as a ``##`` continuation) plus the most frequent
+    words, ties broken alphabetically. ``tokenizers``' WordPiece trainer is not used because it
+    breaks ties differently from run to run, which would make a seeded run irreproducible.
+    """
+    from collections import Counter
+
+    from tokenizers import normalizers, pre_tokenizers
+
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for text in corpus:
+        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for word in counts for c in word})
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars)]
+    seen = set(tokens)
+    for word in sorted(counts, key=lambda w: (-counts[w], w)):
+        if len(tokens) >= vocab_size:
+            break
+        if word not in seen:
+            tokens.append(word)
+            seen.add(word)
+    return bert_tokenizer({token: i for i, token in enumerate(tokens)})
+
+
+def bert_tokenizer(vocab: dict[str, int]):
+    """An uncased BERT WordPiece tokenizer (lower-casing, accent stripping, [CLS] .. [SEP])."""
     from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordPiece
-    from tokenizers.trainers import WordPieceTrainer
     from transformers import PreTrainedTokenizerFast
 
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(WordPiece(unk_token="[UNK]"))
+    tok = Tokenizer(WordPiece(vocab=vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False)
-    tok.train_from_iterator(list(corpus), trainer)
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,

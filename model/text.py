@@ -48,6 +48,16 @@ def user_text(city: Any, region: Any, country: Any, age: Any) -> str:
     return f"reader from {place}, age {age_text or UNKNOWN}"
 
 
+def book_texts(books: Any) -> list[str]:
+    """``book_text`` of every row of a frame with title, author, year, publisher columns."""
+    return [book_text(*row) for row in books[["title", "author", "year", "publisher"]].itertuples(index=False)]
+
+
+def user_texts(users: Any) -> list[str]:
+    """``user_text`` of every row of a frame with city, region, country, age columns."""
+    return [user_text(*row) for row in users[["city", "region", "country", "age"]].itertuples(index=False)]
+
+
 _NON_WORD = re.compile(r"[\W_]+")
 
 

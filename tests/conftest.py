@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,12 +37,20 @@ def tiny_config(run_dir: Path, source: Path, cache: Path) -> Config:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A complete run folder (data, catalog, encoder, fp32/pruned/int8/scripted models, evaluation)."""
-    from train.pipeline import run_all
+    """A complete run folder (data, catalog, encoder, fp32/pruned/int8/scripted models, evaluation),
+    produced by the real command line, ``python -m train run``, on the generated sample."""
     from train.sample import write_sample
 
     root = tmp_path_factory.mktemp("tiny-run")
     write_sample(root / "csv", layout="kaggle", n_users=300, n_books=200, n_ratings=5000, seed=0)
-    cfg = tiny_config(root / "run", root / "csv", root / "cache")
-    run_all(cfg, progress=False)
+    tiny_config(root / "run", root / "csv", root / "cache").save(root / "tiny.yaml")
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", "run", "--config", str(root / "tiny.yaml"), "--quiet"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    (root / "train.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     return root / "run"

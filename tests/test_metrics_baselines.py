@@ -184,6 +184,9 @@ def test_svd_vectorised_predict_matches_surprise(svd_fit) -> None:
     ref = np.array([m.algo_.predict(a, b).est for a, b in zip(qu.tolist(), qi.tolist(), strict=True)])
     np.testing.assert_allclose(vec, ref, atol=1e-6, rtol=0)
     np.testing.assert_allclose(m.predict_loop(qu, qi), ref, atol=0, rtol=0)
+    # Longer than one 4096-row chunk of the vectorised dot product, and shuffled.
+    order = np.random.default_rng(0).permutation(25 * qu.size) % qu.size
+    np.testing.assert_allclose(m.predict(qu[order], qi[order]), ref[order], atol=1e-6, rtol=0)
     # Unknown user + unknown item falls back to the global mean exactly.
     assert vec[-1] == pytest.approx(m.algo_.trainset.global_mean, abs=1e-12)
     # Known user, unknown item: mu + b_u only.

@@ -20,13 +20,14 @@ from model import schemas
 from model.catalog import Catalog, write_catalog
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import Config
-from model.encoder import load_encoder
+from model.encoder import TextEncoder, load_encoder, load_saved_encoder
 from model.features import FeatureSpec
 from model.network import RatingMLP
-from model.text import book_text, user_text
+from model.text import book_texts, user_texts
 from train.dataset import build_training_data
 from train.download import DatasetUnavailable, resolve_data_dir
 from train.embed import EmbeddingCache
+from train.finetune import fine_tune
 from train.fit import fit, plot_learning_curve, resolve_device
 from train.ingest import read_bookcrossing
 from train.run_info import data_fingerprint, machine, versions
@@ -103,16 +104,18 @@ def load_tables(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame
     return tuple(pq.read_table(folder / f"{name}.parquet").to_pandas() for name in ("users", "books", "ratings"))
 
 
-def step_features(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
-    """Embed every catalog book and user with the encoder (cached) and write the catalog."""
+def step_features(cfg: Config, run_dir: Path, progress: bool = True, encoder: TextEncoder | None = None) -> dict:
+    """Embed every catalog book and user with the encoder (cached) and write the catalog.
+
+    ``encoder`` replaces the configured one (the fine-tuning stage passes its tuned encoder)."""
     users, books, ratings = load_tables(run_dir)
     rated = ratings[ratings["rating"] > 0]
     books = books[books["isbn"].isin(rated["isbn"])].reset_index(drop=True)
     users = users[users["user_id"].isin(rated["user_id"])].reset_index(drop=True)
-    btexts = [book_text(*row) for row in books[["title", "author", "year", "publisher"]].itertuples(index=False)]
-    utexts = [user_text(*row) for row in users[["city", "region", "country", "age"]].itertuples(index=False)]
+    btexts, utexts = book_texts(books), user_texts(users)
 
-    encoder = load_encoder(cfg.encoder, corpus=btexts + utexts)
+    if encoder is None:
+        encoder = load_encoder(cfg.encoder, corpus=btexts + utexts)
     cache = EmbeddingCache(Path(cfg.encoder.cache_dir))
     book_emb, book_stats = cache.embed(encoder, btexts, cfg.encoder.batch_size, progress)
     user_emb, user_stats = cache.embed(encoder, utexts, cfg.encoder.batch_size, progress)
@@ -154,10 +157,13 @@ def step_train(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     np.random.seed(cfg.train.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    catalog = Catalog.load(run_dir)
     _, _, ratings = load_tables(run_dir)
-    data = build_training_data(catalog, ratings, cfg.split.folds, cfg.split.seed)
     device = resolve_device(cfg.train.device)
+    summary: dict = {"device": str(device)}
+    if cfg.train.fine_tune_encoder:
+        summary["fine_tune"] = fine_tune_stage(cfg, run_dir, ratings, device, progress)
+    catalog = Catalog.load(run_dir)
+    data = build_training_data(catalog, ratings, cfg.split.folds, cfg.split.seed)
     model = new_model(cfg, catalog.spec)
     model.set_standardisation(data.user_table, data.book_table)
     model.to(device)
@@ -166,13 +172,23 @@ def step_train(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     result = fit(model, data, cfg.train, log_path, progress=progress)
     save_checkpoint(model.cpu(), run_dir / FP32_FILE)
     plot_learning_curve(result.epochs, run_dir / "learning_curve.png")
-    summary = {
-        "best_epoch": result.best_epoch,
-        "best_val_rmse": result.best_val_rmse,
-        "seconds": round(result.seconds, 1),
-        "device": str(device),
-    }
+    summary.update(best_epoch=result.best_epoch, best_val_rmse=result.best_val_rmse, seconds=round(result.seconds, 1))
     _write_json(run_dir / "train.json", summary)
+    return summary
+
+
+def fine_tune_stage(cfg: Config, run_dir: Path, ratings: pd.DataFrame, device: torch.device, progress: bool) -> dict:
+    """Fine-tune the encoder with a throwaway MLP, then rewrite encoder and catalog with it."""
+    catalog = Catalog.load(run_dir)
+    data = build_training_data(catalog, ratings, cfg.split.folds, cfg.split.seed)
+    encoder = load_saved_encoder(run_dir / ENCODER_DIR)
+    encoder.model.to(device)
+    model = new_model(cfg, catalog.spec)
+    model.set_standardisation(data.user_table, data.book_table)
+    summary = fine_tune(encoder, model.to(device), catalog, data, cfg.train, progress)
+    encoder.model.cpu()
+    encoder.source += f"+fine-tuned:{cfg.train.fine_tune_steps}x{cfg.train.fine_tune_batch_size}"
+    step_features(cfg, run_dir, progress, encoder=encoder)
     return summary
 
 

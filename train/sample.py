@@ -163,7 +163,8 @@ def write_sample(
         FILES[layout],
         (USERS_HEADER, books_header, RATINGS_HEADER),
         (users, books, ratings),
-        ("users", "books", "ratings"), strict=False,
+        ("users", "books", "ratings"),
+        strict=False,
     ):
         write(folder / name, header, rows)
         expected[f"{table}.rows_read"] += len(rows)

@@ -1,0 +1,58 @@
+# bookrec: every command a user runs. Override variables on the command line, e.g.
+#   make train CONFIG=configs/bookcrossing.yaml
+VENV := .venv
+PYTHON ?= $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONFIG ?= configs/demo.yaml
+RUN ?= $(shell $(PYTHON) -c "from model.config import load_config; print(load_config('$(CONFIG)').run_dir)" 2>/dev/null)
+MODEL_STORE ?= model-store
+BATCH_OUT ?= $(RUN)/batch-scores
+
+.PHONY: help install data train evaluate archive serve stop batch demo test lint format clean
+
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+install: $(STAMP) ## create .venv and install bookrec with its test tools
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e ".[dev,dask]"
+	touch $@
+
+demo: $(STAMP) ## the main job end to end on the embedded default (offline: generated sample + random-init BERT-tiny)
+	$(PYTHON) -m train run --config configs/demo.yaml
+
+data: $(STAMP) ## fetch Book-Crossing (or use $$BOOKREC_DATA) and write the cleaned, split Parquet tables
+	$(PYTHON) -m train data --config $(CONFIG)
+
+train: $(STAMP) ## the whole training job: data -> features -> train -> compress -> evaluate
+	$(PYTHON) -m train run --config $(CONFIG)
+
+evaluate: $(STAMP) ## print and write the evaluation table of the run
+	$(PYTHON) -m train evaluate --config $(CONFIG)
+
+archive: $(STAMP) ## pack the run into $(MODEL_STORE)/bookrec.mar
+	$(PYTHON) -m handlers.archive --run-dir $(RUN) --out $(MODEL_STORE)
+
+serve: $(STAMP) ## start TorchServe with bookrec.mar (config.properties)
+	$(VENV)/bin/torchserve --start --ncs --model-store $(MODEL_STORE) --models bookrec.mar --ts-config config.properties
+
+stop: ## stop TorchServe
+	$(VENV)/bin/torchserve --stop
+
+batch: $(STAMP) ## score every user x book of the run with Apache Beam (DirectRunner) into Parquet
+	$(PYTHON) -m batch --model $(RUN) --output $(BATCH_OUT)
+
+test: $(STAMP) ## the test suite
+	$(PYTHON) -m pytest -q
+
+lint: $(STAMP) ## ruff lint and format check
+	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check .
+
+format:
+	$(PYTHON) -m ruff format . && $(PYTHON) -m ruff check --fix .
+
+clean:
+	rm -rf runs cache logs $(MODEL_STORE)/*.mar

@@ -1,0 +1,85 @@
+"""The text encoder: explicit random init, offline failure, pooling, saving, the embedding cache."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from model.config import EncoderConfig
+from model.encoder import EncoderUnavailable, load_encoder, load_saved_encoder
+from train.embed import EmbeddingCache
+
+from .conftest import SHARED
+
+CORPUS = [
+    "The Dragon Queen by Ann Smith, 1999, Tor",
+    "Murder at Midnight by Bob Jones, 2001, Penguin",
+    "reader from paris, ile de france, france, age 34",
+    "reader from toronto, ontario, canada, age unknown",
+] * 5
+
+
+def _random(**kw) -> EncoderConfig:
+    return EncoderConfig(random_init=True, vocab_size=300, **kw)
+
+
+def test_pretrained_encoder_fails_fast_and_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(EncoderUnavailable, match="random_init: true") as err:
+        load_encoder(EncoderConfig(name="prajjwal1/bert-tiny"))
+    assert "prajjwal1/bert-tiny" in str(err.value)
+    assert time.perf_counter() - start < 30
+    with pytest.raises(EncoderUnavailable, match="folder"):
+        load_encoder(EncoderConfig(name=str(tmp_path)))
+
+
+def test_random_init_is_seeded_and_says_so():
+    a, b, c = (load_encoder(_random(seed=s), corpus=CORPUS) for s in (0, 0, 1))
+    assert a.source.startswith("random-init:seed=0")
+    assert a.dim == 128 and a.model.config.num_hidden_layers == 2
+    ea, eb, ec = (e.embed(CORPUS[:4]) for e in (a, b, c))
+    np.testing.assert_array_equal(ea, eb)
+    assert not np.allclose(ea, ec)
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+def test_random_init_needs_a_vocab_source():
+    with pytest.raises(EncoderUnavailable, match="corpus"):
+        load_encoder(_random())
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "bert-tiny" / "vocab.txt").is_file(), reason="no shared BERT-tiny folder")
+def test_random_init_from_the_bert_tiny_folder_uses_its_vocab():
+    enc = load_encoder(_random(config_dir=str(SHARED / "data" / "bert-tiny")))
+    assert len(enc.tokenizer) == 30522
+    assert enc.tokenizer.tokenize("Murder at midnight") == ["murder", "at", "midnight"]
+
+
+def test_pooling_batching_and_save_round_trip(tmp_path):
+    mean = load_encoder(_random(), corpus=CORPUS)
+    cls = load_encoder(_random(pooling="cls"), corpus=CORPUS)
+    texts = CORPUS[:4]
+    assert not np.allclose(mean.embed(texts), cls.embed(texts))
+    # padding to the batch's longest text must not change a text's embedding
+    np.testing.assert_allclose(mean.embed(texts, batch_size=1), mean.embed(texts, batch_size=4), atol=1e-5)
+    mean.save(tmp_path / "enc")
+    again = load_saved_encoder(tmp_path / "enc")
+    assert again.source == mean.source and again.pooling == "mean"
+    np.testing.assert_allclose(again.embed(texts), mean.embed(texts), atol=1e-6)
+    with pytest.raises(ValueError, match="pooling"):
+        load_encoder(_random(pooling="max"), corpus=CORPUS)
+
+
+def test_embedding_cache_skips_known_texts(tmp_path):
+    enc = load_encoder(_random(), corpus=CORPUS)
+    first, stats = EmbeddingCache(tmp_path).embed(enc, CORPUS, progress=False)
+    assert stats["unique_new"] == 4 and first.shape == (20, 128)
+    again, stats = EmbeddingCache(tmp_path).embed(enc, [*CORPUS, "a new text"], progress=False)
+    assert stats["unique_new"] == 1
+    np.testing.assert_array_equal(again[:20], first)
+    other = load_encoder(_random(seed=5), corpus=CORPUS)  # another encoder never reuses these keys
+    _, stats = EmbeddingCache(tmp_path).embed(other, CORPUS, progress=False)
+    assert stats["unique_new"] == 4

@@ -1,0 +1,100 @@
+"""Features: no leakage from held-out ratings, out-of-fold training rows, one code path for all."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from model.catalog import Catalog
+from model.encoder import load_saved_encoder
+from model.text import book_text, book_texts, group_key, user_text, user_texts
+from train.dataset import build_training_data
+from train.pipeline import load_tables
+
+
+@pytest.fixture(scope="module")
+def catalog(tiny_run) -> Catalog:
+    return Catalog.load(tiny_run)
+
+
+@pytest.fixture(scope="module")
+def ratings(tiny_run) -> pd.DataFrame:
+    return load_tables(tiny_run)[2]
+
+
+def test_catalog_history_is_the_training_split_only(catalog, ratings):
+    train = ratings[ratings["split"] == "train"][["user_id", "isbn", "rating"]].reset_index(drop=True)
+    history = catalog.history[["user_id", "isbn", "rating"]].reset_index(drop=True)
+    pd.testing.assert_frame_equal(history, train, check_dtype=False)
+
+
+def test_held_out_ratings_do_not_change_any_feature(catalog, ratings):
+    base = build_training_data(catalog, ratings, folds=3, seed=0)
+    shuffled = ratings.copy()
+    held_out = shuffled["split"] != "train"
+    assert held_out.sum() > 100
+    shuffled.loc[held_out, "rating"] = (11 - shuffled.loc[held_out, "rating"]).clip(1, 10).astype(np.int8)
+    other = build_training_data(catalog, shuffled, folds=3, seed=0)
+    assert torch.equal(base.user_table, other.user_table)
+    assert torch.equal(base.book_table, other.book_table)
+    # ...while the held-out targets did change, so the test could see a leak
+    assert not torch.equal(base.splits["test"].rating, other.splits["test"].rating)
+
+
+def test_a_training_row_never_sees_its_own_rating(catalog, ratings):
+    base = build_training_data(catalog, ratings, folds=3, seed=0)
+    train_rows = np.flatnonzero((ratings["split"] == "train").to_numpy())
+    changed = ratings.copy()
+    target = train_rows[5]
+    changed.loc[target, "rating"] = np.int8(1 if ratings.loc[target, "rating"] > 5 else 10)
+    other = build_training_data(catalog, changed, folds=3, seed=0)
+    rows = base.splits["train"]
+    assert torch.equal(base.user_table[rows.user_row[5]], other.user_table[rows.user_row[5]])
+    assert torch.equal(base.book_table[rows.book_row[5]], other.book_table[rows.book_row[5]])
+    # the other folds do see it: the user's features changed somewhere in the fold tables
+    assert not torch.equal(base.user_table, other.user_table)
+
+
+def test_serving_text_embeddings_equal_the_catalog(tiny_run, catalog):
+    encoder = load_saved_encoder(tiny_run / "encoder")
+    books = catalog.books.head(20)
+    texts = book_texts(books)
+    np.testing.assert_allclose(encoder.embed(texts, batch_size=7), catalog.book_emb[:20].numpy(), atol=1e-5)
+    users = catalog.users.head(20)
+    texts = user_texts(users)
+    np.testing.assert_allclose(encoder.embed(texts, batch_size=3), catalog.user_emb[:20].numpy(), atol=1e-5)
+
+
+def test_a_new_user_with_a_known_users_history_gets_the_same_features(catalog):
+    history = catalog.history
+    user_id = int(history["user_id"].value_counts().index[0])
+    row = catalog.user_index[user_id]
+    mine = history[history["user_id"] == user_id]
+    feats = catalog.new_user_features(
+        catalog.user_emb[row : row + 1],
+        torch.zeros(len(mine), dtype=torch.long),
+        mine["isbn"].tolist(),
+        torch.tensor(mine["rating"].to_numpy(np.float32)),
+    )
+    torch.testing.assert_close(feats[0], catalog.user_feats[row], atol=1e-5, rtol=1e-5)
+
+
+def test_a_new_book_is_featurised_like_a_catalog_book_without_history(catalog, ratings):
+    cold = ratings.loc[ratings["split"] == "cold_book", "isbn"].unique()
+    assert len(cold) > 0
+    rows = catalog.book_rows(list(cold[:5]))
+    books = catalog.books.iloc[rows.numpy()]
+    feats = catalog.new_book_features(catalog.book_emb[rows], books["author"].tolist(), books["publisher"].tolist())
+    torch.testing.assert_close(feats, catalog.book_feats[rows])
+    # and an author known to the catalog brings its evidence along
+    assert (feats[:, -6] > 0).any()
+
+
+def test_text_functions_handle_missing_parts():
+    assert book_text("Dune", None, 1965.0, float("nan")) == "Dune by unknown, 1965, unknown"
+    assert user_text("paris", None, "france", pd.NA) == "reader from paris, france, age unknown"
+    assert user_text(None, "", None, 34) == "reader from unknown, age 34"
+    assert group_key("  J. R. R. Tolkien ") == group_key("j r r tolkien") == "j r r tolkien"
+    assert group_key(None) is None and group_key("...") is None
