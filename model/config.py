@@ -73,7 +73,7 @@ class ModelConfig:
     """The rating MLP."""
 
     hidden: list[int] = field(default_factory=lambda: [128, 64])
-    dropout: float = 0.1
+    dropout: float = 0.2
     # Prior weight (in ratings) that shrinks a user's or book's mean rating towards the global mean.
     shrinkage: float = 5.0
 
@@ -84,7 +84,7 @@ class TrainConfig:
 
     seed: int = 0
     optimizer: str = "adamw"  # "adamw" | "adam" | "sgd"
-    lr: float = 2e-3
+    lr: float = 1e-3
     weight_decay: float = 1e-4
     batch_size: int = 1024
     epochs: int = 20

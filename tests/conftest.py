@@ -27,6 +27,7 @@ def tiny_config(run_dir: Path, source: Path, cache: Path) -> Config:
             "model.hidden=[32, 16]",
             "split.folds=3",
             "train.epochs=4",
+            "train.lr=0.003",
             "train.batch_size=256",
             "train.patience=2",
             "compress.finetune_epochs=1",

@@ -99,6 +99,35 @@ def markdown_table(results: dict[str, dict], k: int) -> str:
     return "\n".join(lines)
 
 
+def plot_results(results: dict[str, dict], path: Path) -> None:
+    """Grouped bars: RMSE of every model on the warm, cold-book and cold-user tests."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(TEST_SPLITS)
+    for i, split in enumerate(TEST_SPLITS):
+        values = [results[n][split]["rmse"] for n in names]
+        ax.bar(
+            [x + i * width for x in range(len(names))],
+            values,
+            width,
+            label={"test": "warm test"}.get(split, split.replace("_", "-")),
+        )
+    low = min(results[n][s]["rmse"] for n in names for s in TEST_SPLITS)
+    ax.set_ylim(low - 0.1, None)
+    ax.set_xticks([x + width for x in range(len(names))], [n.split(" (")[0] for n in names], rotation=25, ha="right")
+    ax.set_ylabel("RMSE (lower is better)")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def step_evaluate(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     """Print and write ``evaluation.json`` / ``evaluation.md`` for the run."""
     from train.pipeline import load_tables
@@ -130,5 +159,6 @@ def step_evaluate(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     (run_dir / "evaluation.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     md = f"Encoder: {meta['encoder']} ({meta['pooling']} pooling). Machine: {meta['machine']}.\n\n{table}\n"
     (run_dir / "evaluation.md").write_text(md)
+    plot_results(results, run_dir / "evaluation.png")
     print(md)
     return {"table": "evaluation.md", **meta}
