@@ -110,6 +110,14 @@ class TextEncoder:
         (folder / ENCODER_INFO).write_text(json.dumps(info, indent=2))
 
 
+def _quiet_transformers() -> None:
+    """transformers draws its own progress bars for loading/saving a 4 MB model: noise here."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def load_encoder(cfg: EncoderConfig, corpus: Iterable[str] | None = None) -> TextEncoder:
     """Build the encoder ``cfg`` asks for.
 
@@ -119,6 +127,7 @@ def load_encoder(cfg: EncoderConfig, corpus: Iterable[str] | None = None) -> Tex
     """
     if cfg.pooling not in ("mean", "cls"):
         raise ValueError(f"encoder.pooling must be 'mean' or 'cls', got {cfg.pooling!r}")
+    _quiet_transformers()
     if cfg.random_init:
         return _random_init(cfg, corpus)
     try:
@@ -134,6 +143,7 @@ def load_saved_encoder(folder: Path) -> TextEncoder:
     """Reload an encoder written by ``TextEncoder.save`` (no network)."""
     from transformers import AutoTokenizer, BertModel
 
+    _quiet_transformers()
     info = json.loads((folder / ENCODER_INFO).read_text())
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model = BertModel.from_pretrained(str(folder), add_pooling_layer=False)
