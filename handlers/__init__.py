@@ -1,0 +1,1 @@
+"""TorchServe serving of bookrec: archive builder, handler, request schema and serving engine."""

@@ -100,6 +100,9 @@ class Catalog:
     user_index: dict[int, int]
     # author / publisher: code per catalog book (-1 unknown), key -> code, per-code rating count and sum
     groups: dict[str, tuple[torch.Tensor, dict[str, int], torch.Tensor, torch.Tensor]]
+    # books each user rated in training: catalog rows grouped by user row, and per-user bounds
+    rated_books: np.ndarray
+    rated_bounds: np.ndarray
 
     @classmethod
     def load(cls, run_dir: Path) -> Catalog:
@@ -135,6 +138,7 @@ class Catalog:
             book_index=book_index,
             user_index=user_index,
             groups=groups,
+            **_rated_index(u.numpy(), b.numpy(), len(users)),
         )
 
     def book_rows(self, isbns: list[str]) -> torch.Tensor:
@@ -175,7 +179,12 @@ class Catalog:
         )
 
     def rated_by(self, user_row: int) -> np.ndarray:
-        """Catalog rows of the books a known user rated in training."""
-        user_id = int(self.users["user_id"].iat[user_row])
-        isbns = self.history.loc[self.history["user_id"] == user_id, "isbn"]
-        return isbns.map(self.book_index).to_numpy(np.int64)
+        """Catalog rows of the books a known user rated in training (training order)."""
+        return self.rated_books[self.rated_bounds[user_row] : self.rated_bounds[user_row + 1]]
+
+
+def _rated_index(user_rows: np.ndarray, book_rows: np.ndarray, n_users: int) -> dict[str, np.ndarray]:
+    """Book rows grouped by user row (stable, so training order is kept) with per-user bounds."""
+    order = np.argsort(user_rows, kind="stable")
+    bounds = np.searchsorted(user_rows[order], np.arange(n_users + 1))
+    return {"rated_books": book_rows[order], "rated_bounds": bounds}

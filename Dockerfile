@@ -1,0 +1,82 @@
+# bookrec serving image: TorchServe 0.12 serving model-store/bookrec.mar.
+#
+# Build the archive first, then the image (CPU by default):
+#   make archive RUN=runs/bookcrossing
+#   docker build -t bookrec-serve .
+# CUDA base instead (the handler then loads onto cuda:<gpu_id> that TorchServe assigns):
+#   docker build -t bookrec-serve:cuda \
+#     --build-arg BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 \
+#     --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126 .
+# Run (inference and metrics published; management stays inside the container):
+#   docker run -d --name bookrec -p 127.0.0.1:8080:8080 -p 127.0.0.1:8082:8082 bookrec-serve
+#   docker exec bookrec cat /home/model-server/key_file.json     # the tokens
+# docs/SERVING.md explains every setting. No Docker engine was available where this file was written:
+# it is kept correct by reading, not by a build.
+
+ARG BASE_IMAGE=debian:bookworm-slim
+FROM ${BASE_IMAGE}
+
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG TORCH_VERSION=2.13.0
+
+# Debian 12 and Ubuntu 24.04 both ship a supported Python 3 (3.11 / 3.12) and Java 17 as packages;
+# tini forwards docker stop's SIGTERM to the whole process group (CLI, Java frontend, workers);
+# curl is for the management API, reachable only from inside (docker exec).
+# (slim images lack /usr/share/man/man1, which the JRE's update-alternatives needs.)
+RUN mkdir -p /usr/share/man/man1 \
+    && apt-get update \
+    && apt-get install -y --no-install-recommends \
+        python3 python3-venv openjdk-17-jre-headless tini ca-certificates curl \
+    && rm -rf /var/lib/apt/lists/*
+
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+COPY handlers/requirements-serve.txt /tmp/requirements-serve.txt
+RUN python3 -m venv "$VIRTUAL_ENV" \
+    && pip install --index-url "$TORCH_INDEX" "torch==${TORCH_VERSION}" \
+    && pip install -r /tmp/requirements-serve.txt \
+    && rm /tmp/requirements-serve.txt
+
+# Non-root: TorchServe writes key_file.json and logs/ into its working directory. (uid 1000 is
+# taken by "ubuntu" in Ubuntu 24.04 based images.)
+RUN useradd --create-home --home-dir /home/model-server --uid 10001 --shell /usr/sbin/nologin model-server
+WORKDIR /home/model-server
+
+COPY --chown=model-server:model-server model-store/bookrec.mar model-store/bookrec.mar
+COPY --chown=model-server:model-server handlers/log4j2.xml log4j2.xml
+COPY --chown=model-server:model-server handlers/healthcheck.py healthcheck.py
+COPY --chown=model-server:model-server config.properties config.properties.repo
+
+# The repository's config with only what a container needs changed: inference and metrics listen on
+# all interfaces so the published ports reach them; management and gRPC stay on loopback (use
+# docker exec for the management API); absolute model store and log config paths.
+RUN sed -e 's#^inference_address=.*#inference_address=http://0.0.0.0:8080#' \
+        -e 's#^metrics_address=.*#metrics_address=http://0.0.0.0:8082#' \
+        -e 's#^model_store=.*#model_store=/home/model-server/model-store#' \
+        -e 's#-Dlog4j.configurationFile=[^ ]*#-Dlog4j.configurationFile=/home/model-server/log4j2.xml#' \
+        config.properties.repo > config.properties \
+    && rm config.properties.repo \
+    && grep -q '^inference_address=http://0.0.0.0:8080$' config.properties \
+    && grep -q '^management_address=http://127.0.0.1:8081$' config.properties \
+    && chown model-server:model-server config.properties
+
+USER model-server
+# Nothing is fetched at run time: the archive carries the encoder, tokenizer and catalog.
+ENV LOG_LOCATION=/home/model-server/logs \
+    METRICS_LOCATION=/home/model-server/logs \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1
+
+EXPOSE 8080 8082
+
+# /ping needs the inference key (token authorization is on); the key file appears once started.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=180s --retries=3 \
+    CMD ["python3", "/home/model-server/healthcheck.py", "--url", "http://127.0.0.1:8080", "--key-file", "/home/model-server/key_file.json"]
+
+ENTRYPOINT ["/usr/bin/tini", "-g", "--"]
+CMD ["torchserve", "--start", "--foreground", "--ncs", "--model-store", "/home/model-server/model-store", \
+     "--models", "bookrec.mar", "--ts-config", "/home/model-server/config.properties"]

@@ -1,0 +1,273 @@
+"""The serving engine: load a model folder once, then score a batch of validated requests together.
+
+Everything numeric goes through the shared ``model/`` code (``Catalog`` features, ``book_text`` /
+``user_text``, the saved encoder, ``Scorer``), so a pair scored here gets the number training's
+evaluation and the batch job give it. The TorchServe handler is a thin wrapper around this class;
+the benchmark calls the same handler in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from handlers.schema import (
+    BookSpec,
+    Limits,
+    RateRequest,
+    RecommendRequest,
+    Request,
+    RequestError,
+    UserSpec,
+    parse_request,
+)
+from model.catalog import Catalog
+from model.encoder import load_saved_encoder
+from model.scoring import Scorer
+from model.text import book_text, user_text
+
+log = logging.getLogger("bookrec.serve")
+
+MODEL_FILE = "model_scripted.pt"
+ENCODER_DIR = "encoder"
+METADATA_FILE = "metadata.json"
+
+Result = tuple[int, dict[str, Any]]
+_NO_ROWS = np.zeros(0, dtype=np.int64)
+
+
+def load_scripted(path: Path, device: torch.device) -> torch.jit.ScriptModule:
+    """The shipped TorchScript MLP, without TorchScript's deprecation noise in the user's logs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.jit.load(str(path), map_location=device).eval()
+
+
+class BookrecEngine:
+    """Catalog, encoder and MLP of one model folder (a run folder or an unpacked ``.mar``)."""
+
+    def __init__(self, model_dir: Path, device: torch.device | str = "cpu", limits: Limits | None = None):
+        self.model_dir = Path(model_dir)
+        self.device = torch.device(device)
+        self.limits = limits or Limits()
+        self.catalog = Catalog.load(self.model_dir)
+        self.encoder = load_saved_encoder(self.model_dir / ENCODER_DIR)
+        self.encoder.model.to(self.device)
+        self.scorer = Scorer(
+            load_scripted(self.model_dir / MODEL_FILE, self.device), self.catalog.book_feats, self.device
+        )
+        meta_path = self.model_dir / METADATA_FILE
+        self.metadata: dict[str, Any] = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        self.version = str(self.metadata.get("version", "unversioned"))
+        books = self.catalog.books
+        # Plain lists: formatting a top-k answer indexes these a few times per request.
+        self._isbn = books["isbn"].tolist()
+        self._title = [None if v is None or v != v else str(v) for v in books["title"].tolist()]
+        self._author = [None if v is None or v != v else str(v) for v in books["author"].tolist()]
+
+    # ----------------------------------------------------------------------------------- requests
+    def parse(self, body: Any) -> Request:
+        """Validate one body against the schema and the catalog (raises ``RequestError``)."""
+        return parse_request(
+            body,
+            self.limits,
+            known_isbn=self.catalog.book_index.__contains__,
+            known_user=self.catalog.user_index.__contains__,
+        )
+
+    def run(self, bodies: list[Any]) -> list[Result]:
+        """(HTTP status, JSON body) per request, in order; valid requests are scored as one batch.
+
+        A bad request gets its own 4xx and does not disturb the others. Should the batched scoring
+        itself fail, each request is retried alone so one pathological request cannot fail its
+        neighbours; what still fails gets a 500.
+        """
+        results: list[Result | None] = [None] * len(bodies)
+        valid: list[tuple[int, Request]] = []
+        for i, body in enumerate(bodies):
+            try:
+                valid.append((i, self.parse(body)))
+            except RequestError as err:
+                results[i] = (err.status, err.body())
+            except Exception:  # a validator bug must not take the worker down
+                log.exception("request %d: unexpected validation failure", i)
+                results[i] = _internal_error()
+        if valid:
+            try:
+                for i, answer in zip((i for i, _ in valid), self.score([r for _, r in valid]), strict=True):
+                    results[i] = (200, answer)
+            except Exception:
+                log.exception("batched scoring of %d requests failed; scoring them one by one", len(valid))
+                for i, request in valid:
+                    try:
+                        results[i] = (200, self.score([request])[0])
+                    except Exception:
+                        log.exception("request %d: scoring failed", i)
+                        results[i] = _internal_error()
+        return [r if r is not None else _internal_error() for r in results]
+
+    # ------------------------------------------------------------------------------------ scoring
+    def score(self, requests: list[Request]) -> list[dict[str, Any]]:
+        """Answers of validated requests: one encoder call, one pair batch, one top-k batch."""
+        users = [r.user for r in requests]
+        new_users = [u for u in users if not u.known]
+        new_books = [b for r in requests if isinstance(r, RateRequest) for b in r.books if not b.known]
+        texts = [user_text(u.city, u.region, u.country, u.age) for u in new_users]
+        texts += [book_text(b.title, b.author, b.year, b.publisher) for b in new_books]
+        emb = torch.from_numpy(self.encoder.embed(texts)) if texts else torch.zeros(0, self.encoder.dim)
+        user_feats = self._user_features(users, emb[: len(new_users)])
+
+        answers: list[dict[str, Any] | None] = [None] * len(requests)
+        rate = [j for j, r in enumerate(requests) if isinstance(r, RateRequest)]
+        if rate:
+            pair_user = [n for n, j in enumerate(rate) for _ in requests[j].books]
+            books = [b for j in rate for b in requests[j].books]
+            ratings = self._rate(user_feats[rate], pair_user, books, emb[len(new_users) :])
+            start = 0
+            for j in rate:
+                request = requests[j]
+                part = ratings[start : start + len(request.books)].tolist()
+                start += len(request.books)
+                answers[j] = self._rate_answer(request, part)
+        recommend = [j for j, r in enumerate(requests) if isinstance(r, RecommendRequest)]
+        if recommend:
+            exclude = [
+                torch.from_numpy(self._rated_rows(requests[j].user) if requests[j].exclude_rated else _NO_ROWS)
+                for j in recommend
+            ]
+            k = max(requests[j].k for j in recommend)
+            scores, rows = self.scorer.top_k(user_feats[recommend], k, exclude)
+            for n, j in enumerate(recommend):
+                answers[j] = self._recommend_answer(requests[j], scores[n].tolist(), rows[n].tolist())
+        return answers  # type: ignore[return-value]
+
+    def _user_features(self, users: list[UserSpec], new_emb: torch.Tensor) -> torch.Tensor:
+        """Feature rows: the catalog's for known users, ``Catalog.new_user_features`` for new ones."""
+        feats = torch.empty(len(users), self.catalog.user_feats.shape[1])
+        known = [j for j, u in enumerate(users) if u.known]
+        if known:
+            feats[known] = self.catalog.user_feats[self.catalog.user_rows([users[j].user_id for j in known])]
+        new = [j for j, u in enumerate(users) if not u.known]
+        if new:
+            hist_user = [n for n, j in enumerate(new) for _ in users[j].ratings]
+            isbns = [isbn for j in new for isbn, _ in users[j].ratings]
+            values = [rating for j in new for _, rating in users[j].ratings]
+            feats[new] = self.catalog.new_user_features(
+                new_emb,
+                torch.tensor(hist_user, dtype=torch.long),
+                isbns,
+                torch.tensor(values, dtype=torch.float32),
+            )
+        return feats
+
+    @torch.inference_mode()
+    def _rate(
+        self, user_feats: torch.Tensor, pair_user: list[int], books: list[BookSpec], new_emb: torch.Tensor
+    ) -> torch.Tensor:
+        """Ratings of (user, book) pairs: ``RatingMLP.forward`` = ``head(project_users(u) +
+        project_books(b))``, evaluated with each user projected once and catalog books taken from
+        the Scorer's precomputed projections, so 100 pairs of one user cost one small matmul."""
+        model, device = self.scorer.model, self.scorer.device
+        book_proj = torch.empty(len(books), self.scorer.book_proj.shape[1], device=device)
+        known = [j for j, b in enumerate(books) if b.known]
+        if known:
+            rows = self.catalog.book_rows([books[j].isbn for j in known]).to(device)
+            book_proj[known] = self.scorer.book_proj[rows]
+        new = [j for j, b in enumerate(books) if not b.known]
+        if new:
+            feats = self.catalog.new_book_features(
+                new_emb, [books[j].author for j in new], [books[j].publisher for j in new]
+            )
+            book_proj[new] = model.project_books(feats.to(device))
+        user_proj = model.project_users(user_feats.to(device))
+        index = torch.tensor(pair_user, dtype=torch.long, device=device)
+        return model.head(user_proj[index] + book_proj).float().cpu()
+
+    def _rated_rows(self, user: UserSpec) -> np.ndarray:
+        """Catalog rows the user already rated: training history, or the request's own ratings."""
+        if user.known:
+            return self.catalog.rated_by(self.catalog.user_index[user.user_id])
+        return self.catalog.book_rows([isbn for isbn, _ in user.ratings]).numpy().astype(np.int64)
+
+    # --------------------------------------------------------------------------------- formatting
+    def _user_echo(self, user: UserSpec) -> dict[str, Any]:
+        if user.known:
+            return {"user_id": user.user_id, "known": True}
+        return {"user_id": None, "known": False, "ratings_used": len(user.ratings)}
+
+    def _rate_answer(self, request: RateRequest, ratings: list[float]) -> dict[str, Any]:
+        predictions = []
+        for book, rating in zip(request.books, ratings, strict=True):
+            item: dict[str, Any] = {"isbn": book.isbn} if book.known else {"isbn": None, "title": book.title}
+            item["rating"] = rating
+            predictions.append(item)
+        return {
+            "action": "rate",
+            "model_version": self.version,
+            "user": self._user_echo(request.user),
+            "predictions": predictions,
+        }
+
+    def _recommend_answer(self, request: RecommendRequest, scores: list[float], rows: list[int]) -> dict[str, Any]:
+        items = []
+        for score, row in zip(scores[: request.k], rows[: request.k], strict=True):
+            if score == float("-inf"):  # fewer unrated books than k (tiny catalogs only)
+                break
+            items.append(
+                {
+                    "rank": len(items) + 1,
+                    "isbn": self._isbn[row],
+                    "title": self._title[row],
+                    "author": self._author[row],
+                    "score": score,
+                }
+            )
+        return {
+            "action": "recommend",
+            "model_version": self.version,
+            "user": self._user_echo(request.user),
+            "k": request.k,
+            "exclude_rated": request.exclude_rated,
+            "recommendations": items,
+        }
+
+    # ------------------------------------------------------------------------------------ warm-up
+    def warm_up_requests(self) -> list[dict[str, Any]]:
+        """Requests touching every code path (known/new user, known/new book, top-k)."""
+        user_id = int(self.catalog.users["user_id"].iat[0])
+        isbns = self._isbn[:2]
+        new_user = {"city": "lisbon", "country": "portugal", "age": 30, "ratings": [{"isbn": isbns[0], "rating": 8}]}
+        new_book = {"title": "warm-up", "author": "nobody", "year": 2000, "publisher": "none"}
+        return [
+            {"action": "rate", "user": {"user_id": user_id}, "books": [*isbns, new_book]},
+            {"action": "rate", "user": new_user, "books": isbns[:1]},
+            {"action": "recommend", "user": {"user_id": user_id}, "k": 10},
+            {"action": "recommend", "user": new_user, "k": 10, "exclude_rated": True},
+        ]
+
+    def warm_up(self, rounds: int = 3) -> None:
+        """Run the warm-up requests alone and batched a few times, so the first real request does
+        not pay TorchScript's profiling runs or the allocator's first growth."""
+        requests = self.warm_up_requests()
+        for _ in range(rounds):
+            for body in requests:
+                self._expect_ok(self.run([body]))
+            self._expect_ok(self.run(requests))
+
+    @staticmethod
+    def _expect_ok(results: list[Result]) -> None:
+        for status, body in results:
+            if status != 200:
+                raise RuntimeError(f"warm-up request failed with {status}: {body}")
+
+
+def _internal_error() -> Result:
+    return 500, {"error": {"status": 500, "field": None, "message": "internal error; see the model log"}}

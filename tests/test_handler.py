@@ -1,0 +1,494 @@
+"""The TorchServe handler without a server: archive contents, API answers, bad input, parity.
+
+The handler is built exactly as TorchServe builds it, from an unpacked archive of the ``tiny_run``
+fixture and TorchServe's own ``Context`` / ``RequestProcessor`` classes (no stand-ins).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from handlers.archive import build_archive
+from handlers.schema import Limits, UserSpec, request_schema
+
+REPO = Path(__file__).resolve().parents[1]
+# Test archives batch for up to 50 ms so concurrent test requests reliably share a batch.
+TEST_BATCH_DELAY_MS = 50
+_CACHE: dict[str, Path] = {}  # one archive per session, shared with test_serve.py
+
+
+def shared_store(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model store holding bookrec.mar built from the tiny run, built once per session."""
+    if "store" not in _CACHE:
+        store = tmp_path_factory.mktemp("model-store")
+        build_archive(tiny_run, store, workers=1, batch_size=32, max_batch_delay=TEST_BATCH_DELAY_MS)
+        _CACHE["store"] = store
+    return _CACHE["store"]
+
+
+def shared_model_dir(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The archive unpacked the way TorchServe unpacks it, once per session."""
+    if "model_dir" not in _CACHE:
+        folder = tmp_path_factory.mktemp("unpacked")
+        with zipfile.ZipFile(store / "bookrec.mar") as zf:
+            zf.extractall(folder)
+        _CACHE["model_dir"] = folder
+    return _CACHE["model_dir"]
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return shared_store(tiny_run, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return shared_model_dir(tiny_store, tmp_path_factory)
+
+
+def make_context(model_dir: Path, gpu: int | None = None) -> Any:
+    """TorchServe's Context as the worker builds it for this archive."""
+    from ts.context import Context
+
+    manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
+    config = yaml.safe_load((model_dir / manifest["model"]["configFile"]).read_text())
+    return Context("bookrec", str(model_dir), manifest, config["batchSize"], gpu, "0.12.0", model_yaml_config=config)
+
+
+def load_handler(model_dir: Path, gpu: int | None = None) -> tuple[Any, Any]:
+    """The handler class from the archive itself (as TorchServe imports it), initialised."""
+    if str(model_dir) not in sys.path:
+        sys.path.insert(0, str(model_dir))
+    import bookrec_handler
+
+    context = make_context(model_dir, gpu)
+    handler = bookrec_handler.BookrecHandler()
+    handler.initialize(context)
+    return handler, context
+
+
+def call(handler: Any, context: Any, bodies: list[Any], headers: dict | None = None) -> list[tuple[int, Any]]:
+    """One TorchServe batch: (status, decoded JSON answer) per body, in order."""
+    from ts.context import RequestProcessor
+
+    context.request_processor = [RequestProcessor(dict(headers or {})) for _ in bodies]
+    out = handler.handle([{"body": b} for b in bodies], context)
+    assert len(out) == len(bodies)
+    return [(context.get_response_status(i)[0], json.loads(o)) for i, o in enumerate(out)]
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir: Path) -> tuple[Any, Any]:
+    return load_handler(model_dir)
+
+
+@pytest.fixture(scope="module")
+def samples(loaded: tuple[Any, Any]) -> dict[str, Any]:
+    """Known ids of the tiny catalog: a user with training history, ISBNs, a user without."""
+    engine = loaded[0].engine
+    history = engine.catalog.history
+    user = int(history["user_id"].value_counts().index[0])
+    isbns = engine.catalog.books["isbn"].tolist()
+    return {"user": user, "isbns": isbns, "rated": sorted(set(history.loc[history.user_id == user, "isbn"]))}
+
+
+# ------------------------------------------------------------------------------------- archive
+def test_archive_holds_everything_the_worker_needs(tiny_store: Path, model_dir: Path, tiny_run: Path) -> None:
+    names = set(zipfile.ZipFile(tiny_store / "bookrec.mar").namelist())
+    for name in (
+        "model_scripted.pt",
+        "bookrec_handler.py",
+        "model-config.yaml",
+        "metadata.json",
+        "encoder/config.json",
+        "encoder/model.safetensors",
+        "encoder/tokenizer.json",
+        "encoder/encoder.json",
+        "catalog/books.parquet",
+        "catalog/users.parquet",
+        "catalog/history.parquet",
+        "catalog/feature_spec.json",
+        "model/catalog.py",
+        "model/scoring.py",
+        "handlers/engine.py",
+        "handlers/schema.py",
+        "MAR-INF/MANIFEST.json",
+    ):
+        assert name in names, name
+    assert not any(n.endswith(("requirements.txt", ".pyc")) for n in names)
+    manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())["model"]
+    assert manifest["handler"] == "bookrec_handler.py" and manifest["serializedFile"] == "model_scripted.pt"
+    config = yaml.safe_load((model_dir / "model-config.yaml").read_text())
+    assert {"batchSize", "maxBatchDelay", "minWorkers", "maxWorkers", "responseTimeout"} <= set(config)
+    assert config["maxBatchDelay"] == TEST_BATCH_DELAY_MS
+    meta = json.loads((model_dir / "metadata.json").read_text())
+    assert meta["config"]["model"]["hidden"] == [32, 16]
+    assert meta["fingerprint"] == json.loads((tiny_run / "fingerprint.json").read_text())
+    assert meta["versions"]["torch"] and meta["serving_versions"]["torchserve"]
+    assert "MLP TorchScript (shipped)" in meta["metrics"]
+    # Book metadata and embeddings travel in the catalog.
+    books = pq.read_table(model_dir / "catalog" / "books.parquet")
+    assert {"isbn", "title", "author", "year", "publisher", "embedding"} <= set(books.column_names)
+
+
+def test_archive_rejects_an_incomplete_run(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"model_scripted\.pt"):
+        build_archive(tmp_path / "run", tmp_path / "store")
+
+
+STANDALONE = """
+import json, socket, sys
+def refuse(*args, **kwargs):
+    raise RuntimeError("network access attempted")
+socket.socket.connect = refuse
+socket.create_connection = refuse
+model_dir, user = sys.argv[1], int(sys.argv[2])
+sys.path.insert(0, model_dir)
+import yaml
+from ts.context import Context, RequestProcessor
+import bookrec_handler, handlers, model
+manifest = json.load(open(model_dir + "/MAR-INF/MANIFEST.json"))
+config = yaml.safe_load(open(model_dir + "/model-config.yaml"))
+context = Context("bookrec", model_dir, manifest, 32, None, "0.12.0", model_yaml_config=config)
+handler = bookrec_handler.BookrecHandler()
+handler.initialize(context)
+context.request_processor = [RequestProcessor({})]
+body = json.dumps({"action": "recommend", "user": {"user_id": user}, "k": 3}).encode()
+[answer] = handler.handle([{"body": body}], context)
+print(json.dumps({"files": [model.__file__, handlers.__file__, bookrec_handler.__file__],
+                  "status": context.get_response_status(0)[0], "answer": json.loads(answer)}))
+"""
+
+
+def test_unpacked_archive_serves_without_the_project_or_network(model_dir: Path, samples: dict) -> None:
+    """A fresh interpreter with sockets disabled, run from the unpacked archive, loads the handler
+    and answers; the project code it runs is the archive's copy, not the repository's."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-c", STANDALONE, str(model_dir), str(samples["user"])],
+        cwd=model_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for file in result["files"]:
+        assert Path(file).resolve().is_relative_to(model_dir.resolve()), file
+    assert result["status"] == 200 and len(result["answer"]["recommendations"]) == 3
+    # TorchScript's deprecation warnings stay out of the worker's output.
+    assert "deprecated" not in proc.stderr.lower(), proc.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------- API
+def test_loads_on_cpu_when_no_gpu_is_assigned(loaded: tuple[Any, Any]) -> None:
+    handler, _ = loaded  # the context carries gpu_id None, as TorchServe does on a CPU host
+    assert handler.initialized
+    assert handler.device == torch.device("cpu") == handler.engine.device
+    assert not handler.engine.scorer.book_proj.is_cuda
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_loads_on_the_gpu_it_is_given_and_scores_like_cpu(model_dir: Path, samples: dict) -> None:
+    cpu, cpu_ctx = load_handler(model_dir, gpu=None)
+    gpu, gpu_ctx = load_handler(model_dir, gpu=0)
+    assert str(gpu.device) == "cuda:0" and gpu.engine.scorer.book_proj.is_cuda
+    body = {"action": "rate", "user": {"user_id": samples["user"]}, "books": samples["isbns"][:20]}
+    [(s1, a)], [(s2, b)] = call(cpu, cpu_ctx, [body]), call(gpu, gpu_ctx, [body])
+    assert s1 == s2 == 200
+    for x, y in zip(a["predictions"], b["predictions"], strict=True):
+        assert x["rating"] == pytest.approx(y["rating"], abs=1e-4)
+
+
+def test_rate_known_and_new_users_and_books(loaded: tuple[Any, Any], samples: dict) -> None:
+    handler, context = loaded
+    isbns = samples["isbns"]
+    new_book = {"title": "The Long Voyage", "author": "Nora Kepler", "year": 1999, "publisher": "Orbit"}
+    new_user = {"city": "porto", "country": "portugal", "age": 41, "ratings": [{"isbn": isbns[0], "rating": 9}]}
+    bodies = [
+        {"action": "rate", "user": {"user_id": samples["user"]}, "books": [isbns[1], {"isbn": isbns[2]}, new_book]},
+        {"action": "rate", "user": new_user, "books": [isbns[1], new_book]},
+        {"action": "rate", "user": {"country": "usa"}, "books": [isbns[1]]},
+    ]
+    answers = call(handler, context, bodies)
+    assert [s for s, _ in answers] == [200, 200, 200]
+    first, second, third = (a for _, a in answers)
+    assert [p["isbn"] for p in first["predictions"]] == [isbns[1], isbns[2], None]
+    assert first["predictions"][2]["title"] == "The Long Voyage"
+    assert first["user"] == {"user_id": samples["user"], "known": True}
+    assert second["user"] == {"user_id": None, "known": False, "ratings_used": 1}
+    for answer in (first, second, third):
+        for p in answer["predictions"]:
+            assert 1.0 <= p["rating"] <= 10.0
+    # A rating history changes the new user's prediction (the taste profile is used).
+    assert second["predictions"][0]["rating"] != pytest.approx(third["predictions"][0]["rating"], abs=1e-7)
+    # Batched answers equal the same requests answered one at a time.
+    for body, (_, batched) in zip(bodies, answers, strict=True):
+        [(_, alone)] = call(handler, context, [body])
+        for x, y in zip(batched["predictions"], alone["predictions"], strict=True):
+            assert x["rating"] == pytest.approx(y["rating"], abs=1e-5)
+
+
+def test_recommend_ranks_the_catalog_and_excludes_rated_books(loaded: tuple[Any, Any], samples: dict) -> None:
+    handler, context = loaded
+    engine = handler.engine
+    user = {"user_id": samples["user"]}
+    (s1, excl), (s2, incl), (s3, default) = call(
+        handler,
+        context,
+        [
+            {"action": "recommend", "user": user, "k": 100, "exclude_rated": True},
+            {"action": "recommend", "user": user, "k": 100, "exclude_rated": False},
+            {"action": "recommend", "user": user},
+        ],
+    )
+    assert (s1, s2, s3) == (200, 200, 200)
+    assert len(default["recommendations"]) == 10 and default["k"] == 10
+    recs = excl["recommendations"]
+    assert len(recs) == 100 and [r["rank"] for r in recs] == list(range(1, 101))
+    scores = [r["score"] for r in recs]
+    assert scores == sorted(scores, reverse=True)
+    assert not {r["isbn"] for r in recs} & set(samples["rated"])
+    assert {r["isbn"] for r in incl["recommendations"]} & set(samples["rated"]), "history should rank high"
+    # The scores are the model's ratings of those pairs, and titles/authors come from the catalog.
+    row = engine.catalog.user_index[samples["user"]]
+    books = engine.catalog.book_rows([r["isbn"] for r in recs])
+    expected = engine.scorer.rate(engine.catalog.user_feats[[row] * len(recs)], engine.catalog.book_feats[books])
+    np.testing.assert_allclose(scores, expected.numpy(), atol=1e-5)
+    first = engine.catalog.books.iloc[int(books[0])]
+    assert (recs[0]["title"], recs[0]["author"]) == (first["title"], first["author"])
+    # The exclusion list of a known user is exactly their training history.
+    history = engine.catalog.history
+    for user_row in range(0, len(engine.catalog.users), 7):
+        user_id = int(engine.catalog.users["user_id"].iat[user_row])
+        mine = engine._rated_rows(UserSpec(user_id=user_id))
+        isbns = history.loc[history["user_id"] == user_id, "isbn"].tolist()
+        assert mine.tolist() == engine.catalog.book_rows(isbns).tolist()
+
+
+def test_recommend_for_a_new_user_excludes_their_ratings(loaded: tuple[Any, Any], samples: dict) -> None:
+    handler, context = loaded
+    rated = samples["isbns"][:3]
+    user = {"country": "germany", "age": 30, "ratings": [{"isbn": i, "rating": 10} for i in rated]}
+    [(status, answer)] = call(handler, context, [{"action": "recommend", "user": user, "k": 100}])
+    assert status == 200 and len(answer["recommendations"]) == 100
+    assert not {r["isbn"] for r in answer["recommendations"]} & set(rated)
+
+
+def test_describe_returns_the_archive_metadata(loaded: tuple[Any, Any]) -> None:
+    handler, context = loaded
+    from ts.context import RequestProcessor
+
+    context.request_processor = [RequestProcessor({"describe": "True"})]
+    [out] = handler.handle([{"body": b""}], context)
+    meta = json.loads(out)
+    assert meta["model_version"] == "1.0" and meta["books"] == len(handler.engine.catalog.books)
+    assert meta["limits"] == vars(Limits())
+    assert "MLP TorchScript (shipped)" in meta["metrics"]
+
+
+# ----------------------------------------------------------------------------------- bad input
+def bad_requests(user: int, isbn: str) -> list[tuple[str, Any, int, str]]:
+    """(name, body, expected status, expected field) for every class of bad input."""
+    rate = {"action": "rate", "user": {"user_id": user}, "books": [isbn]}
+    rec = {"action": "recommend", "user": {"user_id": user}}
+    return [
+        ("malformed JSON", b'{"action": "rate", ', 400, "body"),
+        ("not UTF-8", b'{"action": "\xff\xfe"}', 400, "body"),
+        ("empty body", b"", 400, "body"),
+        ("no body", None, 400, "body"),
+        ("JSON array", b"[1, 2]", 400, "body"),
+        ("NaN literal", f'{{"action": "recommend", "user": {{"user_id": {user}}}, "k": NaN}}'.encode(), 400, "body"),
+        ("deep nesting", b"[" * 100000 + b"]" * 100000, 400, "body"),
+        ("missing action", {"user": {"user_id": user}}, 400, "action"),
+        ("unknown action", {**rec, "action": "delete"}, 400, "action"),
+        ("missing user", {"action": "recommend"}, 400, "user"),
+        ("missing books", {"action": "rate", "user": {"user_id": user}}, 400, "books"),
+        ("extra field", {**rec, "debug": True}, 400, "debug"),
+        ("extra user field", {**rec, "user": {"user_id": user, "age": 3}}, 400, "user.age"),
+        ("extra book field", {**rate, "books": [{"isbn": isbn, "price": 3}]}, 400, "books[0].price"),
+        ("empty user", {**rec, "user": {}}, 400, "user"),
+        ("user not an object", {**rec, "user": user}, 400, "user"),
+        ("user id as string", {**rec, "user": {"user_id": str(user)}}, 400, "user.user_id"),
+        ("user id as bool", {**rec, "user": {"user_id": True}}, 400, "user.user_id"),
+        ("unknown user id", {**rec, "user": {"user_id": 10**12}}, 404, "user.user_id"),
+        ("unknown ISBN", {**rate, "books": [isbn, "no-such-isbn"]}, 404, "books[1]"),
+        ("unknown ISBN object", {**rate, "books": [{"isbn": "no-such-isbn"}]}, 404, "books[0].isbn"),
+        (
+            "unknown ISBN in history",
+            {**rec, "user": {"country": "usa", "ratings": [{"isbn": "no-such-isbn", "rating": 5}]}},
+            404,
+            "user.ratings[0].isbn",
+        ),
+        ("ISBN wrong type", {**rate, "books": [123]}, 400, "books[0]"),
+        ("books not a list", {**rate, "books": isbn}, 400, "books"),
+        ("empty books", {**rate, "books": []}, 400, "books"),
+        ("too many books", {**rate, "books": [isbn] * 101}, 400, "books"),
+        ("empty ratings", {**rec, "user": {"country": "usa", "ratings": []}}, 400, "user.ratings"),
+        (
+            "too many ratings",
+            {**rec, "user": {"country": "usa", "ratings": [{"isbn": isbn, "rating": 5}] * 51}},
+            400,
+            "user.ratings",
+        ),
+        (
+            "rating out of range",
+            {**rec, "user": {"ratings": [{"isbn": isbn, "rating": 11}]}},
+            400,
+            "user.ratings[0].rating",
+        ),
+        ("rating missing", {**rec, "user": {"ratings": [{"isbn": isbn}]}}, 400, "user.ratings[0].rating"),
+        (
+            "rating NaN",
+            {**rec, "user": {"ratings": [{"isbn": isbn, "rating": math.nan}]}},
+            400,
+            "user.ratings[0].rating",
+        ),
+        (
+            "rating inf",
+            {**rec, "user": {"ratings": [{"isbn": isbn, "rating": math.inf}]}},
+            400,
+            "user.ratings[0].rating",
+        ),
+        ("age NaN", {**rec, "user": {"country": "usa", "age": math.nan}}, 400, "user.age"),
+        ("age as float", {**rec, "user": {"country": "usa", "age": 30.5}}, 400, "user.age"),
+        ("age out of range", {**rec, "user": {"country": "usa", "age": 500}}, 400, "user.age"),
+        ("huge string", {**rec, "user": {"city": "x" * 100_000}}, 400, "user.city"),
+        ("huge title", {**rate, "books": [{"title": "t" * 5000}]}, 400, "books[0].title"),
+        ("huge ISBN", {**rate, "books": ["9" * 5000]}, 400, "books[0]"),
+        ("title missing", {**rate, "books": [{"author": "someone"}]}, 400, "books[0].title"),
+        ("title empty", {**rate, "books": [{"title": "  "}]}, 400, "books[0].title"),
+        ("year wrong type", {**rate, "books": [{"title": "t", "year": "1999"}]}, 400, "books[0].year"),
+        ("year inf", {**rate, "books": [{"title": "t", "year": math.inf}]}, 400, "books[0].year"),
+        ("k zero", {**rec, "k": 0}, 400, "k"),
+        ("k too large", {**rec, "k": 101}, 400, "k"),
+        ("k float", {**rec, "k": 2.5}, 400, "k"),
+        ("k NaN", {**rec, "k": math.nan}, 400, "k"),
+        ("k huge", {**rec, "k": 10**30}, 400, "k"),
+        ("exclude_rated string", {**rec, "exclude_rated": "yes"}, 400, "exclude_rated"),
+        ("books in recommend", {**rec, "books": [isbn]}, 400, "books"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def bad_cases(samples: dict) -> list[tuple[str, Any, int, str]]:
+    return bad_requests(samples["user"], samples["isbns"][0])
+
+
+def test_every_bad_input_gets_its_own_4xx_and_the_good_ones_succeed(
+    loaded: tuple[Any, Any], samples: dict, bad_cases: list
+) -> None:
+    """All bad cases in one TorchServe batch, interleaved with good requests."""
+    handler, context = loaded
+    good = {"action": "rate", "user": {"user_id": samples["user"]}, "books": samples["isbns"][:2]}
+    bodies: list[Any] = []
+    for _, body, _, _ in bad_cases:
+        bodies += [body, good]
+    answers = call(handler, context, bodies)
+    for n, (name, _, status, field) in enumerate(bad_cases):
+        got_status, got = answers[2 * n]
+        assert got_status == status, (name, got)
+        assert got["error"]["field"] == field, (name, got)
+        assert got["error"]["status"] == status and got["error"]["message"], name
+        assert len(json.dumps(got)) < 600, f"{name}: the error must not echo the whole input"
+        ok_status, ok = answers[2 * n + 1]
+        assert ok_status == 200 and len(ok["predictions"]) == 2, name
+
+
+def test_an_unexpected_failure_is_a_500_for_that_request_only(
+    loaded: tuple[Any, Any], samples: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If scoring itself breaks for one request, the batch is retried one by one."""
+    handler, context = loaded
+    engine = handler.engine
+    original = engine.score
+
+    def fragile(requests: list) -> list:
+        if any(getattr(r, "k", None) == 7 for r in requests):
+            raise RuntimeError("boom")
+        return original(requests)
+
+    monkeypatch.setattr(engine, "score", fragile)
+    good = {"action": "recommend", "user": {"user_id": samples["user"]}, "k": 2}
+    answers = call(handler, context, [good, {**good, "k": 7}, good])
+    assert [s for s, _ in answers] == [200, 500, 200]
+    assert answers[1][1]["error"]["status"] == 500
+
+
+# -------------------------------------------------------------------------------------- schema
+def test_json_schema_in_the_docs_is_the_one_the_handler_enforces() -> None:
+    text = (REPO / "docs" / "SERVING.md").read_text()
+    marker = "<!-- request-schema -->"
+    assert marker in text
+    block = text.split(marker, 1)[1].split("```json", 1)[1].split("```", 1)[0]
+    assert json.loads(block) == request_schema()
+
+
+# -------------------------------------------------------------------------------------- parity
+def evaluation_pairs(run_dir: Path) -> tuple[Any, np.ndarray]:
+    """Test-split and cold-split pairs with the evaluation code's predictions for them."""
+    from model.catalog import Catalog
+    from model.config import load_config
+    from train.dataset import build_training_data
+    from train.fit import predict
+
+    cfg = load_config(run_dir / "config.yaml")
+    catalog = Catalog.load(run_dir)
+    ratings = pq.read_table(run_dir / "data" / "ratings.parquet").to_pandas()
+    data = build_training_data(catalog, ratings, cfg.split.folds, cfg.split.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = torch.jit.load(str(run_dir / "model_scripted.pt"), map_location="cpu")
+    out = []
+    for split in ("test", "cold_book", "cold_user"):
+        rows = data.splits[split]
+        pred = predict(model, data.user_table, data.book_table, rows)
+        out += list(zip(rows.user_id.tolist(), rows.isbn.tolist(), pred.tolist(), strict=True))
+    return out
+
+
+def rate_requests(pairs: list[tuple[int, str, float]], max_books: int = 100) -> list[tuple[dict, list[float]]]:
+    """One rate request per user (split at ``max_books``) with the expected ratings."""
+    by_user: dict[int, list[tuple[str, float]]] = {}
+    for user, isbn, expected in pairs:
+        by_user.setdefault(int(user), []).append((isbn, expected))
+    out = []
+    for user, items in by_user.items():
+        for start in range(0, len(items), max_books):
+            part = items[start : start + max_books]
+            body = {"action": "rate", "user": {"user_id": user}, "books": [i for i, _ in part]}
+            out.append((body, [e for _, e in part]))
+    return out
+
+
+def test_parity_with_the_evaluation_code(loaded: tuple[Any, Any], tiny_run: Path) -> None:
+    """Every test/cold pair scored by the handler equals train.fit.predict on the same pair."""
+    handler, context = loaded
+    pairs = evaluation_pairs(tiny_run)
+    assert len(pairs) > 300
+    requests = rate_requests(pairs)
+    got, want = [], []
+    for start in range(0, len(requests), 32):  # TorchServe batches of up to batchSize requests
+        chunk = requests[start : start + 32]
+        for (status, answer), (_, expected) in zip(call(handler, context, [b for b, _ in chunk]), chunk, strict=True):
+            assert status == 200
+            got += [p["rating"] for p in answer["predictions"]]
+            want += expected
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
