@@ -109,7 +109,7 @@ class CompressConfig:
     finetune_epochs: int = 2  # recovery epochs after pruning
     max_rmse_loss: float = 0.01  # the shipped artifact may lose at most this against fp32
     latency_batch: int = 1024
-    latency_repeats: int = 50
+    latency_repeats: int = 100
 
 
 @dataclass

@@ -96,33 +96,43 @@ def script_model(model: nn.Module, path: Path) -> torch.jit.ScriptModule:
         return torch.jit.load(str(path), map_location="cpu")
 
 
-def measure(model: nn.Module, data: TrainingData, batch: int, repeats: int) -> dict:
-    """RMSE/MAE per split and median CPU latency of one ``batch``-pair forward."""
+def accuracy(model: nn.Module, data: TrainingData) -> dict:
+    """RMSE and MAE of ``model`` on every evaluation split."""
     out: dict = {}
     for split in REPORT_SPLITS:
         rows = data.splits[split]
         if len(rows) == 0:
             continue
         err = predict(model, data.user_table, data.book_table, rows) - rows.rating.numpy()
-        out[split] = {
-            "rmse": float(np.sqrt(np.mean(err**2))),
-            "mae": float(np.mean(np.abs(err))),
-        }
+        out[split] = {"rmse": float(np.sqrt(np.mean(err**2))), "mae": float(np.mean(np.abs(err)))}
+    return out
+
+
+def latencies(models: dict[str, nn.Module], data: TrainingData, batch: int, repeats: int) -> dict[str, dict]:
+    """CPU latency of one ``batch``-pair forward per model, p50/p95 and p50 ratio to the first model.
+
+    The models take turns call by call, so load from other processes hits all of them alike.
+    """
     users = data.user_table[torch.arange(batch) % data.user_table.shape[0]]
     books = data.book_table[torch.arange(batch) % data.book_table.shape[0]]
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for i in range(repeats + 5):
-            start = time.perf_counter()
-            model(users, books)
-            if i >= 5:  # warm-up calls (TorchScript profiles its first runs)
-                times.append(time.perf_counter() - start)
-    out["latency_ms"] = {
-        "batch": int(users.shape[0]),
-        "p50": 1e3 * float(np.median(times)),
-        "p95": 1e3 * float(np.percentile(times, 95)),
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(users, books)
+                if i >= 5:  # warm-up calls (TorchScript profiles its first runs)
+                    times[name].append(time.perf_counter() - start)
+    base = float(np.median(times[next(iter(models))]))
+    return {
+        name: {
+            "batch": batch,
+            "p50": 1e3 * float(np.median(t)),
+            "p95": 1e3 * float(np.percentile(t, 95)),
+            "p50_vs_fp32": float(np.median(t)) / base,
+        }
+        for name, t in times.items()
     }
-    return out
 
 
 def step_compress(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
@@ -153,12 +163,12 @@ def step_compress(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     quantized = quantize_int8(pruned)
     save_checkpoint(quantized, run_dir / INT8_FILE)
 
-    variants = {"fp32": fp32, "pruned": pruned, "int8": quantized}
+    variants: dict[str, nn.Module] = {"fp32": fp32, "pruned": pruned, "int8": quantized}
     files = {"fp32": FP32_FILE, "pruned": PRUNED_FILE, "int8": INT8_FILE}
     report: dict = {"variants": {}}
     for name, model in variants.items():
         report["variants"][name] = {
-            **measure(model, data, cfg.compress.latency_batch, cfg.compress.latency_repeats),
+            **accuracy(model, data),
             "file": files[name],
             "bytes": (run_dir / files[name]).stat().st_size,
             "shapes": model.shapes(),
@@ -171,12 +181,16 @@ def step_compress(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
         if report["variants"][name]["val"]["rmse"] - base <= cfg.compress.max_rmse_loss
     )
     scripted = script_model(variants[choice], run_dir / SCRIPTED_FILE)
+    variants["scripted"] = scripted
     report["variants"]["scripted"] = {
-        **measure(scripted, data, cfg.compress.latency_batch, cfg.compress.latency_repeats),
+        **accuracy(scripted, data),
         "file": SCRIPTED_FILE,
         "bytes": (run_dir / SCRIPTED_FILE).stat().st_size,
         "scripted_from": choice,
     }
+    timing = latencies(variants, data, cfg.compress.latency_batch, cfg.compress.latency_repeats)
+    for name, entry in timing.items():
+        report["variants"][name]["latency_ms"] = entry
     report["shipped"] = {
         "file": SCRIPTED_FILE,
         "from": choice,
