@@ -182,8 +182,8 @@ def plot_learning_curve(epochs: list[dict], path: Path) -> None:
     for stage in stages:
         rows = [r for r in epochs if r["stage"] == stage]
         x = [offset + r["epoch"] for r in rows]
-        ax.plot(x, [r["train_rmse"] for r in rows], "o--", label=f"{stage} train")
-        ax.plot(x, [r["val_rmse"] for r in rows], "o-", label=f"{stage} validation")
+        ax.plot(x, [r["train_rmse"] for r in rows], "o--", label=f"{stage}: training RMSE (dropout on)")
+        ax.plot(x, [r["val_rmse"] for r in rows], "o-", label=f"{stage}: validation RMSE")
         offset = x[-1]
     ax.set_xlabel("epoch")
     ax.set_ylabel("RMSE")
