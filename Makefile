@@ -4,7 +4,8 @@ VENV := .venv
 PYTHON ?= $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/demo.yaml
-RUN ?= $(shell $(PYTHON) -c "from model.config import load_config; print(load_config('$(CONFIG)').run_dir)" 2>/dev/null)
+run_of = $(shell $(PYTHON) -c "from model.config import load_config; print(load_config('$(1)').run_dir)" 2>/dev/null)
+RUN ?= $(call run_of,$(CONFIG))
 MODEL_STORE ?= model-store
 BATCH_OUT ?= $(RUN)/batch-scores
 
@@ -21,8 +22,14 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[dev,dask]"
 	touch $@
 
-demo: $(STAMP) ## the main job end to end on the embedded default (offline: generated sample + random-init BERT-tiny)
+demo: $(STAMP) ## end to end on the embedded default: train, archive, serve + example calls + stop, batch scoring
 	$(PYTHON) -m train run --config configs/demo.yaml
+	$(MAKE) --no-print-directory archive CONFIG=configs/demo.yaml
+	$(MAKE) --no-print-directory serve
+	$(PYTHON) -m handlers.examples --run-dir $(call run_of,configs/demo.yaml); status=$$?; \
+		$(MAKE) --no-print-directory stop; exit $$status
+	$(MAKE) --no-print-directory batch CONFIG=configs/demo.yaml
+	@echo "demo done: run folder $(call run_of,configs/demo.yaml), archive $(MODEL_STORE)/bookrec.mar, scores in $(call run_of,configs/demo.yaml)/batch-scores"
 
 data: $(STAMP) ## fetch Book-Crossing (or use $$BOOKREC_DATA) and write the cleaned, split Parquet tables
 	$(PYTHON) -m train data --config $(CONFIG)
