@@ -1,0 +1,281 @@
+"""What a worker needs to score: model, features, the book set, and turning scores into Arrow rows.
+
+``ScoringContext.load`` runs once per worker process (the DoFns share it through
+``apache_beam.utils.shared.Shared``): it loads the model and the catalog, validates every feature
+row, projects the book set once (``Scorer``) and prepares the exclusion index. Each user block then
+costs one user projection, one ``Scorer.score_projected`` and one Arrow record batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from apache_beam.io.filesystems import FileSystems
+
+from batch import schemas
+from batch.io import _local, is_local
+from batch.model_source import load_model, model_dims, resolve
+from model.catalog import Catalog
+from model.scoring import DEFAULT_BLOCK_PAIRS, Scorer
+
+log = logging.getLogger("bookrec.batch")
+
+# Dead-letter reasons (the part before ":" also names the Metrics counter).
+UNKNOWN = "unknown_id"
+MISSING = "missing_features"
+WRONG_DIM = "wrong_dimension"
+NON_FINITE = "non_finite_features"
+
+DeadLetter = tuple[str, str, str]  # (kind, id, reason)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything the workers need; small and picklable (it travels inside the DoFns)."""
+
+    model: str
+    output: str
+    temp_dir: str
+    run_id: str
+    mode: str = "all"
+    k: int = 10
+    exclude_rated: bool = False
+    variant: str = "scripted"
+    books: tuple[str, ...] | None = None  # the --books filter, as given
+    user_features: str | None = None
+    book_features: str | None = None
+    num_shards: int = 1
+    block_users: int = 64
+    compression: str = "zstd"
+    device: str = "cpu"
+    precision: str = "fp32"
+    kernel: str = "auto"
+    threads: int = 1
+
+    def tag(self) -> str:
+        """Identity of the loaded context: two jobs in one process never share a stale one."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_features(path: str, id_column: str, id_type: pa.DataType) -> tuple[np.ndarray, pa.ListArray]:
+    """(ids, features list column) of an external feature table: Parquet with ``id_column`` and
+    ``features`` (a list of floats per row)."""
+    if is_local(path):
+        table = pq.read_table(_local(path), columns=[id_column, "features"])
+    else:
+        with FileSystems.open(path) as fh:
+            table = pq.read_table(pa.BufferReader(fh.read()), columns=[id_column, "features"])
+    ids = table[id_column].cast(id_type).to_numpy(zero_copy_only=False)
+    return ids, table["features"].combine_chunks()
+
+
+def validate_rows(feats: torch.Tensor) -> list[str | None]:
+    """Reason per row of a feature matrix, None for a usable row."""
+    finite = torch.isfinite(feats).all(dim=1).tolist()
+    return [None if ok else f"{NON_FINITE}: NaN or infinite values" for ok in finite]
+
+
+def matrix_from_lists(column: pa.ListArray | pa.FixedSizeListArray, dim: int) -> tuple[torch.Tensor, list[str | None]]:
+    """Dense [N, dim] float32 rows from a list column, and the reason each unusable row is unusable
+    (null, wrong length, non-finite); unusable rows are zero-filled."""
+    n = len(column)
+    out = np.zeros((n, dim), np.float32)
+    reasons: list[str | None] = [None] * n
+    if isinstance(column, pa.FixedSizeListArray):
+        column = column.cast(pa.list_(column.type.value_type))
+    offsets = column.offsets.to_numpy()
+    lengths = np.diff(offsets)
+    values = column.values.cast(pa.float32()).fill_null(float("nan")).to_numpy(zero_copy_only=False)
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    for i in range(n):
+        if not valid[i]:
+            reasons[i] = f"{MISSING}: features are null"
+        elif lengths[i] != dim:
+            reasons[i] = f"{WRONG_DIM}: {lengths[i]} values, the model takes {dim}"
+        else:
+            out[i] = values[offsets[i] : offsets[i + 1]]
+    feats = torch.from_numpy(out)
+    for i, reason in enumerate(validate_rows(feats)):
+        if reasons[i] is None and reason is not None:
+            reasons[i] = reason
+    return feats, reasons
+
+
+@dataclass
+class _Side:
+    """Feature rows of one side (users or books) and where each id lives."""
+
+    feats: torch.Tensor
+    index: dict
+    reasons: list[str | None]
+    source: str = "catalog"
+
+
+class ScoringContext:
+    """Per-worker state: model, features, projected book set, exclusion index, Arrow builders."""
+
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+        folder = resolve(spec.model, spec.variant)
+        device = spec.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        model = load_model(folder, spec.variant, self.device)
+        self.user_dim, self.book_dim = model_dims(model)
+        catalog = Catalog.load(folder)
+        self.users = self._side(catalog.user_feats, catalog.users["user_id"].tolist(), spec.user_features, "user")
+        books = self._side(catalog.book_feats, catalog.books["isbn"].tolist(), spec.book_features, "book")
+
+        # The book set: the --books filter (or every source book), minus rows that cannot be scored.
+        wanted = list(dict.fromkeys(spec.books)) if spec.books is not None else list(books.index)
+        self.book_dead: list[DeadLetter] = []
+        rows, isbns = [], []
+        for isbn in wanted:
+            row = books.index.get(isbn)
+            if row is None:
+                self.book_dead.append(("book", isbn, f"{UNKNOWN}: ISBN not in the {books.source}"))
+            elif books.reasons[row] is not None:
+                self.book_dead.append(("book", isbn, books.reasons[row]))
+            else:
+                rows.append(row)
+                isbns.append(isbn)
+        self.isbn_dictionary = pa.array(isbns, pa.string())
+        self.n_books = len(isbns)
+        block_pairs = DEFAULT_BLOCK_PAIRS if self.device.type == "cpu" else 1 << 22
+        self.scorer = Scorer(
+            model,
+            books.feats[torch.tensor(rows, dtype=torch.long)],
+            self.device,
+            precision=spec.precision,
+            threads=spec.threads,
+            block_pairs=block_pairs,
+            kernel=spec.kernel,
+        )
+        self.k = min(spec.k, self.n_books)
+        self._exclusion = self._exclusion_index(catalog, isbns) if spec.exclude_rated else None
+        self._tiled = np.zeros(0, np.int32)
+        self._ranks = np.tile(np.arange(1, self.k + 1, dtype=np.int32), max(spec.block_users, 1))
+        self.schema = schemas.writer_schema(spec.mode)
+
+    def _side(self, catalog_feats: torch.Tensor, catalog_ids: list, external: str | None, kind: str) -> _Side:
+        dim = self.user_dim if kind == "user" else self.book_dim
+        if external is None:
+            if catalog_feats.shape[1] != dim:
+                width = catalog_feats.shape[1]
+                raise ValueError(f"catalog {kind} features have {width} columns, the model takes {dim}")
+            index = {(int(i) if kind == "user" else str(i)): n for n, i in enumerate(catalog_ids)}
+            return _Side(catalog_feats, index, validate_rows(catalog_feats))
+        id_col, id_type = ("user_id", pa.int64()) if kind == "user" else ("isbn", pa.string())
+        ids, column = read_features(external, id_col, id_type)
+        feats, reasons = matrix_from_lists(column, dim)
+        index: dict = {}
+        for n, i in enumerate(ids.tolist()):
+            index.setdefault(i, n)  # the first row of a repeated id wins
+        return _Side(feats, index, reasons, source=f"{kind} features file {external}")
+
+    def _exclusion_index(self, catalog: Catalog, isbns: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(sorted user ids, CSR offsets, book positions) of training ratings inside the book set."""
+        position = {isbn: i for i, isbn in enumerate(isbns)}
+        hist = catalog.history
+        pos = hist["isbn"].map(position)
+        keep = pos.notna().to_numpy()
+        users = hist["user_id"].to_numpy(np.int64)[keep]
+        pos = pos.to_numpy()[keep].astype(np.int64)
+        order = np.argsort(users, kind="stable")
+        users, pos = users[order], pos[order]
+        ids, starts = np.unique(users, return_index=True)
+        offsets = np.append(starts, len(users))
+        return ids, offsets, pos
+
+    def rated(self, user_ids: np.ndarray) -> list[np.ndarray]:
+        """Book-set positions each user rated in training (empty without --exclude-rated)."""
+        if self._exclusion is None:
+            return [np.zeros(0, np.int64)] * len(user_ids)
+        ids, offsets, pos = self._exclusion
+        at = np.searchsorted(ids, user_ids)
+        out = []
+        for user, i in zip(user_ids.tolist(), at.tolist(), strict=True):
+            if i < len(ids) and ids[i] == user:
+                out.append(pos[offsets[i] : offsets[i + 1]])
+            else:
+                out.append(np.zeros(0, np.int64))
+        return out
+
+    def resolve_users(self, user_ids: np.ndarray) -> tuple[np.ndarray, torch.Tensor, list[DeadLetter]]:
+        """(scorable ids, their feature rows, dead letters) of a block of requested user ids."""
+        good, rows, dead = [], [], []
+        for user in user_ids.tolist():
+            row = self.users.index.get(user)
+            if row is None:
+                dead.append(("user", str(user), f"{UNKNOWN}: user_id not in the {self.users.source}"))
+            elif self.users.reasons[row] is not None:
+                dead.append(("user", str(user), self.users.reasons[row]))
+            else:
+                good.append(user)
+                rows.append(row)
+        return np.asarray(good, np.int64), torch.tensor(rows, dtype=torch.long), dead
+
+    @torch.inference_mode()
+    def score_block(self, user_ids: np.ndarray, rows: torch.Tensor) -> pa.RecordBatch:
+        """One record batch with every output row of a block of resolved users."""
+        scores = self.scorer.score_projected(self.scorer.project_users(self.users.feats[rows]))
+        if self.spec.mode == "all":
+            return self._all_pairs(user_ids, scores)
+        return self._top_k(user_ids, scores)
+
+    def _all_pairs(self, user_ids: np.ndarray, scores: torch.Tensor) -> pa.RecordBatch:
+        n_u, n_b = scores.shape
+        score = scores.cpu().numpy().reshape(-1)
+        if len(self._tiled) < n_u * n_b:  # book positions repeated per user, built once and sliced
+            self._tiled = np.tile(np.arange(n_b, dtype=np.int32), max(n_u, self.spec.block_users))
+        index = self._tiled[: n_u * n_b]
+        user = np.repeat(user_ids, n_b)
+        if self._exclusion is not None:
+            rated = self.rated(user_ids)
+            if any(len(r) for r in rated):
+                keep = np.ones(n_u * n_b, bool)
+                for i, r in enumerate(rated):
+                    keep[i * n_b + r] = False
+                score, index, user = score[keep], index[keep], user[keep]
+        isbn = pa.DictionaryArray.from_arrays(pa.array(index), self.isbn_dictionary, safe=False)
+        return pa.RecordBatch.from_arrays([pa.array(user), isbn, pa.array(score)], schema=self.schema)
+
+    def _top_k(self, user_ids: np.ndarray, scores: torch.Tensor) -> pa.RecordBatch:
+        n_u = scores.shape[0]
+        if self._exclusion is not None:
+            for i, r in enumerate(self.rated(user_ids)):
+                if len(r):
+                    scores[i, torch.from_numpy(r).to(scores.device)] = -math.inf
+        top, idx = torch.topk(scores, self.k, dim=1)
+        top, idx = top.cpu().numpy().reshape(-1), idx.cpu().numpy().reshape(-1)
+        keep = np.isfinite(top)  # fewer than k unrated books (tiny catalogs only)
+        if len(self._ranks) < n_u * self.k:
+            self._ranks = np.tile(np.arange(1, self.k + 1, dtype=np.int32), n_u)
+        rank = self._ranks[: n_u * self.k]
+        user = np.repeat(user_ids, self.k)
+        if not keep.all():
+            top, idx, rank, user = top[keep], idx[keep], rank[keep], user[keep]
+        isbn = self.isbn_dictionary.take(pa.array(idx))
+        return pa.RecordBatch.from_arrays([pa.array(user), pa.array(rank), isbn, pa.array(top)], schema=self.schema)
+
+    @classmethod
+    def load(cls, spec: JobSpec) -> ScoringContext:
+        log.info("loading model %s for scoring (run %s)", spec.model, spec.run_id)
+        return cls(spec)
+
+
+def catalog_ids(model_dir: Path, kind: str) -> list:
+    """Ids of the catalog's users (int) or books (str), in catalog order, without loading features."""
+    name, column = ("users.parquet", "user_id") if kind == "user" else ("books.parquet", "isbn")
+    values = pq.read_table(model_dir / "catalog" / name, columns=[column])[column].to_pylist()
+    return [int(v) for v in values] if kind == "user" else [str(v) for v in values]

@@ -1,0 +1,137 @@
+"""Find the model files a batch job scores with: a training run folder or a TorchServe ``.mar``.
+
+Both hold the same files (``handlers/archive.py`` lays the archive out like a run folder):
+``model_scripted.pt`` and ``catalog/`` (books, users, history, feature spec). The path may be local
+or on any Beam filesystem (``gs://...``); remote models are copied to a local cache once per
+process, archives are unpacked once per process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+from apache_beam.io.filesystems import FileSystems
+
+from batch.io import is_local
+
+SCRIPTED = "model_scripted.pt"
+VARIANTS = {"scripted": SCRIPTED, "int8": "model_int8.pt", "pruned": "model_pruned.pt", "fp32": "model_fp32.pt"}
+CATALOG_FILES = ("books.parquet", "users.parquet", "history.parquet", "feature_spec.json")
+
+_lock = threading.Lock()
+_resolved: dict[tuple[str, str], Path] = {}
+
+
+class ModelError(ValueError):
+    """The model path does not hold a usable model."""
+
+
+def _cache_root() -> Path:
+    root = Path(os.environ.get("BOOKREC_BATCH_CACHE", Path(tempfile.gettempdir()) / "bookrec-batch-models"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _key(path: str) -> str:
+    return hashlib.sha256(path.encode()).hexdigest()[:16]
+
+
+def _fetch(path: str) -> Path:
+    """A local copy of a remote model file (``.mar``) or folder, made once per process and path."""
+    dest = _cache_root() / f"remote-{_key(path)}"
+    name = FileSystems.split(path.rstrip("/"))[1]
+    try:
+        exact = [m for m in FileSystems.match([path])[0].metadata_list if m.path == path]
+        if (dest / ".complete").exists():
+            return dest / name if exact else dest
+        dest.mkdir(parents=True, exist_ok=True)
+        if exact:  # a single file, e.g. gs://bucket/models/bookrec.mar
+            _copy_file(path, dest / name)
+        else:  # a folder: every object under it
+            base = path.rstrip("/") + "/"
+            files = FileSystems.match([base + "**"])[0].metadata_list
+            if not files:
+                raise ModelError(f"--model {path}: no such file or folder")
+            for meta in files:
+                _copy_file(meta.path, dest / meta.path[len(base) :])
+    except ModelError:
+        raise
+    except Exception as err:
+        raise ModelError(f"--model {path}: cannot read it: {err}") from err
+    (dest / ".complete").touch()
+    return dest / name if exact else dest
+
+
+def _copy_file(src: str, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with FileSystems.open(src) as fin, dst.open("wb") as fout:
+        while chunk := fin.read(1 << 22):
+            fout.write(chunk)
+
+
+def _unpack(archive: Path) -> Path:
+    stat = archive.stat()
+    dest = _cache_root() / f"mar-{_key(f'{archive.resolve()}:{stat.st_size}:{stat.st_mtime_ns}')}"
+    if not (dest / ".complete").exists():
+        tmp = Path(tempfile.mkdtemp(dir=_cache_root(), prefix="unpack-"))
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(tmp)
+        except zipfile.BadZipFile as err:
+            raise ModelError(f"--model {archive}: not a readable .mar (zip) archive: {err}") from err
+        (tmp / ".complete").touch()
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another process won the race; its copy is identical
+            pass
+    return dest
+
+
+def resolve(path: str, variant: str = "scripted") -> Path:
+    """A local folder laid out like a run folder (model file + ``catalog/``) for ``path``."""
+    key = (path, variant)
+    with _lock:
+        if key in _resolved:
+            return _resolved[key]
+        if is_local(path):
+            local = Path(path[len("file://") :] if path.startswith("file://") else path)
+            if not local.exists():
+                raise ModelError(f"--model {path}: no such file or folder")
+        else:
+            local = _fetch(path)
+        folder = _unpack(local) if local.is_file() else local
+        check_model_dir(folder, variant, shown=path)
+        _resolved[key] = folder
+        return folder
+
+
+def check_model_dir(folder: Path, variant: str, shown: str) -> None:
+    """Raise ``ModelError`` naming what is missing."""
+    missing = [VARIANTS[variant]] if not (folder / VARIANTS[variant]).is_file() else []
+    missing += [f"catalog/{f}" for f in CATALOG_FILES if not (folder / "catalog" / f).is_file()]
+    if missing:
+        raise ModelError(f"--model {shown}: not a training run folder or bookrec.mar; missing {', '.join(missing)}")
+
+
+def load_model(folder: Path, variant: str = "scripted", device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The model in eval mode: TorchScript through ``torch.jit.load`` alone, eager ones by checkpoint."""
+    path = folder / VARIANTS[variant]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if variant == "scripted":
+            return torch.jit.load(str(path), map_location=device).eval()
+        from model.checkpoint import load_checkpoint
+
+        return load_checkpoint(path, map_location=device).to(device).eval()
+
+
+def model_dims(model: torch.nn.Module) -> tuple[int, int]:
+    """(user_dim, book_dim) the model takes, from its standardisation buffers."""
+    return int(model.user_mean.shape[0]), int(model.book_mean.shape[0])

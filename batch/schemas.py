@@ -1,0 +1,44 @@
+"""Explicit Arrow schemas of everything the batch job writes.
+
+``isbn`` is declared ``string``. In all-pairs mode the writer receives it as
+``dictionary<int32, string>`` over the book set (no per-row string copies or hashing) and does not
+store its Arrow schema in the file, so readers get exactly the declared schema while the Parquet
+column is dictionary-encoded either way.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+USER_ID = pa.field("user_id", pa.int64(), nullable=False)
+ISBN = pa.field("isbn", pa.string(), nullable=False)
+SCORE = pa.field("score", pa.float32(), nullable=False)
+RANK = pa.field("rank", pa.int32(), nullable=False)
+
+ALL_PAIRS = pa.schema([USER_ID, ISBN, SCORE])
+TOP_K = pa.schema([USER_ID, RANK, ISBN, SCORE])
+
+DEAD_LETTERS = pa.schema(
+    [
+        pa.field("kind", pa.string(), nullable=False),  # "user" | "book"
+        pa.field("id", pa.string(), nullable=False),  # user_id or isbn as given
+        pa.field("reason", pa.string(), nullable=False),
+    ]
+)
+
+ISBN_DICT_TYPE = pa.dictionary(pa.int32(), pa.string())
+
+
+def output_schema(mode: str) -> pa.Schema:
+    """The schema readers see for ``mode`` ("all" or "topk")."""
+    return ALL_PAIRS if mode == "all" else TOP_K
+
+
+def writer_schema(mode: str) -> pa.Schema:
+    """What the Parquet writer is fed. All-pairs: ``isbn`` dictionary-typed (every row group holds
+    the whole book set anyway). Top-k: plain strings, so a row group stores only the ISBNs it uses."""
+    schema = output_schema(mode)
+    if mode != "all":
+        return schema
+    i = schema.get_field_index("isbn")
+    return schema.set(i, pa.field("isbn", ISBN_DICT_TYPE, nullable=False))

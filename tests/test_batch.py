@@ -1,0 +1,326 @@
+"""The Beam batch job end to end on the ``tiny_run`` fixture: real pipelines, real Parquet output.
+
+Most jobs run on the in-process FnApiRunner (``--direct_running_mode=in_memory``) to keep the suite
+fast; one runs the default multi-process DirectRunner and one the DaskRunner on a loopback cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import apache_beam as beam
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from apache_beam.testing import test_pipeline
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.utils.shared import Shared
+
+from batch import io, schemas
+from batch.__main__ import main
+from batch.context import JobSpec
+from batch.options import parse
+from batch.pipeline import run
+from batch.transforms import ScoreShards, UserBlocks, plan_blocks
+from model.catalog import Catalog
+from model.config import load_config
+from model.scoring import Scorer
+
+IN_MEMORY = "--direct_running_mode=in_memory"
+
+
+def batch(model: Path | str, output: Path, *flags: str) -> dict:
+    """Run the job in-process and return its ``_SUCCESS`` summary."""
+    return run(parse(["--model", str(model), "--output", str(output), "--no-progress", IN_MEMORY, *flags]))
+
+
+def read(output: Path) -> pd.DataFrame:
+    return pq.read_table(output).to_pandas()
+
+
+def parts(output: Path) -> list[str]:
+    return sorted(p.name for p in output.iterdir() if p.name.startswith("part-"))
+
+
+@pytest.fixture(scope="module")
+def catalog(tiny_run: Path) -> Catalog:
+    return Catalog.load(tiny_run)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_run: Path) -> torch.nn.Module:
+    return torch.jit.load(str(tiny_run / "model_scripted.pt"))
+
+
+@pytest.fixture(scope="module")
+def all_pairs(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("batch") / "all"
+    return out, batch(tiny_run, out, "--num-shards", "3")
+
+
+# ---------------------------------------------------------------------------------------- all pairs
+def test_all_pairs_is_every_user_times_every_book(all_pairs, catalog: Catalog) -> None:
+    out, summary = all_pairs
+    n_users, n_books = len(catalog.users), len(catalog.books)
+    table = pq.read_table(out)
+    assert table.schema.equals(schemas.ALL_PAIRS)
+    assert table.num_rows == n_users * n_books == summary["rows"]
+    frame = table.to_pandas()
+    assert not frame.duplicated(["user_id", "isbn"]).any()
+    assert set(frame["user_id"]) == set(catalog.users["user_id"])
+    assert set(frame["isbn"]) == set(catalog.books["isbn"])
+    assert frame["score"].between(1.0, 10.0).all()
+
+
+def test_output_layout_shards_and_marker(all_pairs) -> None:
+    out, summary = all_pairs
+    assert parts(out) == [f"part-0000{i}-of-00003.parquet" for i in range(3)]
+    marker = json.loads((out / io.SUCCESS).read_text())
+    assert marker == {k: v for k, v in summary.items() if k in marker}
+    assert marker["shards"] == 3 and marker["mode"] == "all" and marker["dead_letters"] == 0
+    assert pq.read_table(out / io.DEAD_LETTERS).num_rows == 0
+    # No temp folders left next to the output.
+    assert [p.name for p in out.parent.iterdir()] == ["all"]
+    # Each file holds whole users, rows grouped by user.
+    seen: set[int] = set()
+    for name in parts(out):
+        users = set(pq.read_table(out / name)["user_id"].to_pylist())
+        assert users and not users & seen
+        seen |= users
+
+
+def test_scores_equal_evaluation_handler_and_scorer(all_pairs, tiny_run: Path, catalog: Catalog, model) -> None:
+    """Parity: the evaluation code path (build_training_data + predict), the TorchServe handler's
+    engine and Scorer.rate give the batch job's numbers for the same pairs, to 1e-5."""
+    from handlers.engine import BookrecEngine
+    from train.dataset import build_training_data
+    from train.fit import predict
+    from train.pipeline import load_tables
+
+    out, _ = all_pairs
+    scores = read(out).set_index(["user_id", "isbn"])["score"]
+
+    cfg = load_config(tiny_run / "config.yaml")
+    _, _, ratings = load_tables(tiny_run)
+    data = build_training_data(catalog, ratings, cfg.split.folds, cfg.split.seed)
+    rows = data.splits["test"]
+    assert len(rows) > 50
+    expected = predict(model, data.user_table, data.book_table, rows)
+    got = scores.loc[list(zip(rows.user_id.tolist(), rows.isbn.tolist(), strict=True))].to_numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+    engine = BookrecEngine(tiny_run)
+    users = catalog.users["user_id"].tolist()[:12]
+    isbns = catalog.books["isbn"].tolist()[:40]
+    answers = engine.run([{"action": "rate", "user": {"user_id": u}, "books": isbns} for u in users])
+    for u, (status, body) in zip(users, answers, strict=True):
+        assert status == 200
+        served = np.array([p["rating"] for p in body["predictions"]])
+        np.testing.assert_allclose(scores.loc[[(u, i) for i in isbns]].to_numpy(), served, rtol=0, atol=1e-5)
+
+    rated = Scorer(model, catalog.book_feats).rate(
+        catalog.user_feats[catalog.user_rows(users)].repeat_interleave(len(isbns), 0),
+        catalog.book_feats[catalog.book_rows(isbns)].repeat(len(users), 1),
+    )
+    batch_scores = scores.loc[[(u, i) for u in users for i in isbns]].to_numpy()
+    np.testing.assert_allclose(batch_scores, rated.numpy(), rtol=0, atol=1e-5)
+
+
+# -------------------------------------------------------------------------------------------- top-k
+def test_top_k_matches_full_ranking_and_handler(all_pairs, tiny_run: Path, tmp_path: Path) -> None:
+    from handlers.engine import BookrecEngine
+
+    out, _ = all_pairs
+    full = read(out)
+    summary = batch(tiny_run, tmp_path / "top", "--mode", "topk", "--k", "5", "--exclude-rated")
+    top = pq.read_table(tmp_path / "top")
+    assert top.schema.equals(schemas.TOP_K)
+    frame = top.to_pandas()
+    n_users = full["user_id"].nunique()
+    assert len(frame) == summary["rows"] == 5 * n_users
+    assert all(ranks == [1, 2, 3, 4, 5] for ranks in frame.groupby("user_id")["rank"].apply(list))
+    assert all((np.diff(s.to_numpy()) <= 0).all() for _, s in frame.groupby("user_id")["score"])
+
+    engine = BookrecEngine(tiny_run)
+    for user in frame["user_id"].unique()[:10].tolist():
+        ((status, body),) = engine.run([{"action": "recommend", "user": {"user_id": user}, "k": 5}])
+        assert status == 200 and body["exclude_rated"] is True
+        mine = frame[frame["user_id"] == user]
+        np.testing.assert_allclose(mine["score"], [r["score"] for r in body["recommendations"]], atol=1e-5)
+        assert mine["isbn"].tolist() == [r["isbn"] for r in body["recommendations"]]
+
+
+def test_exclude_rated_drops_training_pairs(tiny_run: Path, catalog: Catalog, tmp_path: Path) -> None:
+    summary = batch(tiny_run, tmp_path / "ex", "--exclude-rated")
+    frame = read(tmp_path / "ex")
+    history = catalog.history[["user_id", "isbn"]].drop_duplicates()
+    assert len(history) > 0
+    assert len(frame) == summary["rows"] == len(catalog.users) * len(catalog.books) - len(history)
+    overlap = frame.merge(history, on=["user_id", "isbn"])
+    assert overlap.empty
+
+    top = batch(tiny_run, tmp_path / "top", "--mode", "topk", "--k", "3", "--exclude-rated")
+    assert top["rows"] == 3 * len(catalog.users)
+    assert read(tmp_path / "top").merge(history, on=["user_id", "isbn"]).empty
+
+
+# ------------------------------------------------------------------------------ rerun and filtering
+def test_rerun_replaces_output_whole(tiny_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "scores"
+    users = tmp_path / "users.txt"
+    ids = pq.read_table(tiny_run / "catalog" / "users.parquet")["user_id"].to_pylist()
+    users.write_text("user_id\n" + "\n".join(map(str, ids[:20])) + "\n")
+    first = batch(tiny_run, out, "--users", str(users), "--num-shards", "4")
+    assert parts(out) == [f"part-0000{i}-of-00004.parquet" for i in range(4)]
+    second = batch(tiny_run, out, "--users", str(users), "--num-shards", "2", "--mode", "topk", "--k", "2")
+    assert parts(out) == ["part-00000-of-00002.parquet", "part-00001-of-00002.parquet"]
+    assert second["run_id"] != first["run_id"]
+    assert json.loads((out / io.SUCCESS).read_text())["run_id"] == second["run_id"]
+    assert pq.read_table(out).schema.equals(schemas.TOP_K) and pq.read_table(out).num_rows == 40
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores", "users.txt"]
+
+
+def test_refuses_to_replace_a_folder_it_did_not_write(tiny_run: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert main(["--model", str(tiny_run), "--output", str(out), IN_MEMORY, "--no-progress"]) == 2
+    assert "refusing to replace" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_mar_archive_scores_like_the_run_folder(all_pairs, tiny_run: Path, tmp_path: Path) -> None:
+    from handlers.archive import build_archive
+
+    mar = build_archive(tiny_run, tmp_path / "store", workers=1)
+    users = tmp_path / "users.txt"
+    users.write_text("\n".join(map(str, read(all_pairs[0])["user_id"].unique()[:5].tolist())))
+    batch(mar, tmp_path / "out", "--users", str(users))
+    got = read(tmp_path / "out").set_index(["user_id", "isbn"])["score"]
+    expected = read(all_pairs[0]).set_index(["user_id", "isbn"])["score"].loc[got.index]
+    np.testing.assert_allclose(got.to_numpy(), expected.to_numpy(), rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------- dead letters
+def _corrupt_copy(tiny_run: Path, dest: Path, user_rows: list[int], book_rows: list[int]) -> Path:
+    """A copy of the run whose catalog has NaN / inf text embeddings for some users and books."""
+    shutil.copytree(tiny_run, dest, ignore=shutil.ignore_patterns("data", "encoder"))
+    for name, rows, value in (("users", user_rows, np.nan), ("books", book_rows, np.inf)):
+        path = dest / "catalog" / f"{name}.parquet"
+        table = pq.read_table(path)
+        emb = table["embedding"].combine_chunks()
+        dim = emb.type.list_size
+        flat = emb.flatten().to_numpy().copy().reshape(-1, dim)
+        flat[rows, 0] = value
+        column = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), dim)
+        pq.write_table(table.set_column(table.schema.get_field_index("embedding"), "embedding", column), path)
+    return dest
+
+
+def test_bad_rows_go_to_dead_letters_and_the_job_finishes(tiny_run: Path, catalog: Catalog, tmp_path: Path) -> None:
+    run_dir = _corrupt_copy(tiny_run, tmp_path / "run", user_rows=[3, 10], book_rows=[7])
+    user_ids = catalog.users["user_id"].tolist()
+    isbns = catalog.books["isbn"].tolist()
+    users = tmp_path / "users.txt"
+    users.write_text("\n".join(map(str, [*user_ids[:15], 999_999_999, user_ids[0]])))
+    books = tmp_path / "books.txt"
+    books.write_text("\n".join([*isbns[:30], "NOT-AN-ISBN"]))
+
+    summary = batch(run_dir, tmp_path / "out", "--users", str(users), "--books", str(books))
+    dead = pq.read_table(tmp_path / "out" / io.DEAD_LETTERS)
+    assert dead.schema.equals(schemas.DEAD_LETTERS)
+    reasons = {(r["kind"], r["id"]): r["reason"].split(":")[0] for r in dead.to_pylist()}
+    # A broken book embedding also breaks the taste profile of every user who rated that book.
+    raters = set(catalog.history.loc[catalog.history["isbn"] == isbns[7], "user_id"]) & set(user_ids[:15])
+    bad_users = {user_ids[3], user_ids[10], *raters}
+    assert reasons == {
+        **{("user", str(u)): "non_finite_features" for u in bad_users},
+        ("user", "999999999"): "unknown_id",
+        ("book", isbns[7]): "non_finite_features",
+        ("book", "NOT-AN-ISBN"): "unknown_id",
+    }
+    assert summary["dead_letters"] == len(bad_users) + 3
+    assert summary["metrics"]["bad_users_non_finite_features"] == len(bad_users)
+    assert summary["metrics"]["bad_users_unknown_id"] == 1
+    assert summary["metrics"]["bad_books_unknown_id"] == 1
+    assert summary["metrics"]["bad_books_non_finite_features"] == 1
+    frame = read(tmp_path / "out")
+    # 15 listed users (one listed twice) minus the bad ones, 30 listed books minus the broken one.
+    assert len(frame) == summary["rows"] == (15 - len(bad_users)) * 29
+    assert np.isfinite(frame["score"]).all()
+
+
+def test_external_feature_rows_with_wrong_dimension_nan_or_null(
+    all_pairs, tiny_run: Path, catalog: Catalog, tmp_path: Path
+) -> None:
+    ids = catalog.users["user_id"].tolist()[:6]
+    feats = catalog.user_feats[:6].numpy()
+    rows = [feats[0].tolist(), feats[1].tolist(), feats[2][:-1].tolist(), None, feats[4].tolist(), feats[5].tolist()]
+    rows[4][2] = float("nan")
+    rows[5][0] = float("inf")
+    path = tmp_path / "user_features.parquet"
+    pq.write_table(pa.table({"user_id": ids, "features": pa.array(rows, pa.list_(pa.float32()))}), path)
+
+    summary = batch(tiny_run, tmp_path / "out", "--user-features", str(path))
+    dead = {r["id"]: r["reason"].split(":")[0] for r in pq.read_table(tmp_path / "out" / io.DEAD_LETTERS).to_pylist()}
+    assert dead == {
+        str(ids[2]): "wrong_dimension",
+        str(ids[3]): "missing_features",
+        str(ids[4]): "non_finite_features",
+        str(ids[5]): "non_finite_features",
+    }
+    assert summary["users_scored"] == 2
+    got = read(tmp_path / "out").set_index(["user_id", "isbn"])["score"]
+    expected = read(all_pairs[0]).set_index(["user_id", "isbn"])["score"].loc[got.index]
+    np.testing.assert_allclose(got.to_numpy(), expected.to_numpy(), atol=1e-6)
+
+
+# ------------------------------------------------------------------------- transforms (TestPipeline)
+def test_user_blocks_and_score_shards_transforms(tiny_run: Path, catalog: Catalog, tmp_path: Path) -> None:
+    """The composite transforms in a TestPipeline with assert_that, user_score_test style."""
+    ids = catalog.users["user_id"].tolist()[:10]
+    blocks = plan_blocks([*ids, 123_456_789], num_shards=3, block_users=2)
+    spec = JobSpec(model=str(tiny_run), output=str(tmp_path / "o"), temp_dir=str(tmp_path), run_id="t", num_shards=3)
+    with test_pipeline.TestPipeline(runner="FnApiRunner") as p:
+        grouped = p | "Blocks" >> UserBlocks(blocks)
+        sizes = grouped | "Sizes" >> beam.Map(lambda kv: (kv[0], sum(len(b.user_ids) for b in kv[1])))
+        assert_that(sizes, equal_to([(0, 4), (1, 4), (2, 3)]), label="CheckBlocks")
+        results = grouped | "Score" >> ScoreShards(spec, Shared())
+        counts = results | "Counts" >> beam.Map(lambda r: (r.shard, r.users, r.rows, len(r.dead)))
+        n_books = len(catalog.books)
+        expected = [(0, 4, 4 * n_books, 0), (1, 4, 4 * n_books, 0), (2, 2, 2 * n_books, 1)]
+        assert_that(counts, equal_to(expected), label="CheckShards")
+
+
+# ------------------------------------------------------------------------------------ other runners
+def test_default_multiprocess_direct_runner(tiny_run: Path, tmp_path: Path, catalog: Catalog) -> None:
+    """The default command line (no runner flags): multi-process DirectRunner, every core, offline."""
+    out = tmp_path / "out"
+    code = main(["--model", str(tiny_run), "--output", str(out), "--mode", "topk", "--k", "2", "--no-progress"])
+    assert code == 0
+    summary = json.loads((out / io.SUCCESS).read_text())
+    assert summary["runner"] == "DirectRunner"
+    assert pq.read_table(out).num_rows == 2 * len(catalog.users)
+
+
+def test_dask_runner_writes_the_output(tiny_run: Path, tmp_path: Path, catalog: Catalog) -> None:
+    """DaskRunner on a loopback LocalCluster: the output really exists and is complete."""
+    pytest.importorskip("dask.distributed")
+    out = tmp_path / "out"
+    summary = run(
+        parse(
+            [
+                *("--model", str(tiny_run), "--output", str(out), "--runner=DaskRunner", "--workers", "2"),
+                *("--mode", "topk", "--k", "3", "--num-shards", "2", "--no-progress"),
+            ]
+        )
+    )
+    assert summary["runner"] == "DaskRunner"
+    assert parts(out) == ["part-00000-of-00002.parquet", "part-00001-of-00002.parquet"]
+    frame = read(out)
+    assert len(frame) == 3 * len(catalog.users) and frame["user_id"].nunique() == len(catalog.users)

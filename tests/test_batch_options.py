@@ -1,0 +1,174 @@
+"""Command line of the batch job: bad flags fail fast (exit 2, no traceback), and the command lines
+documented for Flink, Spark and Dataflow parse into the right PipelineOptions (nothing is run)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from apache_beam.options.pipeline_options import (
+    DebugOptions,
+    DirectOptions,
+    FlinkRunnerOptions,
+    GoogleCloudOptions,
+    PortableOptions,
+    SparkRunnerOptions,
+    StandardOptions,
+    WorkerOptions,
+)
+
+from batch.__main__ import main
+from batch.options import BatchUsageError, cores, parse, pipeline_options, scoring_threads
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fails(capsys: pytest.CaptureFixture, *argv: str) -> str:
+    """Run the CLI in-process, expect exit code 2 and return stderr (which must hold no traceback)."""
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip()
+    return err
+
+
+def test_bad_flags_fail_fast_with_a_clear_message(tiny_run: Path, tmp_path: Path, capsys) -> None:
+    out = str(tmp_path / "out")
+    model = str(tiny_run)
+    assert "invalid choice: 'pairs'" in fails(capsys, "--model", model, "--output", out, "--mode", "pairs")
+    topk = ("--model", model, "--output", out, "--mode", "topk")
+    assert "--k must be at least 1, got 0" in fails(capsys, *topk, "--k", "0")
+    assert "--k must be at least 1, got -3" in fails(capsys, *topk, "--k", "-3")
+    assert "--k applies to --mode topk only" in fails(capsys, "--model", model, "--output", out, "--k", "5")
+    assert "no such file or folder" in fails(capsys, "--model", str(tmp_path / "nope"), "--output", out)
+    assert "missing model_scripted.pt" in fails(capsys, "--model", str(tmp_path), "--output", out)
+    assert "the following arguments are required: --output" in fails(capsys, "--model", model)
+    assert "unknown flag(s): --bogus" in fails(capsys, "--model", model, "--output", out, "--bogus", "1")
+    assert "unknown flag(s): --exclude_rated" in fails(capsys, "--model", model, "--output", out, "--exclude_rated")
+    assert "--num-shards must be at least 1" in fails(capsys, "--model", model, "--output", out, "--num-shards", "0")
+    assert "--users" in fails(capsys, "--model", model, "--output", out, "--users", str(tmp_path / "none.txt"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert "cannot write next to --output" in fails(capsys, "--model", model, "--output", str(blocker / "sub" / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_malformed_id_list_fails_fast(tiny_run: Path, tmp_path: Path, capsys) -> None:
+    users = tmp_path / "users.txt"
+    users.write_text("user_id\n12\nnot-a-number\n")
+    err = fails(capsys, "--model", str(tiny_run), "--output", str(tmp_path / "o"), "--users", str(users))
+    assert "line 3: 'not-a-number' is not a valid user_id" in err
+
+
+def test_cli_exit_code_and_stderr_in_a_real_process(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "batch", "--model", str(tmp_path / "missing"), "--output", str(tmp_path / "o")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "--model" in proc.stderr
+
+
+def test_direct_runner_defaults_are_offline_and_use_every_core() -> None:
+    args = parse(["--model", "m", "--output", "o"])
+    options = pipeline_options(args)
+    direct = options.view_as(DirectOptions)
+    assert options.view_as(StandardOptions).runner is None  # the job builds the FnApiRunner itself
+    assert direct.direct_running_mode == "multi_processing"
+    assert direct.direct_num_workers == cores()
+    assert scoring_threads(args, options) == 1
+
+    args = parse(["--model", "m", "--output", "o", "--direct_running_mode=in_memory"])
+    options = pipeline_options(args)
+    assert options.view_as(DirectOptions).direct_running_mode == "in_memory"
+    assert scoring_threads(args, options) == cores()  # one in-process worker: it threads over the cores
+
+
+FLINK = [
+    "--runner=FlinkRunner",
+    "--flink_master=flink-jobmanager:8081",
+    "--environment_type=DOCKER",
+    "--environment_config=ghcr.io/acme/bookrec-beam:1.0",
+    "--parallelism=16",
+]
+SPARK = [
+    "--runner=SparkRunner",
+    "--spark_master_url=spark://spark-master:7077",
+    "--environment_type=LOOPBACK",
+]
+DATAFLOW_GPU = [
+    "--runner=DataflowRunner",
+    "--project=acme-recs",
+    "--region=us-central1",
+    "--temp_location=gs://acme-recs/tmp",
+    "--sdk_container_image=us-docker.pkg.dev/acme-recs/beam/bookrec-gpu:1.0",
+    "--machine_type=n1-standard-8",
+    "--dataflow_service_options=worker_accelerator=type:nvidia-tesla-t4;count:1;install-nvidia-driver",
+    "--experiments=use_runner_v2",
+    "--number_of_worker_harness_threads=1",
+    "--max_num_workers=4",
+    "--device=cuda",
+]
+
+
+def _job(*flags: str) -> list[str]:
+    return ["--model", "gs://acme-recs/models/bookrec.mar", "--output", "gs://acme-recs/scores/2026-11-26", *flags]
+
+
+def test_flink_command_line() -> None:
+    args = parse(_job("--mode", "topk", "--k", "20", *FLINK))
+    options = pipeline_options(args)
+    assert options.view_as(StandardOptions).runner == "FlinkRunner"
+    assert options.view_as(FlinkRunnerOptions).flink_master == "flink-jobmanager:8081"
+    assert options.view_as(FlinkRunnerOptions).parallelism == 16
+    assert options.view_as(PortableOptions).environment_type == "DOCKER"
+    assert options.view_as(PortableOptions).environment_config == "ghcr.io/acme/bookrec-beam:1.0"
+    assert options.view_as(DirectOptions).direct_running_mode == "in_memory"  # untouched: not a local runner
+    assert args.mode == "topk" and args.k == 20 and scoring_threads(args, options) == 1
+
+
+def test_spark_command_line() -> None:
+    args = parse(_job(*SPARK))
+    options = pipeline_options(args)
+    assert options.view_as(StandardOptions).runner == "SparkRunner"
+    assert options.view_as(SparkRunnerOptions).spark_master_url == "spark://spark-master:7077"
+    assert options.view_as(PortableOptions).environment_type == "LOOPBACK"
+
+
+def test_dataflow_gpu_command_line() -> None:
+    args = parse(_job(*DATAFLOW_GPU))
+    options = pipeline_options(args)
+    gcp = options.view_as(GoogleCloudOptions)
+    assert options.view_as(StandardOptions).runner == "DataflowRunner"
+    assert (gcp.project, gcp.region, gcp.temp_location) == ("acme-recs", "us-central1", "gs://acme-recs/tmp")
+    assert gcp.dataflow_service_options == ["worker_accelerator=type:nvidia-tesla-t4;count:1;install-nvidia-driver"]
+    worker = options.view_as(WorkerOptions)
+    assert worker.machine_type == "n1-standard-8" and worker.max_num_workers == 4
+    assert worker.sdk_container_image == "us-docker.pkg.dev/acme-recs/beam/bookrec-gpu:1.0"
+    debug = options.view_as(DebugOptions)
+    assert debug.experiments == ["use_runner_v2"] and debug.number_of_worker_harness_threads == 1
+    # --device cuda is checked against the local machine only for local runners.
+    assert args.device == "cuda" and scoring_threads(args, options) == 1
+
+
+def test_cuda_on_a_local_runner_without_gpu_fails_fast() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(BatchUsageError, match="no CUDA device"):
+        parse(["--model", "m", "--output", "o", "--device", "cuda"])
+
+
+def test_unreadable_features_file_fails_fast(tiny_run: Path, tmp_path: Path, capsys) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "feats.parquet"
+    pq.write_table(pa.table({"user_id": [1, 2], "vector": [[0.0], [1.0]]}), path)
+    err = fails(capsys, "--model", str(tiny_run), "--output", str(tmp_path / "o"), "--user-features", str(path))
+    assert "--user-features" in err and "'features'" in err
