@@ -55,3 +55,28 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "train.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return root / "run"
+
+
+# Test archives batch for up to 50 ms so concurrent test requests reliably share a batch.
+TEST_BATCH_DELAY_MS = 50
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model store holding bookrec.mar built from the tiny run."""
+    from handlers.archive import build_archive
+
+    store = tmp_path_factory.mktemp("model-store")
+    build_archive(tiny_run, store, workers=1, batch_size=32, max_batch_delay=TEST_BATCH_DELAY_MS)
+    return store
+
+
+@pytest.fixture(scope="session")
+def model_dir(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The archive unpacked the way TorchServe unpacks it."""
+    import zipfile
+
+    folder = tmp_path_factory.mktemp("unpacked")
+    with zipfile.ZipFile(tiny_store / "bookrec.mar") as zf:
+        zf.extractall(folder)
+    return folder

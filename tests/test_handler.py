@@ -25,39 +25,9 @@ import yaml
 from handlers.archive import build_archive
 from handlers.schema import Limits, UserSpec, request_schema
 
+from .conftest import TEST_BATCH_DELAY_MS
+
 REPO = Path(__file__).resolve().parents[1]
-# Test archives batch for up to 50 ms so concurrent test requests reliably share a batch.
-TEST_BATCH_DELAY_MS = 50
-_CACHE: dict[str, Path] = {}  # one archive per session, shared with test_serve.py
-
-
-def shared_store(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model store holding bookrec.mar built from the tiny run, built once per session."""
-    if "store" not in _CACHE:
-        store = tmp_path_factory.mktemp("model-store")
-        build_archive(tiny_run, store, workers=1, batch_size=32, max_batch_delay=TEST_BATCH_DELAY_MS)
-        _CACHE["store"] = store
-    return _CACHE["store"]
-
-
-def shared_model_dir(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The archive unpacked the way TorchServe unpacks it, once per session."""
-    if "model_dir" not in _CACHE:
-        folder = tmp_path_factory.mktemp("unpacked")
-        with zipfile.ZipFile(store / "bookrec.mar") as zf:
-            zf.extractall(folder)
-        _CACHE["model_dir"] = folder
-    return _CACHE["model_dir"]
-
-
-@pytest.fixture(scope="session")
-def tiny_store(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return shared_store(tiny_run, tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def model_dir(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return shared_model_dir(tiny_store, tmp_path_factory)
 
 
 def make_context(model_dir: Path, gpu: int | None = None) -> Any:

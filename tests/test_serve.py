@@ -22,26 +22,14 @@ import requests
 
 from handlers.engine import BookrecEngine
 from handlers.local_server import LocalServer, read_properties
+from tests.conftest import TEST_BATCH_DELAY_MS
 from tests.test_handler import (
-    TEST_BATCH_DELAY_MS,
     bad_requests,
     evaluation_pairs,
     rate_requests,
-    shared_model_dir,
-    shared_store,
 )
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def tiny_store(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return shared_store(tiny_run, tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def model_dir(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return shared_model_dir(tiny_store, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
