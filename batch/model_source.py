@@ -12,7 +12,6 @@ import hashlib
 import os
 import tempfile
 import threading
-import warnings
 import zipfile
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from apache_beam.io.filesystems import FileSystems
 
 from batch.io import is_local
+from model.checkpoint import load_checkpoint, load_scripted
 
 SCRIPTED = "model_scripted.pt"
 VARIANTS = {"scripted": SCRIPTED, "int8": "model_int8.pt", "pruned": "model_pruned.pt", "fp32": "model_fp32.pt"}
@@ -123,13 +123,9 @@ def check_model_dir(folder: Path, variant: str, shown: str) -> None:
 def load_model(folder: Path, variant: str = "scripted", device: str | torch.device = "cpu") -> torch.nn.Module:
     """The model in eval mode: TorchScript through ``torch.jit.load`` alone, eager ones by checkpoint."""
     path = folder / VARIANTS[variant]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if variant == "scripted":
-            return torch.jit.load(str(path), map_location=device).eval()
-        from model.checkpoint import load_checkpoint
-
-        return load_checkpoint(path, map_location=device).to(device).eval()
+    if variant == "scripted":
+        return load_scripted(path, device)
+    return load_checkpoint(path, map_location=device).to(device).eval()
 
 
 def model_dims(model: torch.nn.Module) -> tuple[int, int]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from handlers.schema import (
     parse_request,
 )
 from model.catalog import Catalog
+from model.checkpoint import load_scripted
 from model.encoder import load_saved_encoder
 from model.scoring import Scorer
 from model.text import book_text, user_text
@@ -40,15 +40,6 @@ METADATA_FILE = "metadata.json"
 
 Result = tuple[int, dict[str, Any]]
 _NO_ROWS = np.zeros(0, dtype=np.int64)
-
-
-def load_scripted(path: Path, device: torch.device) -> torch.jit.ScriptModule:
-    """The shipped TorchScript MLP, without TorchScript's deprecation noise in the user's logs."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.jit.load(str(path), map_location=device).eval()
 
 
 class BookrecEngine:

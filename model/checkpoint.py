@@ -1,7 +1,8 @@
-"""Save and load eager RatingMLP checkpoints (architecture + weights in one file)."""
+"""Save and load RatingMLP files: eager checkpoints (architecture + weights) and the TorchScript export."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,3 +31,11 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Rat
         model = quantize_int8(model)
     model.load_state_dict(blob["state_dict"])
     return model.eval()
+
+
+def load_scripted(path: Path, map_location: str | torch.device = "cpu") -> torch.jit.ScriptModule:
+    """The TorchScript export in eval mode, through ``torch.jit.load`` alone; TorchScript's
+    deprecation warnings say nothing actionable to users, so they stay out of their output."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.load(str(path), map_location=map_location).eval()

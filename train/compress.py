@@ -22,11 +22,12 @@ from torch import nn
 from torch.nn.utils import prune
 
 from model.catalog import Catalog
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import load_checkpoint, load_scripted, save_checkpoint
 from model.config import Config
 from model.network import RatingMLP, quantize_int8
 from train.dataset import TrainingData, build_training_data
 from train.fit import fit, plot_learning_curve, predict
+from train.metrics import mae, rmse
 
 log = logging.getLogger("bookrec.compress")
 
@@ -91,9 +92,8 @@ def script_model(model: nn.Module, path: Path) -> torch.jit.ScriptModule:
     """TorchScript-compile ``model`` (eval mode) to ``path`` and return the reloaded module."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        scripted = torch.jit.script(copy.deepcopy(model).cpu().eval())
-        scripted.save(str(path))
-        return torch.jit.load(str(path), map_location="cpu")
+        torch.jit.script(copy.deepcopy(model).cpu().eval()).save(str(path))
+    return load_scripted(path)
 
 
 def accuracy(model: nn.Module, data: TrainingData) -> dict:
@@ -103,8 +103,8 @@ def accuracy(model: nn.Module, data: TrainingData) -> dict:
         rows = data.splits[split]
         if len(rows) == 0:
             continue
-        err = predict(model, data.user_table, data.book_table, rows) - rows.rating.numpy()
-        out[split] = {"rmse": float(np.sqrt(np.mean(err**2))), "mae": float(np.mean(np.abs(err)))}
+        pred, true = predict(model, data.user_table, data.book_table, rows), rows.rating.numpy()
+        out[split] = {"rmse": rmse(true, pred), "mae": mae(true, pred)}
     return out
 
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from model.catalog import Catalog
-from model.checkpoint import load_checkpoint
+from model.checkpoint import load_checkpoint, load_scripted
 from model.config import Config
 from train.baselines import SVD_GRID, BiasBaseline, GlobalMean, SurpriseSVD, tune
 from train.compress import INT8_FILE, PRUNED_FILE, SCRIPTED_FILE
@@ -84,9 +83,7 @@ def load_variants(run_dir: Path) -> dict[str, torch.nn.Module]:
         if (run_dir / file).exists():
             out[name] = load_checkpoint(run_dir / file)
     if (run_dir / SCRIPTED_FILE).exists():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out["MLP TorchScript (shipped)"] = torch.jit.load(str(run_dir / SCRIPTED_FILE), map_location="cpu")
+        out["MLP TorchScript (shipped)"] = load_scripted(run_dir / SCRIPTED_FILE)
     return out
 
 

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from model.config import TrainConfig
 from model.network import RatingMLP
 from train.dataset import SplitRows, TrainingData
+from train.metrics import rmse
 
 log = logging.getLogger("bookrec.fit")
 
@@ -60,8 +61,7 @@ def predict(
 
 def rmse_of(model: nn.Module, data: TrainingData, split: str) -> float:
     rows = data.splits[split]
-    pred = predict(model, data.user_table, data.book_table, rows)
-    return float(np.sqrt(np.mean((pred - rows.rating.numpy()) ** 2)))
+    return rmse(rows.rating.numpy(), predict(model, data.user_table, data.book_table, rows))
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
