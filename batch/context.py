@@ -183,32 +183,28 @@ class ScoringContext:
             index.setdefault(i, n)  # the first row of a repeated id wins
         return _Side(feats, index, reasons, source=f"{kind} features file {external}")
 
-    def _exclusion_index(self, catalog: Catalog, isbns: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(sorted user ids, CSR offsets, book positions) of training ratings inside the book set."""
-        position = {isbn: i for i, isbn in enumerate(isbns)}
-        hist = catalog.history
-        pos = hist["isbn"].map(position)
-        keep = pos.notna().to_numpy()
-        users = hist["user_id"].to_numpy(np.int64)[keep]
-        pos = pos.to_numpy()[keep].astype(np.int64)
-        order = np.argsort(users, kind="stable")
-        users, pos = users[order], pos[order]
-        ids, starts = np.unique(users, return_index=True)
-        offsets = np.append(starts, len(users))
-        return ids, offsets, pos
+    def _exclusion_index(self, catalog: Catalog, isbns: list[str]) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+        """The catalog's per-user training index (``Catalog.rated_by``) and the book-set position of
+        every catalog book (-1 outside the set); the rest of the catalog is not kept."""
+        position = np.full(len(catalog.books), -1, np.int64)
+        rows = [catalog.book_index.get(isbn, -1) for isbn in isbns]
+        found = np.asarray(rows, np.int64) >= 0
+        position[np.asarray(rows, np.int64)[found]] = np.flatnonzero(found)
+        return catalog.user_index, catalog.rated_books, catalog.rated_bounds, position
 
     def rated(self, user_ids: np.ndarray) -> list[np.ndarray]:
         """Book-set positions each user rated in training (empty without --exclude-rated)."""
         if self._exclusion is None:
             return [np.zeros(0, np.int64)] * len(user_ids)
-        ids, offsets, pos = self._exclusion
-        at = np.searchsorted(ids, user_ids)
+        user_index, rated_books, bounds, position = self._exclusion
         out = []
-        for user, i in zip(user_ids.tolist(), at.tolist(), strict=True):
-            if i < len(ids) and ids[i] == user:
-                out.append(pos[offsets[i] : offsets[i + 1]])
-            else:
+        for user in user_ids.tolist():
+            row = user_index.get(int(user))
+            if row is None:
                 out.append(np.zeros(0, np.int64))
+                continue
+            pos = position[rated_books[bounds[row] : bounds[row + 1]]]
+            out.append(pos[pos >= 0])
         return out
 
     def resolve_users(self, user_ids: np.ndarray) -> tuple[np.ndarray, torch.Tensor, list[DeadLetter]]:

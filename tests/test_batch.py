@@ -168,6 +168,14 @@ def test_exclude_rated_drops_training_pairs(tiny_run: Path, catalog: Catalog, tm
     assert top["rows"] == 3 * len(catalog.users)
     assert read(tmp_path / "top").merge(history, on=["user_id", "isbn"]).empty
 
+    # with a --books filter, only the rated books inside the set are dropped
+    subset = history["isbn"].value_counts().index[:5].tolist() + catalog.books["isbn"].tail(5).tolist()
+    (tmp_path / "books.txt").write_text("\n".join(dict.fromkeys(subset)))
+    part = batch(tiny_run, tmp_path / "part", "--books", str(tmp_path / "books.txt"), "--exclude-rated")
+    inside = history[history["isbn"].isin(subset)]
+    assert part["rows"] == len(catalog.users) * len(set(subset)) - len(inside)
+    assert read(tmp_path / "part").merge(history, on=["user_id", "isbn"]).empty
+
 
 # ------------------------------------------------------------------------------ rerun and filtering
 def test_rerun_replaces_output_whole(tiny_run: Path, tmp_path: Path) -> None:
