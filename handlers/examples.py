@@ -15,6 +15,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import requests
 
+from handlers.healthcheck import inference_key
+
 
 def wait_ready(url: str, headers: dict[str, str], timeout: float) -> None:
     """Until /ping says Healthy (the worker loads and warms up after ``torchserve --start``)."""
@@ -27,6 +29,15 @@ def wait_ready(url: str, headers: dict[str, str], timeout: float) -> None:
             pass
         time.sleep(1)
     raise TimeoutError(f"TorchServe at {url} was not healthy after {timeout:.0f} s")
+
+
+def read_key(key_file: Path, deadline: float) -> str:
+    """The inference token, once TorchServe has written the key file whole."""
+    while (key := inference_key(key_file)) is None:
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"no readable TorchServe key file at {key_file}")
+        time.sleep(0.5)
+    return key
 
 
 def examples(run_dir: Path) -> list[tuple[str, dict]]:
@@ -62,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     deadline = time.monotonic() + args.timeout
-    while not args.key_file.is_file() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    key = json.loads(args.key_file.read_text())["inference"]["key"]
+    key = read_key(args.key_file, deadline)
     headers = {"Authorization": f"Bearer {key}"}
     wait_ready(args.url, headers, max(1.0, deadline - time.monotonic()))
     ok = True

@@ -18,10 +18,12 @@ from pathlib import Path
 
 
 def inference_key(key_file: Path) -> str | None:
-    """The inference key, or None when the file is absent (token authorization disabled)."""
-    if not key_file.is_file():
+    """The inference key, or None when the file is absent (token authorization disabled) or not
+    written whole yet (TorchServe creates it empty, then fills it)."""
+    try:
+        return json.loads(key_file.read_text())["inference"]["key"]
+    except (OSError, ValueError, KeyError):
         return None
-    return json.loads(key_file.read_text())["inference"]["key"]
 
 
 def healthy(url: str, key_file: Path, timeout: float = 5.0) -> tuple[bool, str]:

@@ -462,3 +462,16 @@ def test_parity_with_the_evaluation_code(loaded: tuple[Any, Any], tiny_run: Path
             got += [p["rating"] for p in answer["predictions"]]
             want += expected
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_the_inference_key_is_read_only_once_written_whole(tmp_path: Path) -> None:
+    from handlers.healthcheck import inference_key
+
+    key_file = tmp_path / "key_file.json"
+    assert inference_key(key_file) is None  # not there yet (or token authorization disabled)
+    key_file.write_text("")  # TorchServe creates the file before it fills it
+    assert inference_key(key_file) is None
+    key_file.write_text('{"inference": {"key": "abc"')
+    assert inference_key(key_file) is None
+    key_file.write_text(json.dumps({"inference": {"key": "abc"}, "management": {"key": "xyz"}}))
+    assert inference_key(key_file) == "abc"
