@@ -1,17 +1,37 @@
-"""Rating-prediction metrics: plain functions, array-likes in, float out.
+"""Rating-prediction and top-K metrics: plain functions, array-likes in, float out.
 
 Modelled on recommenders-team/recommenders ``evaluation/python_evaluation.py``
 but operating on aligned numpy arrays instead of two DataFrames, so callers
 never have to merge predictions back onto the ground truth.
+
+Top-K functions take ``recommended``, an int array [U, K] of item indices per
+user, best first, with -1 as padding where a user had fewer than K candidates,
+and ``relevant``, a sequence of U int arrays (each user's held-out items).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
+import scipy.sparse as sp
 
-__all__ = ["evaluate_predictions", "mae", "ndcg_at_k", "rmse"]
+__all__ = [
+    "catalog_coverage",
+    "evaluate_predictions",
+    "mae",
+    "mean_popularity",
+    "ndcg_at_k",
+    "ndcg_at_k_binary",
+    "recall_at_k",
+    "rmse",
+    "top1_share",
+    "top_k_excluding",
+    "topk_report",
+]
 
 
 def _pair(y_true: npt.ArrayLike, y_pred: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -116,3 +136,210 @@ def evaluate_predictions(
         f"ndcg@{k}": ndcg_at_k(user_ids, y_true, y_pred, k=k),
         "n": int(np.asarray(y_true).size),
     }
+
+
+# ------------------------------------------------------------------ top-K lists
+
+
+def _recommended(recommended: npt.ArrayLike, k: int | None = None) -> np.ndarray:
+    """``recommended`` as a 2-D int64 array, cut to its first ``k`` columns; rejects bad shapes and k."""
+    rec = np.asarray(recommended)
+    if rec.ndim != 2:
+        raise ValueError(f"recommended must be 2-D [users, K], got shape {rec.shape}")
+    if rec.shape[0] == 0:
+        raise ValueError("empty input: recommended has no users")
+    if rec.size and not np.issubdtype(rec.dtype, np.integer):
+        raise ValueError(f"recommended must hold integer item indices, got dtype {rec.dtype}")
+    if k is None:
+        return rec.astype(np.int64, copy=False)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if k > rec.shape[1]:
+        raise ValueError(f"k={k} exceeds the {rec.shape[1]} columns of recommended")
+    return rec[:, :k].astype(np.int64, copy=False)
+
+
+def _hits(rec: np.ndarray, relevant: Sequence[npt.ArrayLike]) -> tuple[np.ndarray, np.ndarray]:
+    """Per position, whether the item is relevant to its user (bool [U, k]); and |relevant| per user.
+
+    Duplicate relevant items of a user count once. Padding (-1) never hits.
+    """
+    if len(relevant) != rec.shape[0]:
+        raise ValueError(f"length mismatch: recommended has {rec.shape[0]} users, relevant has {len(relevant)}")
+    parts = [np.asarray(r, dtype=np.int64).ravel() for r in relevant]
+    lens = np.fromiter((p.size for p in parts), dtype=np.int64, count=len(parts))
+    items = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    if (items < 0).any():
+        raise ValueError("relevant holds negative item indices")
+    n = int(max(items.max(initial=-1), rec.max(initial=-1))) + 1
+    users = np.repeat(np.arange(len(parts), dtype=np.int64), lens)
+    rel_keys = np.unique(users * n + items)
+    n_rel = np.bincount(rel_keys // max(n, 1), minlength=len(parts)) if n else np.zeros(len(parts), np.int64)
+    rec_keys = np.arange(rec.shape[0], dtype=np.int64)[:, None] * n + rec
+    hit = np.isin(rec_keys, rel_keys) & (rec >= 0)
+    return hit, n_rel
+
+
+def recall_at_k(recommended: npt.ArrayLike, relevant: Sequence[npt.ArrayLike], k: int) -> float:
+    """Mean over users with at least one relevant item of |top-k ∩ relevant| / |relevant|.
+
+    This is the recommenders-library definition (``recall_at_k`` in ``python_evaluation.py``): the
+    denominator is |relevant|, not min(|relevant|, k), so a user with more than k held-out items
+    cannot reach 1. Users with no relevant item are skipped; NaN when no user has one.
+    """
+    rec = _recommended(recommended, k)
+    hit, n_rel = _hits(rec, relevant)
+    ok = n_rel > 0
+    if not ok.any():
+        return float("nan")
+    return float(np.mean(hit.sum(axis=1)[ok] / n_rel[ok]))
+
+
+def ndcg_at_k_binary(recommended: npt.ArrayLike, relevant: Sequence[npt.ArrayLike], k: int) -> float:
+    """Mean NDCG@k with binary gains (1 for a relevant item, 0 otherwise).
+
+    DCG = sum of 1/log2(rank+2) over hits in the top k (0-based rank); the ideal DCG puts
+    min(|relevant|, k) hits first. Users with no relevant item are skipped; NaN when none has one.
+    """
+    rec = _recommended(recommended, k)
+    hit, n_rel = _hits(rec, relevant)
+    ok = n_rel > 0
+    if not ok.any():
+        return float("nan")
+    disc = 1.0 / np.log2(np.arange(k) + 2.0)
+    dcg = hit.astype(np.float64) @ disc
+    idcg = np.concatenate(([0.0], np.cumsum(disc)))[np.minimum(n_rel, k)]
+    return float(np.mean(dcg[ok] / idcg[ok]))
+
+
+def catalog_coverage(recommended: npt.ArrayLike, k: int, n_items: int) -> float:
+    """Distinct items across all users' top-k lists / ``n_items`` (padding ignored)."""
+    if n_items < 1:
+        raise ValueError(f"n_items must be >= 1, got {n_items}")
+    rec = _recommended(recommended, k)
+    return float(np.unique(rec[rec >= 0]).size / n_items)
+
+
+def top1_share(recommended: npt.ArrayLike) -> float:
+    """Share of users whose top-1 item is the most common top-1 item.
+
+    Users with no recommendation at all (top-1 is padding) are left out; NaN when none is left.
+    """
+    rec = _recommended(recommended, 1)
+    first = rec[:, 0]
+    first = first[first >= 0]
+    if first.size == 0:
+        return float("nan")
+    return float(np.unique(first, return_counts=True)[1].max() / first.size)
+
+
+def mean_popularity(recommended: npt.ArrayLike, k: int, popularity: npt.ArrayLike) -> float:
+    """Mean of ``popularity[item]`` over every recommended item in the top-k (padding ignored).
+
+    NaN when there is no recommended item at all.
+    """
+    rec = _recommended(recommended, k)
+    pop = np.asarray(popularity, dtype=np.float64).ravel()
+    items = rec[rec >= 0]
+    if items.size == 0:
+        return float("nan")
+    if items.max() >= pop.size:
+        raise ValueError(f"recommended item {int(items.max())} is outside popularity (length {pop.size})")
+    return float(pop[items].mean())
+
+
+def _exclusion_coords(exclude: Any, n_users: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) of every excluded entry, from a CSR matrix or a sequence of index arrays."""
+    if sp.issparse(exclude):
+        csr = sp.csr_matrix(exclude)
+        if csr.shape[0] != n_users:
+            raise ValueError(f"exclude has {csr.shape[0]} rows, scores has {n_users}")
+        counts = np.diff(csr.indptr)
+        return np.repeat(np.arange(n_users), counts), csr.indices.astype(np.int64)
+    if len(exclude) != n_users:
+        raise ValueError(f"exclude has {len(exclude)} rows, scores has {n_users}")
+    parts = [np.asarray(e, dtype=np.int64).ravel() for e in exclude]
+    counts = np.fromiter((p.size for p in parts), dtype=np.int64, count=n_users)
+    cols = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return np.repeat(np.arange(n_users), counts), cols
+
+
+def top_k_excluding(scores: Any, exclude: Any, k: int) -> np.ndarray:
+    """Top-``k`` item indices per user, best first, never returning an excluded item.
+
+    ``scores`` is float [U, I] (numpy or torch; not modified); ``exclude`` a scipy sparse [U, I]
+    whose stored entries are the items each user must not get (e.g. their training items), or a
+    sequence of U index arrays. Returns int64 [U, k]; where fewer than k items remain for a user
+    the tail is -1. Ties are broken by the lower item index, so the result is deterministic.
+    NaN scores are rejected.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if hasattr(scores, "detach"):  # torch tensor
+        scores = scores.detach().cpu().numpy()
+    s = np.array(scores, dtype=np.float32 if np.asarray(scores).dtype == np.float32 else np.float64, copy=True)
+    if s.ndim != 2 or s.shape[0] == 0 or s.shape[1] == 0:
+        raise ValueError(f"empty input: scores must be a non-empty 2-D [users, items] array, got shape {s.shape}")
+    if np.isnan(s).any():
+        raise ValueError("scores contain NaN")
+    n_users, n_items = s.shape
+    rows, cols = _exclusion_coords(exclude, n_users)
+    if cols.size and (cols.min() < 0 or cols.max() >= n_items):
+        raise ValueError(f"exclude holds item indices outside 0..{n_items - 1}")
+    s[rows, cols] = -np.inf
+
+    kk = min(k, n_items)
+    # The kk-th largest score per user; everything above it is in, ties at it are taken by lowest index.
+    kth = -np.partition(-s, kk - 1, axis=1)[:, kk - 1 : kk]
+    above = s > kth
+    at = s == kth
+    room = kk - above.sum(axis=1, keepdims=True)
+    chosen = above | at
+    spill = np.flatnonzero(at.sum(axis=1, keepdims=True)[:, 0] > room[:, 0])  # more ties than room
+    if spill.size:
+        at_s = at[spill]
+        chosen[spill] = above[spill] | (at_s & (np.cumsum(at_s, axis=1, dtype=np.int32) <= room[spill]))
+    cand = np.nonzero(chosen)[1].reshape(n_users, kk)  # row-major, so ascending item index per user
+    cand_scores = np.take_along_axis(s, cand, axis=1)
+    order = np.argsort(-cand_scores, axis=1, kind="stable")  # stable: ties keep ascending index
+    top = np.take_along_axis(cand, order, axis=1)
+    top[np.take_along_axis(cand_scores, order, axis=1) == -np.inf] = -1
+    if kk < k:
+        top = np.hstack([top, np.full((n_users, k - kk), -1, dtype=np.int64)])
+    return top
+
+
+def topk_report(
+    recommended: npt.ArrayLike,
+    relevant: Sequence[npt.ArrayLike],
+    liked: Sequence[npt.ArrayLike],
+    popularity: npt.ArrayLike,
+    n_items: int,
+    ks: Sequence[int] = (10, 100),
+) -> dict[str, float | int]:
+    """Every top-K figure of one model on one protocol.
+
+    ``relevant`` are each user's held-out items, ``liked`` the subset rated >= 8 (users without a
+    liked item are skipped for the ``liked_*`` figures). Recall is reported at every k in ``ks``;
+    NDCG, coverage and mean popularity at the smallest. ``users`` counts users with a relevant item,
+    ``liked_users`` those with a liked one.
+    """
+    if not ks:
+        raise ValueError("ks is empty")
+    k0 = min(ks)
+    rec = _recommended(recommended, max(ks))
+    if len(liked) != rec.shape[0]:
+        raise ValueError(f"length mismatch: recommended has {rec.shape[0]} users, liked has {len(liked)}")
+    out: dict[str, float | int] = {}
+    for k in ks:
+        out[f"recall@{k}"] = recall_at_k(rec, relevant, k)
+    out[f"ndcg@{k0}"] = ndcg_at_k_binary(rec, relevant, k0)
+    for k in ks:
+        out[f"liked_recall@{k}"] = recall_at_k(rec, liked, k)
+    out[f"liked_ndcg@{k0}"] = ndcg_at_k_binary(rec, liked, k0)
+    out[f"coverage@{k0}"] = catalog_coverage(rec, k0, n_items)
+    out["top1_share"] = top1_share(rec)
+    out[f"mean_popularity@{k0}"] = mean_popularity(rec, k0, popularity)
+    out["users"] = int(sum(np.asarray(r).size > 0 for r in relevant))
+    out["liked_users"] = int(sum(np.asarray(r).size > 0 for r in liked))
+    return out
