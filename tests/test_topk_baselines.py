@@ -1,0 +1,144 @@
+"""Top-K baselines of train.topk_baselines on small synthetic interaction matrices."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from train.topk_baselines import (
+    ALS,
+    EASE,
+    BaselineSkipped,
+    ItemKNN,
+    MostPopular,
+    TopKBaseline,
+    interaction_matrix,
+    recommend_top_k,
+)
+
+N_ITEMS = 40
+
+
+def planted(n_users: int = 300, seed: int = 0) -> sp.csr_matrix:
+    """Random sparse reading plus a planted pair: everyone who reads item 0 also reads item 1,
+    and nobody else reads item 1. Items 2.. are read at random with popularity falling with the index."""
+    rng = np.random.default_rng(seed)
+    users, items = [], []
+    weights = 1.0 / np.arange(1, N_ITEMS - 1)
+    weights /= weights.sum()
+    for u in range(n_users):
+        picks = rng.choice(np.arange(2, N_ITEMS), size=rng.integers(2, 6), replace=False, p=weights)
+        users += [u] * len(picks)
+        items += list(picks)
+        if u % 4 == 0:  # a quarter of readers read both 0 and 1
+            users += [u, u]
+            items += [0, 1]
+    return interaction_matrix(users, items, n_users, N_ITEMS)
+
+
+def history_of(items: list[int]) -> sp.csr_matrix:
+    return interaction_matrix([0] * len(items), items, 1, N_ITEMS)
+
+
+ALL = [MostPopular, ItemKNN, ALS, EASE]
+
+
+def test_interaction_matrix_collapses_duplicates() -> None:
+    m = interaction_matrix([0, 0, 1, 0], [2, 2, 1, 3], 2, 4)
+    np.testing.assert_array_equal(m.toarray(), [[0, 0, 1, 1], [0, 1, 0, 0]])
+    assert m.dtype == np.float32
+    with pytest.raises(ValueError, match="item_rows outside"):
+        interaction_matrix([0], [4], 2, 4)
+    with pytest.raises(ValueError, match="length mismatch"):
+        interaction_matrix([0, 1], [1], 2, 4)
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_shape_dtype_and_empty_history_fold_in(cls) -> None:
+    model = cls().fit(planted())
+    assert isinstance(model, TopKBaseline) and model.name
+    hist = sp.vstack([history_of([0]), sp.csr_matrix((1, N_ITEMS), dtype=np.float32), history_of([3, 5])]).tocsr()
+    s = model.score(hist)
+    assert s.shape == (3, N_ITEMS) and s.dtype == np.float32
+    assert np.isfinite(s).all()  # the empty middle row folds in to finite scores too
+    with pytest.raises(ValueError, match="item columns"):
+        model.score(sp.csr_matrix((1, N_ITEMS + 1)))
+
+
+def test_most_popular_ranks_by_count() -> None:
+    train = interaction_matrix([0, 1, 2, 0, 1, 0, 3], [2, 2, 2, 0, 0, 3, 2], 4, 5)  # counts 2,0,4,1,0
+    s = MostPopular().fit(train).score(train[:2])
+    np.testing.assert_array_equal(s[0], [2, 0, 4, 1, 0])
+    np.testing.assert_array_equal(recommend_top_k(MostPopular().fit(train), train[:1], train[:1], 3), [[1, 4, -1]])
+    np.testing.assert_array_equal(
+        recommend_top_k(MostPopular().fit(train), sp.csr_matrix((1, 5)), sp.csr_matrix((1, 5)), 3), [[2, 0, 3]]
+    )
+
+
+@pytest.mark.parametrize("cls", [ItemKNN, EASE, ALS])
+def test_planted_co_read_item_comes_first(cls) -> None:
+    """A reader of item 0 gets item 1 (read by exactly the readers of item 0) as the top book,
+    although item 1 is only moderately popular."""
+    model = cls().fit(planted())
+    top = recommend_top_k(model, history_of([0]), history_of([0]), 3)
+    assert top[0, 0] == 1, (model.name, top)
+
+
+def test_item_knn_cosine_and_neighbour_prune() -> None:
+    # Items 0 and 1 share 2 users of 2 each -> cosine 1; items 0 and 2 share 1 -> 1/sqrt(2*1).
+    train = interaction_matrix([0, 0, 1, 1, 0], [0, 1, 0, 1, 2], 2, 3)
+    knn = ItemKNN(neighbours=None).fit(train)
+    s = knn.sim.toarray()
+    assert s[0, 1] == pytest.approx(1.0) and s[0, 2] == pytest.approx(1 / np.sqrt(2))
+    assert np.diag(s).tolist() == [0, 0, 0]
+    pruned = ItemKNN(neighbours=1).fit(train).sim.toarray()
+    # Column 2 (target item 2) keeps only its best neighbour: items 0 and 1 tie at 1/sqrt(2), lower index wins.
+    np.testing.assert_allclose(pruned[:, 2], [1 / np.sqrt(2), 0, 0], rtol=1e-6)
+    np.testing.assert_allclose(ItemKNN(1).fit(train).score(history_of([0])[:, :3]), [[0, 1, 1 / np.sqrt(2)]], 1e-6)
+
+
+def test_ease_diagonal_zero_and_matches_dense_formula() -> None:
+    train = planted(120)
+    model = EASE(lam=10.0).fit(train)
+    active = model.active
+    assert np.all(np.diag(model.weights) == 0)
+    # Reference: the closed form in float64 numpy on the active items.
+    xa = train[:, active].toarray().astype(np.float64)
+    p = np.linalg.inv(xa.T @ xa + 10.0 * np.eye(active.size))
+    b = -p / np.diag(p)
+    np.fill_diagonal(b, 0.0)
+    np.testing.assert_allclose(model.weights, b, atol=2e-5)
+
+
+def test_ease_ignores_items_nobody_has() -> None:
+    train = planted(120)
+    train = sp.hstack([train, sp.csr_matrix((train.shape[0], 3), dtype=np.float32)]).tocsr()  # 3 unread items
+    model = EASE().fit(train)
+    np.testing.assert_array_equal(model.active, np.flatnonzero(train.getnnz(axis=0)))
+    assert model.active.max() < N_ITEMS
+    s = model.score(sp.hstack([history_of([0, 5]), sp.csr_matrix((1, 3))]).tocsr())
+    assert s.shape == (1, N_ITEMS + 3) and np.all(s[:, N_ITEMS:] == 0)
+
+
+def test_ease_skips_when_too_many_items() -> None:
+    with pytest.raises(BaselineSkipped, match="max_items=10"):
+        EASE(max_items=10).fit(planted())
+    with pytest.raises(RuntimeError, match="not fitted"):
+        EASE(max_items=10).score(history_of([0]))
+
+
+def test_als_is_seeded() -> None:
+    a = ALS(factors=8, iterations=5, seed=3).fit(planted()).score(history_of([0, 4]))
+    b = ALS(factors=8, iterations=5, seed=3).fit(planted()).score(history_of([0, 4]))
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_recommend_top_k_blocks_and_excludes() -> None:
+    train = planted()
+    model = ItemKNN().fit(train)
+    whole = recommend_top_k(model, train[:50], train[:50], 5, block=50)
+    blocked = recommend_top_k(model, train[:50], train[:50], 5, block=7)
+    np.testing.assert_array_equal(whole, blocked)
+    for u in range(50):
+        assert not set(whole[u][whole[u] >= 0]) & set(train[u].indices)
