@@ -95,12 +95,12 @@ class Catalog:
     users: pd.DataFrame  # user_id, city, region, country, age
     user_emb: torch.Tensor
     user_feats: torch.Tensor
-    history: pd.DataFrame  # training ratings: user_id, isbn, rating
+    history: pd.DataFrame  # training ratings and implicit reads (rating 0): user_id, isbn, rating
     book_index: dict[str, int]
     user_index: dict[int, int]
     # author / publisher: code per catalog book (-1 unknown), key -> code, per-code rating count and sum
     groups: dict[str, tuple[torch.Tensor, dict[str, int], torch.Tensor, torch.Tensor]]
-    # books each user rated in training: catalog rows grouped by user row, and per-user bounds
+    # books each user read in training (rated or implicit): catalog rows grouped by user row, and bounds
     rated_books: np.ndarray
     rated_bounds: np.ndarray
 
@@ -118,9 +118,13 @@ class Catalog:
         history = pq.read_table(folder / HISTORY_FILE).to_pandas()
         book_index = {isbn: i for i, isbn in enumerate(books["isbn"].tolist())}
         user_index = {int(u): i for i, u in enumerate(users["user_id"].tolist())}
-        b = torch.tensor(history["isbn"].map(book_index).to_numpy(np.int64))
-        u = torch.tensor(history["user_id"].map(user_index).to_numpy(np.int64))
-        r = torch.tensor(history["rating"].to_numpy(np.float32))
+        all_b = history["isbn"].map(book_index).to_numpy(np.int64)
+        all_u = history["user_id"].map(user_index).to_numpy(np.int64)
+        rating = history["rating"].to_numpy(np.float32)
+        # Implicit reads (rating 0) say what a reader read, not how they liked it: they join the
+        # reading history (retrieval, rated-book exclusion) but no rating statistic.
+        explicit = rating > 0
+        b, u, r = (torch.from_numpy(x[explicit]) for x in (all_b, all_u, rating))
         codes = {name: group_codes(books[name]) for name in ("author", "publisher")}
         count, total = book_history(b, r, len(books))
         groups = {}
@@ -138,7 +142,7 @@ class Catalog:
             book_index=book_index,
             user_index=user_index,
             groups=groups,
-            **_rated_index(u.numpy(), b.numpy(), len(users)),
+            **_rated_index(all_u, all_b, len(users)),
         )
 
     def book_rows(self, isbns: list[str]) -> torch.Tensor:
@@ -179,8 +183,15 @@ class Catalog:
         )
 
     def rated_by(self, user_row: int) -> np.ndarray:
-        """Catalog rows of the books a known user rated in training (training order)."""
+        """Catalog rows of the books a known user read in training, rated or implicit (training order)."""
         return self.rated_books[self.rated_bounds[user_row] : self.rated_bounds[user_row + 1]]
+
+    def implicit_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(user rows, book rows) of the implicit reads (rating 0) in the training history."""
+        implicit = self.history["rating"].to_numpy() == 0
+        users = self.history["user_id"][implicit].map(self.user_index).to_numpy(np.int64)
+        books = self.history["isbn"][implicit].map(self.book_index).to_numpy(np.int64)
+        return users, books
 
 
 def _rated_index(user_rows: np.ndarray, book_rows: np.ndarray, n_users: int) -> dict[str, np.ndarray]:

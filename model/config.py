@@ -102,6 +102,34 @@ class TrainConfig:
 
 
 @dataclass
+class RetrievalConfig:
+    """The two-tower retrieval model and the two-stage recommender built on it."""
+
+    dim: int = 128  # width of the user and book vectors
+    hidden: int = 256  # hidden width of each tower's MLP
+    temperature: float = 0.1  # softmax temperature of the cosine scores
+    batch_size: int = 2048  # interactions per step; the rest of the batch are each one's negatives
+    epochs: int = 10
+    patience: int = 2  # epochs without a better validation recall before stopping
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    id_dropout: float = 0.3  # share of positives embedded from content alone, as a new book would be
+    # "in-batch": the batch's other books as negatives, logQ-corrected; "mixed": those plus a shared
+    # uniform sample of uniform_negatives catalog books; "full": a softmax over every catalog book
+    # each step (exact, but its cost grows with the catalog).
+    negatives: str = "mixed"
+    uniform_negatives: int = 4096
+    logq_correction: bool = True  # in-batch only: subtract log(sampling probability) from the logits
+    history_samples: int = 32  # history books pooled per training interaction
+    val_k: int = 10
+    val_users: int = 4000  # validation users sampled for early stopping
+    seed: int = 0
+    candidates: int = 200  # books retrieved per user before the rating MLP reranks them
+    # Weights of the predicted rating in the rerank score tried on validation (0: retrieval order).
+    blend_grid: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.4, 0.8])
+
+
+@dataclass
 class CompressConfig:
     """Pruning, quantization and TorchScript export."""
 
@@ -118,6 +146,9 @@ class EvalConfig:
 
     ndcg_k: int = 10
     svd_grid: list[dict[str, Any]] = field(default_factory=list)
+    # Top-K protocols: ratings a cold-test user reveals, and the largest catalog EASE-R (n² memory) runs on.
+    cold_user_reveal: int = 5
+    ease_max_items: int = 40_000
 
 
 @dataclass
@@ -130,6 +161,7 @@ class Config:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

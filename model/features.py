@@ -48,6 +48,11 @@ class FeatureSpec:
         return cls(**json.loads(path.read_text()))
 
 
+def book_own_stats(spec: FeatureSpec) -> slice:
+    """Columns of a book vector that hold the book's own rating statistics (zero when unrated)."""
+    return slice(spec.emb_dim, spec.emb_dim + N_STATS)
+
+
 def history_stats(count: torch.Tensor, total: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
     """[N, 3] stats from rating counts and sums: log-count, shrunk mean deviation, has-history."""
     count = count.to(torch.float32)

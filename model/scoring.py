@@ -417,6 +417,12 @@ class Scorer:
         """First-layer user projections [U, h0] (the model's own code, as in evaluation)."""
         return self.model.project_users(user_feats.to(self.device))
 
+    @torch.inference_mode()
+    def rate_rows(self, user_proj: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Ratings [U, N] of each projected user against its own N book-set rows (``rows`` [U, N]):
+        the rerank of retrieved candidates, ``head(P_u + P_b)`` as in ``RatingMLP.forward``."""
+        return self.model.head(user_proj.unsqueeze(1) + self.book_proj[rows]).float()
+
     def _block_shape(self) -> tuple[int, int]:
         """(users, books) per block: whole catalog rows when they fit in ``block_pairs``."""
         n_b = max(self.n_books, 1)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -32,8 +34,29 @@ def tiny_config(run_dir: Path, source: Path, cache: Path) -> Config:
             "train.patience=2",
             "compress.finetune_epochs=1",
             "compress.latency_repeats=3",
+            "retrieval.dim=16",
+            "retrieval.hidden=32",
+            "retrieval.batch_size=256",
+            "retrieval.epochs=6",
+            "retrieval.val_users=200",
         ],
     )
+
+
+# A new arrival: in the books file, rated by nobody: a new edition of the sample's most-read book.
+NEW_BOOK = "0999999990"
+
+
+def add_unrated_book(folder: Path) -> None:
+    """Append ``NEW_BOOK`` to a Kaggle-layout books file: the title, author, year and publisher of
+    the most-rated book under a new ISBN, so it has content to be recommended by and no rating."""
+    with (folder / "Ratings.csv").open(encoding="utf-8", newline="") as fh:
+        counts = Counter(row[1] for row in list(csv.reader(fh))[1:])
+    with (folder / "Books.csv").open(encoding="utf-8", newline="") as fh:
+        books = {row[0]: row for row in list(csv.reader(fh))[1:] if row}
+    top = next(isbn for isbn, _ in counts.most_common() if isbn in books)
+    with (folder / "Books.csv").open("a", encoding="utf-8", newline="") as fh:
+        csv.writer(fh).writerow([NEW_BOOK, *books[top][1:5]])
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +67,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("tiny-run")
     write_sample(root / "csv", layout="kaggle", n_users=300, n_books=200, n_ratings=5000, seed=0)
+    add_unrated_book(root / "csv")
     tiny_config(root / "run", root / "csv", root / "cache").save(root / "tiny.yaml")
     proc = subprocess.run(
         [sys.executable, "-m", "train", "run", "--config", str(root / "tiny.yaml"), "--quiet"],

@@ -1,4 +1,4 @@
-"""Command line: ``python -m train {run,data,features,train,compress,evaluate} --config FILE``."""
+"""Command line: ``python -m train {run,data,features,train,compress,retrieval,evaluate} --config FILE``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from model.config import load_config
 from model.encoder import EncoderUnavailable
 from train.download import DatasetUnavailable
 
-STEPS = ("run", "data", "features", "train", "compress", "evaluate")
+STEPS = ("run", "data", "features", "train", "compress", "retrieval", "evaluate")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,12 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     from train import pipeline
     from train.compress import step_compress
     from train.evaluate import step_evaluate
+    from train.retrieval import step_retrieval
 
     steps = {
         "data": pipeline.step_data,
         "features": pipeline.step_features,
         "train": pipeline.step_train,
         "compress": step_compress,
+        "retrieval": step_retrieval,
         "evaluate": step_evaluate,
     }
     try:

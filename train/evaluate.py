@@ -1,4 +1,5 @@
-"""One comparison table on one split: baselines and every compression step of the model."""
+"""The run's evaluation on one split: the rating table (baselines and every compression step of the
+rating MLP) and the top-K table (the two-stage recommender against popularity, item-kNN, ALS, EASE)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,15 @@ import torch
 from model.catalog import Catalog
 from model.checkpoint import load_checkpoint, load_scripted
 from model.config import Config
+from model.recommend import TwoStageRecommender
+from model.scoring import Scorer
 from train.baselines import SVD_GRID, BiasBaseline, GlobalMean, SurpriseSVD, tune
 from train.compress import INT8_FILE, PRUNED_FILE, SCRIPTED_FILE
 from train.dataset import TrainingData, build_training_data
 from train.fit import predict
 from train.metrics import mae, ndcg_at_k, rmse
 from train.run_info import machine
+from train.topk_eval import evaluate_top_k, plot_top_k, topk_markdown
 
 log = logging.getLogger("bookrec.evaluate")
 
@@ -153,9 +157,26 @@ def step_evaluate(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
         "seconds": round(time.perf_counter() - start, 1),
     }
     table = markdown_table(results, cfg.eval.ndcg_k)
-    (run_dir / "evaluation.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    md = f"Encoder: {meta['encoder']} ({meta['pooling']} pooling). Machine: {meta['machine']}.\n\n{table}\n"
+    topk = evaluate_top_k(
+        TwoStageRecommender.load(run_dir, Scorer(load_scripted(run_dir / SCRIPTED_FILE), catalog.book_feats)),
+        catalog,
+        ratings,
+        cfg.eval.cold_user_reveal,
+        cfg.split.seed,
+        cfg.eval.ease_max_items,
+        progress,
+    )
+    meta["seconds"] = round(time.perf_counter() - start, 1)
+    meta["catalog"] = {"books": len(catalog.books), "users": len(catalog.users)}
+    payload = {"meta": meta, "results": results, "topk": topk}
+    (run_dir / "evaluation.json").write_text(json.dumps(payload, indent=2) + "\n")
+    md = (
+        f"Encoder: {meta['encoder']} ({meta['pooling']} pooling). Machine: {meta['machine']}.\n\n"
+        f"Rating prediction (RMSE / MAE, lower is better):\n\n{table}\n\n"
+        f"Top-K recommendation ({len(catalog.books)} books in the catalog):\n\n{topk_markdown(topk)}\n"
+    )
     (run_dir / "evaluation.md").write_text(md)
     plot_results(results, run_dir / "evaluation.png")
+    plot_top_k(topk, run_dir / "topk.png")
     print(md)
     return {"table": "evaluation.md", **meta}

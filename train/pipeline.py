@@ -1,4 +1,4 @@
-"""The training job, step by step: data -> features -> train -> compress -> evaluate.
+"""The training job, step by step: data -> features -> train -> compress -> retrieval -> evaluate.
 
 Each step reads what the previous one wrote into the run folder, so steps can be rerun alone.
 """
@@ -104,14 +104,25 @@ def load_tables(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame
     return tuple(pq.read_table(folder / f"{name}.parquet").to_pandas() for name in ("users", "books", "ratings"))
 
 
+def training_history(ratings: pd.DataFrame) -> pd.DataFrame:
+    """What the catalog knows of each reader: training ratings plus implicit reads, except those of
+    cold-test users and books, whose whole history stays unseen."""
+    cold = ratings["split"].isin(["cold_book", "cold_user", "cold_both"])
+    cold_users = ratings.loc[ratings["split"].isin(["cold_user", "cold_both"]), "user_id"].unique()
+    cold_books = ratings.loc[ratings["split"].isin(["cold_book", "cold_both"]), "isbn"].unique()
+    implicit = (ratings["split"] == "implicit") & ~cold
+    implicit &= ~ratings["user_id"].isin(cold_users) & ~ratings["isbn"].isin(cold_books)
+    return ratings[(ratings["split"] == "train") | implicit]
+
+
 def step_features(cfg: Config, run_dir: Path, progress: bool = True, encoder: TextEncoder | None = None) -> dict:
     """Embed every catalog book and user with the encoder (cached) and write the catalog.
 
     ``encoder`` replaces the configured one (the fine-tuning stage passes its tuned encoder)."""
     users, books, ratings = load_tables(run_dir)
-    rated = ratings[ratings["rating"] > 0]
-    books = books[books["isbn"].isin(rated["isbn"])].reset_index(drop=True)
-    users = users[users["user_id"].isin(rated["user_id"])].reset_index(drop=True)
+    # Every book of the books file is in the catalog, rated or not: a new arrival is recommendable
+    # from its text and metadata. Users are those who read anything.
+    users = users[users["user_id"].isin(ratings["user_id"])].reset_index(drop=True)
     btexts, utexts = book_texts(books), user_texts(users)
 
     if encoder is None:
@@ -127,7 +138,7 @@ def step_features(cfg: Config, run_dir: Path, progress: bool = True, encoder: Te
         global_mean=float(train["rating"].mean()),
         shrinkage=cfg.model.shrinkage,
     )
-    write_catalog(run_dir / "catalog", books, book_emb, users, user_emb, train, spec)
+    write_catalog(run_dir / "catalog", books, book_emb, users, user_emb, training_history(ratings), spec)
     summary = {
         "encoder": encoder.source,
         "pooling": encoder.pooling,
@@ -205,6 +216,7 @@ def run_all(cfg: Config, progress: bool = True) -> dict:
     """Every step in order; returns each step's summary and its wall time."""
     from train.compress import step_compress
     from train.evaluate import step_evaluate
+    from train.retrieval import step_retrieval
 
     run_dir = prepare_run(cfg)
     out = {}
@@ -213,6 +225,7 @@ def run_all(cfg: Config, progress: bool = True) -> dict:
         ("features", step_features),
         ("train", step_train),
         ("compress", step_compress),
+        ("retrieval", step_retrieval),
         ("evaluate", step_evaluate),
     ):
         start = time.perf_counter()

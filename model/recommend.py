@@ -1,0 +1,167 @@
+"""Two-stage recommendation: retrieve by the towers' dot product, rerank with the rating MLP.
+
+One class serves the handler's ``recommend``, the batch job's ``--mode topk`` and the evaluation,
+so the three give the same lists. For a block of users:
+
+1. user vectors from the retrieval towers (feature vector + the bag of books they read);
+2. logits against every book vector of the book set (one matmul), read books masked, top-N;
+3. the rating MLP's predicted rating of those N pairs (the Scorer's precomputed book projections);
+4. relevance = retrieval logit + ``blend`` x predicted rating, with ``blend`` chosen on validation;
+   the top-k by relevance are the answer, each with its predicted rating.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.catalog import CATALOG_DIR
+from model.checkpoint import load_scripted
+from model.scoring import Scorer
+
+RETRIEVAL_FILE = "retrieval_scripted.pt"
+RETRIEVAL_META = "retrieval.json"
+BOOK_VECTORS = "book_vectors.npy"  # inside the catalog folder
+
+
+@dataclass
+class Candidates:
+    """The retrieved top-N of a block of users, before the rerank."""
+
+    rows: torch.Tensor  # [U, N] book-set positions, best retrieval first; -1 where fewer than N remain
+    retrieval: torch.Tensor  # [U, N] retrieval logits (-inf at padding)
+    rating: torch.Tensor  # [U, N] predicted ratings 1..10
+
+
+@dataclass
+class Recommendations:
+    """Top-k per user after the rerank (padding: row -1, relevance -inf)."""
+
+    rows: torch.Tensor  # [U, k]
+    relevance: torch.Tensor  # [U, k] the rerank score the list is ordered by
+    rating: torch.Tensor  # [U, k] predicted rating
+
+
+@dataclass(frozen=True)
+class RerankSettings:
+    """How many books are retrieved and how much the predicted rating weighs in the rerank."""
+
+    candidates: int = 200
+    blend: float = 0.0
+
+    def save(self, path: Path, **extra: object) -> None:
+        path.write_text(json.dumps({"candidates": self.candidates, "blend": self.blend, **extra}, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> RerankSettings:
+        meta = json.loads(path.read_text())
+        return cls(candidates=int(meta["candidates"]), blend=float(meta["blend"]))
+
+
+def load_book_vectors(catalog_dir: Path) -> torch.Tensor:
+    """The catalog's precomputed unit book vectors [B, dim]."""
+    return torch.from_numpy(np.load(catalog_dir / BOOK_VECTORS))
+
+
+class TwoStageRecommender:
+    """Retrieval towers + book vectors of a book set, reranked by a rating ``Scorer`` of the same set."""
+
+    def __init__(
+        self,
+        towers: torch.nn.Module,
+        book_vectors: torch.Tensor,
+        scorer: Scorer,
+        settings: RerankSettings,
+    ):
+        if book_vectors.shape[0] != scorer.n_books:
+            raise ValueError(f"{book_vectors.shape[0]} book vectors for a book set of {scorer.n_books}")
+        self.device = scorer.device
+        self.towers = towers.to(self.device).eval()
+        self.book_vectors = book_vectors.to(self.device).contiguous()
+        self.temperature = float(self.towers.temperature)
+        self.scorer = scorer
+        self.settings = settings
+        self.last_timings: dict[str, float] = {}
+
+    @classmethod
+    def load(cls, model_dir: Path, scorer: Scorer, book_rows: torch.Tensor | None = None) -> TwoStageRecommender:
+        """The towers, book vectors and rerank settings of a model folder (run folder or unpacked
+        ``.mar``) around a rating ``scorer`` whose book set is the catalog's rows ``book_rows``
+        (all of them when None)."""
+        vectors = load_book_vectors(Path(model_dir) / CATALOG_DIR)
+        if book_rows is not None:
+            vectors = vectors[book_rows]
+        towers = load_scripted(Path(model_dir) / RETRIEVAL_FILE, scorer.device)
+        return cls(towers, vectors, scorer, RerankSettings.load(Path(model_dir) / RETRIEVAL_META))
+
+    def subset(self, rows: np.ndarray) -> TwoStageRecommender:
+        """The same recommender over the book-set positions ``rows`` only."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        scorer = Scorer(self.scorer.model, self.scorer.book_feats[index], self.device)
+        return TwoStageRecommender(self.towers, self.book_vectors[index], scorer, self.settings)
+
+    @property
+    def n_books(self) -> int:
+        return int(self.book_vectors.shape[0])
+
+    @torch.inference_mode()
+    def user_vectors(self, user_feats: torch.Tensor, history: list[np.ndarray]) -> torch.Tensor:
+        """Unit user vectors [U, dim]; ``history[i]`` holds catalog rows user i read."""
+        lengths = [len(h) for h in history]
+        flat = np.concatenate([np.asarray(h, np.int64) for h in history]) if sum(lengths) else np.zeros(0, np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        return self.towers.embed_users(
+            user_feats.to(self.device),
+            torch.from_numpy(flat).to(self.device),
+            torch.from_numpy(offsets).to(self.device),
+        )
+
+    @torch.inference_mode()
+    def candidates(
+        self,
+        user_feats: torch.Tensor,
+        history: list[np.ndarray],
+        exclude: list[np.ndarray] | None = None,
+        n: int | None = None,
+    ) -> Candidates:
+        """Top-``n`` (default ``settings.candidates``) books per user by retrieval logit, read books
+        (``exclude[i]``, book-set positions) left out, with the rating MLP's prediction of each."""
+        start = time.perf_counter()
+        n = min(n or self.settings.candidates, self.n_books)
+        logits = self.user_vectors(user_feats, history) @ self.book_vectors.t() / self.temperature
+        if exclude is not None and any(len(e) for e in exclude):
+            users = np.repeat(np.arange(len(exclude)), [len(e) for e in exclude])
+            books = np.concatenate([np.asarray(e, np.int64) for e in exclude])
+            logits[torch.from_numpy(users).to(self.device), torch.from_numpy(books).to(self.device)] = -math.inf
+        top, rows = torch.topk(logits, n, dim=1)
+        rows = rows.masked_fill(torch.isinf(top), -1)
+        retrieved = time.perf_counter()
+        user_proj = self.scorer.project_users(user_feats)
+        rating = self.scorer.rate_rows(user_proj, rows.clamp_min(0))
+        self.last_timings = {"retrieval": retrieved - start, "rerank": time.perf_counter() - retrieved}
+        return Candidates(rows, top, rating)
+
+    def rerank(self, cands: Candidates, k: int, blend: float | None = None) -> Recommendations:
+        """The top-``k`` of the candidates by retrieval logit + ``blend`` x predicted rating."""
+        blend = self.settings.blend if blend is None else blend
+        relevance = cands.retrieval + blend * cands.rating
+        k = min(k, relevance.shape[1])
+        relevance, order = torch.topk(relevance, k, dim=1)
+        rows = cands.rows.gather(1, order).masked_fill(torch.isinf(relevance), -1)
+        return Recommendations(rows, relevance, cands.rating.gather(1, order))
+
+    def recommend(
+        self,
+        user_feats: torch.Tensor,
+        history: list[np.ndarray],
+        k: int,
+        exclude: list[np.ndarray] | None = None,
+    ) -> Recommendations:
+        """Top-``k`` books per user: retrieval, then the rerank."""
+        return self.rerank(self.candidates(user_feats, history, exclude, max(k, self.settings.candidates)), k)

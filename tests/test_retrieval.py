@@ -1,0 +1,128 @@
+"""The retrieval towers and the two-stage recommender: training, history sampling, new books."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.catalog import Catalog
+from model.checkpoint import load_scripted
+from model.config import RetrievalConfig
+from model.recommend import RETRIEVAL_META, RerankSettings, TwoStageRecommender
+from model.scoring import Scorer
+from tests.conftest import NEW_BOOK
+from train.dataset import build_training_data
+from train.pipeline import load_tables
+from train.retrieval import (
+    Interactions,
+    catalog_book_vectors,
+    fit_retrieval,
+    new_retrieval_model,
+    sample_history,
+    training_interactions,
+)
+
+
+def _interactions(lengths: list[int]) -> Interactions:
+    users = np.repeat(np.arange(len(lengths)), lengths)
+    books = np.arange(len(users)) + 100  # every interaction its own book, so positions are visible
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    return Interactions(indptr, books, users, np.zeros_like(users), np.zeros_like(users))
+
+
+def test_sample_history_leaves_out_the_target_and_takes_all_when_they_fit() -> None:
+    inter = _interactions([1, 3, 50])
+    rng = np.random.default_rng(0)
+    pairs = np.array([0, 1, 2, 3, 4, 30])  # user 0 alone, every pair of user 1, one of user 2
+    rows, offsets = sample_history(inter, pairs, max_items=8, rng=rng)
+    bags = np.split(rows.numpy(), offsets.numpy()[1:])
+    assert len(bags[0]) == 0  # a single read has no other history
+    assert sorted(bags[1]) == [102, 103] and sorted(bags[2]) == [101, 103] and sorted(bags[3]) == [101, 102]
+    assert len(bags[4]) == 8 and 100 + 4 not in bags[4] and all(104 <= b < 154 for b in bags[4])
+    assert len(bags[5]) == 8 and 100 + 30 not in bags[5]
+
+
+def test_training_interactions_include_implicit_reads(tiny_run: Path) -> None:
+    catalog = Catalog.load(tiny_run)
+    _, _, ratings = load_tables(tiny_run)
+    data = build_training_data(catalog, ratings, 3, 42)
+    inter = training_interactions(catalog, data)
+    implicit_users, _ = catalog.implicit_rows()
+    assert len(implicit_users) > 0  # the sample has implicit zeros
+    assert len(inter.book) == len(data.splits["train"]) + len(implicit_users)
+    assert np.all(np.diff(inter.user) >= 0)
+    assert np.array_equal(inter.indptr, np.searchsorted(inter.user, np.arange(len(catalog.users) + 1)))
+
+
+def test_retrieval_training_lowers_the_loss(tiny_run: Path) -> None:
+    catalog = Catalog.load(tiny_run)
+    _, _, ratings = load_tables(tiny_run)
+    data = build_training_data(catalog, ratings, 3, 42)
+    cfg = RetrievalConfig(dim=16, hidden=32, batch_size=256, epochs=4, patience=4, val_users=200)
+    model = new_retrieval_model(catalog, cfg)
+    result = fit_retrieval(model, catalog, data, cfg, progress=False)
+    losses = [row["loss"] for row in result.epochs]
+    assert len(losses) == 4
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert model.id_known.sum() > 0 and not model.training
+
+
+def test_shipped_book_vectors_are_the_towers_of_the_catalog(tiny_run: Path) -> None:
+    catalog = Catalog.load(tiny_run)
+    towers = load_scripted(tiny_run / "retrieval_scripted.pt")
+    shipped = np.load(tiny_run / "catalog" / "book_vectors.npy")
+    assert shipped.shape[0] == len(catalog.books)
+    assert np.allclose(shipped, catalog_book_vectors(towers, catalog).numpy(), atol=1e-6)
+    assert np.allclose(np.linalg.norm(shipped, axis=1), 1.0, atol=1e-5)
+    meta = json.loads((tiny_run / RETRIEVAL_META).read_text())
+    assert meta["blend"] in RetrievalConfig().blend_grid and meta["candidates"] == RetrievalConfig().candidates
+
+
+def test_an_unrated_book_is_in_the_catalog_and_reaches_a_top_k(tiny_run: Path) -> None:
+    """A book of the books file that nobody rated (a new edition of a well-read book) is in the
+    catalog with a vector from its text and metadata alone; among the new arrivals (the books nobody
+    read in training, as the batch job's ``--books`` filter or the cold-book protocol rank them) it
+    reaches readers' top-3."""
+    catalog = Catalog.load(tiny_run)
+    _, _, ratings = load_tables(tiny_run)
+    assert NEW_BOOK not in set(ratings["isbn"])
+    row = catalog.book_index[NEW_BOOK]
+    recommender = TwoStageRecommender.load(
+        tiny_run, Scorer(load_scripted(tiny_run / "model_scripted.pt"), catalog.book_feats)
+    )
+    assert not bool(recommender.towers.id_known[row])  # no id embedding: content alone
+    assert torch.isfinite(recommender.book_vectors[row]).all()
+
+    unread = np.flatnonzero(~recommender.towers.id_known.numpy())
+    assert row in unread and len(unread) > 3
+    arrivals = recommender.subset(unread)
+    users = np.arange(len(catalog.users))
+    history = [catalog.rated_by(int(u)) for u in users]
+    recs = arrivals.recommend(catalog.user_feats, history, 3)
+    position = int(np.flatnonzero(unread == row)[0])
+    reached = int((recs.rows == position).any(dim=1).sum())
+    assert reached >= len(users) // 10, f"the new edition is in only {reached} of {len(users)} top-3 lists"
+
+
+
+def test_rerank_orders_by_retrieval_plus_blend_times_rating(tiny_run: Path) -> None:
+    catalog = Catalog.load(tiny_run)
+    scorer = Scorer(load_scripted(tiny_run / "model_scripted.pt"), catalog.book_feats)
+    base = TwoStageRecommender.load(tiny_run, scorer)
+    users = np.arange(20)
+    history = [catalog.rated_by(int(u)) for u in users]
+    cands = base.candidates(catalog.user_feats[users], history, history)
+    for blend in (0.0, 1.0):
+        recs = base.rerank(cands, 10, blend)
+        expected = cands.retrieval + blend * cands.rating
+        assert torch.all(recs.relevance[:, :-1] >= recs.relevance[:, 1:])
+        top = torch.topk(expected, 10, dim=1).values
+        assert torch.allclose(recs.relevance, top, atol=1e-5)
+    # retrieval order alone: blend 0 keeps the candidates' own order
+    assert torch.equal(base.rerank(cands, 10, 0.0).rows, cands.rows[:, :10])
+    with pytest.raises(ValueError, match="book vectors"):
+        TwoStageRecommender(base.towers, base.book_vectors[:3], scorer, RerankSettings())

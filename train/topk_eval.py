@@ -1,0 +1,327 @@
+"""Top-K evaluation: the lists a reader would see, for the model and the baselines, on three protocols.
+
+- **warm**: every user with warm-test ratings; rank the whole catalog minus the user's training
+  books; relevant = the user's test books, liked = those rated 8 or more.
+- **cold-user**: every cold-test user, given as a new user of a request would be: location and
+  age, plus up to ``reveal`` of their ratings (a seeded choice that leaves at least one held out);
+  rank the catalog minus the revealed books; relevant = the rest.
+- **cold-book**: every user with cold-book test ratings ranks only the cold books (read by nobody
+  in training): among new arrivals, do the ones this reader read come first? Compared with random.
+
+Baselines (popularity, item-kNN, ALS, EASE) are fitted on the same training interactions as the
+retrieval model and fold in the same history, so every row of a table answers the same question.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from tqdm.auto import tqdm
+
+from model.catalog import Catalog
+from model.recommend import TwoStageRecommender
+from train.metrics import recall_at_k, topk_report
+from train.topk_baselines import ALS, EASE, BaselineSkipped, ItemKNN, MostPopular, interaction_matrix, recommend_top_k
+
+log = logging.getLogger("bookrec.topk")
+
+LIKED = 8.0
+DEPTH = 100  # longest list evaluated (recall@100)
+USER_BLOCK = 1024
+
+
+@dataclass
+class RankingTask:
+    """Users to rank for, what each brings as history, what they may not get, and the truth."""
+
+    name: str
+    users: np.ndarray  # catalog user rows
+    feats: torch.Tensor  # [U, user_dim] feature vectors (as a request would produce them)
+    history: list[np.ndarray]  # catalog book rows fed to the model as the reader's history
+    exclude: list[np.ndarray]  # catalog book rows not to recommend
+    relevant: list[np.ndarray]
+    liked: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+def _grouped(users: np.ndarray, values: np.ndarray, wanted: np.ndarray) -> list[np.ndarray]:
+    """``values`` grouped by ``users``, one array per entry of ``wanted`` (empty when absent)."""
+    order = np.argsort(users, kind="stable")
+    bounds = np.searchsorted(users[order], np.concatenate([wanted, wanted + 1]))
+    lo, hi = bounds[: len(wanted)], bounds[len(wanted) :]
+    sorted_values = values[order]
+    return [sorted_values[a:b] for a, b in zip(lo, hi, strict=True)]
+
+
+def _rows(catalog: Catalog, part: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    users = part["user_id"].map(catalog.user_index).to_numpy(np.int64)
+    books = part["isbn"].map(catalog.book_index).to_numpy(np.int64)
+    return users, books, part["rating"].to_numpy(np.float32)
+
+
+def warm_task(catalog: Catalog, ratings: pd.DataFrame, split: str = "test") -> RankingTask:
+    """Users with ratings in ``split`` (test or val), their training history, the whole catalog."""
+    users, books, rating = _rows(catalog, ratings[ratings["split"] == split])
+    wanted = np.unique(users)
+    history = [catalog.rated_by(int(u)) for u in wanted]
+    return RankingTask(
+        name="warm" if split == "test" else split,
+        users=wanted,
+        feats=catalog.user_feats[torch.from_numpy(wanted)],
+        history=history,
+        exclude=history,
+        relevant=_grouped(users, books, wanted),
+        liked=_grouped(users, np.where(rating >= LIKED, books, -1), wanted),
+    )
+
+
+def cold_user_task(catalog: Catalog, ratings: pd.DataFrame, reveal: int, seed: int) -> RankingTask:
+    """Cold-test users as new users: text (location, age) plus up to ``reveal`` revealed ratings."""
+    part = ratings[ratings["split"] == "cold_user"]
+    users, books, rating = _rows(catalog, part)
+    wanted = np.unique(users)
+    rng = np.random.default_rng(seed)
+    per_books, per_ratings = _grouped(users, books, wanted), _grouped(users, rating, wanted)
+    shown, hidden, liked, hist_user, hist_rating = [], [], [], [], []
+    for n, (b, r) in enumerate(zip(per_books, per_ratings, strict=True)):
+        order = rng.permutation(len(b))
+        m = min(reveal, len(b) - 1)
+        shown.append(b[order[:m]])
+        hidden.append(b[order[m:]])
+        liked.append(b[order[m:]][r[order[m:]] >= LIKED])
+        hist_user.extend([n] * m)
+        hist_rating.extend(r[order[:m]].tolist())
+    flat = np.concatenate(shown) if shown else np.zeros(0, np.int64)
+    feats = catalog.new_user_features(
+        catalog.user_emb[torch.from_numpy(wanted)],
+        torch.tensor(hist_user, dtype=torch.long),
+        catalog.books["isbn"].to_numpy()[flat].tolist(),
+        torch.tensor(hist_rating, dtype=torch.float32),
+    )
+    return RankingTask("cold-user", wanted, feats, shown, shown, hidden, [x[x >= 0] for x in liked])
+
+
+def cold_book_task(catalog: Catalog, ratings: pd.DataFrame) -> tuple[RankingTask, np.ndarray]:
+    """Warm users with cold-book test ratings, and the cold books (catalog rows) they rank among."""
+    cold_books = ratings.loc[ratings["split"].isin(["cold_book", "cold_both"]), "isbn"].unique()
+    candidates = np.sort(pd.Series(cold_books).map(catalog.book_index).to_numpy(np.int64))
+    users, books, rating = _rows(catalog, ratings[ratings["split"] == "cold_book"])
+    wanted = np.unique(users)
+    position = np.full(len(catalog.books), -1, np.int64)
+    position[candidates] = np.arange(len(candidates))
+    history = [catalog.rated_by(int(u)) for u in wanted]
+    relevant = [position[b] for b in _grouped(users, books, wanted)]
+    liked = [position[b] for b in _grouped(users, np.where(rating >= LIKED, books, -1), wanted)]
+    task = RankingTask(
+        name="cold-book",
+        users=wanted,
+        feats=catalog.user_feats[torch.from_numpy(wanted)],
+        history=history,
+        exclude=[np.zeros(0, np.int64)] * len(wanted),
+        relevant=relevant,
+        liked=[x[x >= 0] for x in liked],
+    )
+    return task, candidates
+
+
+def _clean(lists: list[np.ndarray]) -> list[np.ndarray]:
+    return [x[x >= 0] for x in lists]
+
+
+def model_top_k(
+    recommender: TwoStageRecommender, task: RankingTask, k: int = DEPTH, progress: bool = False
+) -> np.ndarray:
+    """[U, k] book-set positions from the two-stage path (the one serving and batch use)."""
+    out = np.full((len(task), k), -1, np.int64)
+    for s in tqdm(range(0, len(task), USER_BLOCK), desc=f"top-{k} {task.name}", leave=False, disable=not progress):
+        sl = slice(s, s + USER_BLOCK)
+        recs = recommender.recommend(task.feats[sl], task.history[sl], k, task.exclude[sl])
+        out[s : s + recs.rows.shape[0], : recs.rows.shape[1]] = recs.rows.cpu().numpy()
+    return out
+
+
+@torch.inference_mode()
+def rating_only_top_k(recommender: TwoStageRecommender, task: RankingTask, k: int = DEPTH) -> np.ndarray:
+    """[U, k] by predicted rating alone over the whole book set (how ``recommend`` ranked before)."""
+    scorer = recommender.scorer
+    out = np.full((len(task), k), -1, np.int64)
+    for s in range(0, len(task), USER_BLOCK):
+        sl = slice(s, s + USER_BLOCK)
+        scores = scorer.score_all(task.feats[sl])
+        rows = np.repeat(np.arange(scores.shape[0]), [len(e) for e in task.exclude[sl]])
+        if len(rows):
+            scores[torch.from_numpy(rows), torch.from_numpy(np.concatenate(task.exclude[sl]))] = -np.inf
+        top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+        rows = top.indices.masked_fill(torch.isinf(top.values), -1)
+        out[s : s + scores.shape[0], : rows.shape[1]] = rows.numpy()
+    return out
+
+
+def _csr(lists: list[np.ndarray], n_items: int) -> sp.csr_matrix:
+    users = np.repeat(np.arange(len(lists)), [len(x) for x in lists])
+    flat = np.concatenate(lists) if lists else np.zeros(0, np.int64)
+    return interaction_matrix(users, flat, len(lists), n_items)
+
+
+def baselines(cfg_ease_max_items: int, seed: int) -> list:
+    return [
+        MostPopular(),
+        ItemKNN(),
+        ALS(seed=seed),
+        EASE(max_items=cfg_ease_max_items),
+    ]
+
+
+def evaluate_top_k(
+    recommender: TwoStageRecommender,
+    catalog: Catalog,
+    ratings: pd.DataFrame,
+    reveal: int,
+    seed: int,
+    ease_max_items: int,
+    progress: bool = True,
+) -> dict:
+    """Every protocol's table: ``{"warm": {model: report}, "cold-user": ..., "cold-book": ...}``."""
+    n_items = len(catalog.books)
+    train = _csr([catalog.rated_by(u) for u in range(len(catalog.users))], n_items)
+    popularity = np.asarray(train.sum(axis=0)).ravel()
+    warm = warm_task(catalog, ratings, "test")
+    cold_user = cold_user_task(catalog, ratings, reveal, seed)
+    results: dict[str, dict] = {"warm": {}, "cold-user": {}, "cold-book": {}}
+    timings: dict[str, float] = {}
+
+    def report(task: RankingTask, top: np.ndarray) -> dict:
+        return topk_report(top, _clean(task.relevant), _clean(task.liked), popularity, n_items)
+
+    start = time.perf_counter()
+    for task in (warm, cold_user):
+        results[task.name][MODEL_NAME] = report(task, model_top_k(recommender, task, progress=progress))
+    timings[MODEL_NAME] = time.perf_counter() - start
+    start = time.perf_counter()
+    results["warm"][RATING_ONLY_NAME] = report(warm, rating_only_top_k(recommender, warm))
+    timings[RATING_ONLY_NAME] = time.perf_counter() - start
+
+    for baseline in tqdm(baselines(ease_max_items, seed), desc="top-K baselines", leave=False, disable=not progress):
+        start = time.perf_counter()
+        try:
+            baseline.fit(train)
+        except BaselineSkipped as err:
+            log.warning("%s skipped: %s", baseline.name, err)
+            results["warm"][baseline.name] = {"skipped": str(err)}
+            continue
+        for task in (warm, cold_user):
+            top = recommend_top_k(baseline, _csr(task.history, n_items), _csr(task.exclude, n_items), DEPTH)
+            results[task.name][baseline.name] = report(task, top)
+        timings[baseline.name] = time.perf_counter() - start
+        log.info("%s: warm recall@10 %.4f", baseline.name, results["warm"][baseline.name]["recall@10"])
+
+    results["cold-book"] = cold_book_results(recommender, catalog, ratings)
+    return {"results": results, "seconds": {k: round(v, 1) for k, v in timings.items()}}
+
+
+MODEL_NAME = "two-stage (retrieval + rating rerank)"
+RATING_ONLY_NAME = "rating MLP alone"
+
+
+def cold_book_results(recommender: TwoStageRecommender, catalog: Catalog, ratings: pd.DataFrame) -> dict:
+    """recall@10 among the cold books, for the two-stage path restricted to them and for random."""
+    task, candidates = cold_book_task(catalog, ratings)
+    if len(task) == 0 or len(candidates) == 0:
+        return {}
+    sub = recommender.subset(candidates)
+    top = model_top_k(sub, task, k=10)
+    relevant = _clean(task.relevant)
+    return {
+        MODEL_NAME: {
+            "recall@10": recall_at_k(top, relevant, 10),
+            "users": len(task),
+            "cold_books": len(candidates),
+        },
+        "random": {"recall@10": min(10, len(candidates)) / len(candidates), "users": len(task)},
+    }
+
+
+def choose_blend(
+    recommender: TwoStageRecommender, task: RankingTask, grid: list[float], k: int = 10
+) -> tuple[float, dict]:
+    """The rerank weight of the predicted rating with the best recall@k on ``task`` (validation);
+    candidates are retrieved once and reordered for every weight. Ties go to the smaller weight."""
+    found: dict[float, list[np.ndarray]] = {blend: [] for blend in grid}
+    for s in range(0, len(task), USER_BLOCK):
+        sl = slice(s, s + USER_BLOCK)
+        cands = recommender.candidates(task.feats[sl], task.history[sl], task.exclude[sl])
+        for blend in grid:
+            found[blend].append(recommender.rerank(cands, k, blend).rows.cpu().numpy())
+    relevant = _clean(task.relevant)
+    table = {blend: recall_at_k(np.concatenate(tops), relevant, k) for blend, tops in found.items()}
+    best = max(sorted(table), key=lambda b: (table[b], -b))
+    return best, {f"{b:g}": round(v, 5) for b, v in table.items()}
+
+
+TABLE_COLUMNS = [
+    ("recall@10", "recall@10"),
+    ("recall@100", "recall@100"),
+    ("ndcg@10", "NDCG@10"),
+    ("liked_recall@10", "liked recall@10"),
+    ("liked_ndcg@10", "liked NDCG@10"),
+    ("coverage@10", "coverage@10"),
+    ("top1_share", "top-1 share"),
+    ("mean_popularity@10", "mean popularity@10"),
+]
+
+
+def topk_markdown(topk: dict) -> str:
+    """The warm and cold-user tables (one row per model) and the cold-book comparison, in Markdown."""
+    parts = []
+    for protocol in ("warm", "cold-user"):
+        rows = topk["results"][protocol]
+        header = ["model", *(label for _, label in TABLE_COLUMNS), "users"]
+        lines = [f"**{protocol}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for name, rep in rows.items():
+            if "skipped" in rep:
+                lines.append(f"| {name} | skipped: {rep['skipped']} |" + " |" * (len(header) - 2))
+                continue
+            cells = [
+                f"{rep[key]:.4f}" if key != "mean_popularity@10" else f"{rep[key]:.1f}" for key, _ in TABLE_COLUMNS
+            ]
+            lines.append("| " + " | ".join([name, *cells, str(rep["users"])]) + " |")
+        parts.append("\n".join(lines))
+    cold = topk["results"].get("cold-book") or {}
+    if cold:
+        model, rand = cold[MODEL_NAME], cold["random"]
+        parts.append(
+            f"**cold-book**: {model['users']} users rank the {model['cold_books']} cold books: recall@10 "
+            f"{model['recall@10']:.4f} against {rand['recall@10']:.4f} for a random order "
+            f"({model['recall@10'] / rand['recall@10']:.1f}x)."
+        )
+    return "\n\n".join(parts)
+
+
+def plot_top_k(topk: dict, path) -> None:
+    """Warm recall@10, NDCG@10 and coverage@10 of every model, as grouped bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {name: rep for name, rep in topk["results"]["warm"].items() if "skipped" not in rep}
+    metrics = [("recall@10", "recall@10"), ("ndcg@10", "NDCG@10"), ("coverage@10", "coverage@10")]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(metrics)
+    for i, (key, label) in enumerate(metrics):
+        ax.bar([x + i * width for x in range(len(rows))], [rep[key] for rep in rows.values()], width, label=label)
+    ax.set_xticks([x + width for x in range(len(rows))], [n.split(" (")[0] for n in rows], rotation=20, ha="right")
+    ax.set_ylabel("warm test (higher is better)")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
