@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +24,8 @@ from batch import schemas
 from batch.io import _local, is_local
 from batch.model_source import load_model, model_dims, resolve
 from model.catalog import Catalog
+from model.checkpoint import load_scripted
+from model.recommend import RETRIEVAL_FILE, RETRIEVAL_META, RerankSettings, TwoStageRecommender
 from model.scoring import DEFAULT_BLOCK_PAIRS, Scorer
 
 log = logging.getLogger("bookrec.batch")
@@ -162,6 +163,8 @@ class ScoringContext:
             kernel=spec.kernel,
         )
         self.k = min(spec.k, self.n_books)
+        self.recommender = self._recommender(folder, catalog, books, rows) if spec.mode == "topk" else None
+        self._reads = (catalog.user_index, catalog.rated_books, catalog.rated_bounds)
         self._exclusion = self._exclusion_index(catalog, isbns) if spec.exclude_rated else None
         self._tiled = np.zeros(0, np.int32)
         self._ranks = np.tile(np.arange(1, self.k + 1, dtype=np.int32), max(spec.block_users, 1))
@@ -183,27 +186,51 @@ class ScoringContext:
             index.setdefault(i, n)  # the first row of a repeated id wins
         return _Side(feats, index, reasons, source=f"{kind} features file {external}")
 
-    def _exclusion_index(self, catalog: Catalog, isbns: list[str]) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
-        """The catalog's per-user training index (``Catalog.rated_by``) and the book-set position of
-        every catalog book (-1 outside the set); the rest of the catalog is not kept."""
+    def _recommender(self, folder: Path, catalog: Catalog, books: _Side, rows: list[int]) -> TwoStageRecommender:
+        """The two-stage recommender over the book set: the catalog's precomputed book vectors, or,
+        for an external book features file, vectors the towers compute from those features."""
+        if books.source == "catalog":
+            return TwoStageRecommender.load(folder, self.scorer, torch.tensor(rows, dtype=torch.long))
+        isbns = self.isbn_dictionary.to_pylist()
+        catalog_rows = torch.tensor([catalog.book_index.get(i, -1) for i in isbns], dtype=torch.long)
+        codes = {}
+        for name in ("author", "publisher"):
+            code = catalog.groups[name][0]
+            codes[name] = torch.where(catalog_rows >= 0, code[catalog_rows.clamp_min(0)], -1)
+        towers = load_scripted(folder / RETRIEVAL_FILE, self.device)
+        with torch.inference_mode():
+            vectors = towers.embed_books(
+                books.feats[torch.tensor(rows, dtype=torch.long)].to(self.device),
+                catalog_rows.to(self.device),
+                codes["author"].to(self.device),
+                codes["publisher"].to(self.device),
+            )
+        return TwoStageRecommender(towers, vectors, self.scorer, RerankSettings.load(folder / RETRIEVAL_META))
+
+    def _exclusion_index(self, catalog: Catalog, isbns: list[str]) -> np.ndarray:
+        """The book-set position of every catalog book (-1 outside the set)."""
         position = np.full(len(catalog.books), -1, np.int64)
         rows = [catalog.book_index.get(isbn, -1) for isbn in isbns]
         found = np.asarray(rows, np.int64) >= 0
         position[np.asarray(rows, np.int64)[found]] = np.flatnonzero(found)
-        return catalog.user_index, catalog.rated_books, catalog.rated_bounds, position
+        return position
 
-    def rated(self, user_ids: np.ndarray) -> list[np.ndarray]:
-        """Book-set positions each user rated in training (empty without --exclude-rated)."""
-        if self._exclusion is None:
-            return [np.zeros(0, np.int64)] * len(user_ids)
-        user_index, rated_books, bounds, position = self._exclusion
+    def reads(self, user_ids: np.ndarray) -> list[np.ndarray]:
+        """Catalog rows each user read in training (``Catalog.rated_by``; empty for unknown users)."""
+        user_index, rated_books, bounds = self._reads
         out = []
         for user in user_ids.tolist():
             row = user_index.get(int(user))
-            if row is None:
-                out.append(np.zeros(0, np.int64))
-                continue
-            pos = position[rated_books[bounds[row] : bounds[row + 1]]]
+            out.append(rated_books[bounds[row] : bounds[row + 1]] if row is not None else np.zeros(0, np.int64))
+        return out
+
+    def rated(self, user_ids: np.ndarray, reads: list[np.ndarray] | None = None) -> list[np.ndarray]:
+        """Book-set positions each user read in training (empty without --exclude-rated)."""
+        if self._exclusion is None:
+            return [np.zeros(0, np.int64)] * len(user_ids)
+        out = []
+        for read in self.reads(user_ids) if reads is None else reads:
+            pos = self._exclusion[read]
             out.append(pos[pos >= 0])
         return out
 
@@ -224,10 +251,10 @@ class ScoringContext:
     @torch.inference_mode()
     def score_block(self, user_ids: np.ndarray, rows: torch.Tensor) -> pa.RecordBatch:
         """One record batch with every output row of a block of resolved users."""
-        scores = self.scorer.score_projected(self.scorer.project_users(self.users.feats[rows]))
+        feats = self.users.feats[rows]
         if self.spec.mode == "all":
-            return self._all_pairs(user_ids, scores)
-        return self._top_k(user_ids, scores)
+            return self._all_pairs(user_ids, self.scorer.score_projected(self.scorer.project_users(feats)))
+        return self._top_k(user_ids, feats)
 
     def _all_pairs(self, user_ids: np.ndarray, scores: torch.Tensor) -> pa.RecordBatch:
         n_u, n_b = scores.shape
@@ -246,23 +273,24 @@ class ScoringContext:
         isbn = pa.DictionaryArray.from_arrays(pa.array(index), self.isbn_dictionary, safe=False)
         return pa.RecordBatch.from_arrays([pa.array(user), isbn, pa.array(score)], schema=self.schema)
 
-    def _top_k(self, user_ids: np.ndarray, scores: torch.Tensor) -> pa.RecordBatch:
-        n_u = scores.shape[0]
-        if self._exclusion is not None:
-            for i, r in enumerate(self.rated(user_ids)):
-                if len(r):
-                    scores[i, torch.from_numpy(r).to(scores.device)] = -math.inf
-        top, idx = torch.topk(scores, self.k, dim=1)
-        top, idx = top.cpu().numpy().reshape(-1), idx.cpu().numpy().reshape(-1)
-        keep = np.isfinite(top)  # fewer than k unrated books (tiny catalogs only)
+    def _top_k(self, user_ids: np.ndarray, feats: torch.Tensor) -> pa.RecordBatch:
+        """The two-stage top-k of a block of users (``TwoStageRecommender``, as the handler)."""
+        n_u = len(user_ids)
+        reads = self.reads(user_ids)
+        recs = self.recommender.recommend(feats, reads, self.k, self.rated(user_ids, reads))
+        idx = recs.rows.cpu().numpy().reshape(-1)
+        score = recs.rating.cpu().numpy().reshape(-1)
+        relevance = recs.relevance.cpu().numpy().reshape(-1)
+        keep = idx >= 0  # fewer than k unrated books (tiny catalogs only)
         if len(self._ranks) < n_u * self.k:
             self._ranks = np.tile(np.arange(1, self.k + 1, dtype=np.int32), n_u)
         rank = self._ranks[: n_u * self.k]
         user = np.repeat(user_ids, self.k)
         if not keep.all():
-            top, idx, rank, user = top[keep], idx[keep], rank[keep], user[keep]
+            idx, score, relevance, rank, user = idx[keep], score[keep], relevance[keep], rank[keep], user[keep]
         isbn = self.isbn_dictionary.take(pa.array(idx))
-        return pa.RecordBatch.from_arrays([pa.array(user), pa.array(rank), isbn, pa.array(top)], schema=self.schema)
+        columns = [pa.array(user), pa.array(rank), isbn, pa.array(score), pa.array(relevance)]
+        return pa.RecordBatch.from_arrays(columns, schema=self.schema)
 
     @classmethod
     def load(cls, spec: JobSpec) -> ScoringContext:

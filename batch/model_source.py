@@ -1,7 +1,8 @@
 """Find the model files a batch job scores with: a training run folder or a TorchServe ``.mar``.
 
 Both hold the same files (``handlers/archive.py`` lays the archive out like a run folder):
-``model_scripted.pt`` and ``catalog/`` (books, users, history, feature spec). The path may be local
+``model_scripted.pt``, the retrieval towers and ``catalog/`` (books, users, history, feature spec,
+book vectors). The path may be local
 or on any Beam filesystem (``gs://...``); remote models are copied to a local cache once per
 process, archives are unpacked once per process.
 """
@@ -20,10 +21,12 @@ from apache_beam.io.filesystems import FileSystems
 
 from batch.io import is_local
 from model.checkpoint import load_checkpoint, load_scripted
+from model.recommend import BOOK_VECTORS, RETRIEVAL_FILE, RETRIEVAL_META
 
 SCRIPTED = "model_scripted.pt"
 VARIANTS = {"scripted": SCRIPTED, "int8": "model_int8.pt", "pruned": "model_pruned.pt", "fp32": "model_fp32.pt"}
-CATALOG_FILES = ("books.parquet", "users.parquet", "history.parquet", "feature_spec.json")
+CATALOG_FILES = ("books.parquet", "users.parquet", "history.parquet", "feature_spec.json", BOOK_VECTORS)
+RETRIEVAL_FILES = (RETRIEVAL_FILE, RETRIEVAL_META)
 
 _lock = threading.Lock()
 _resolved: dict[tuple[str, str], Path] = {}
@@ -114,7 +117,7 @@ def resolve(path: str, variant: str = "scripted") -> Path:
 
 def check_model_dir(folder: Path, variant: str, shown: str) -> None:
     """Raise ``ModelError`` naming what is missing."""
-    missing = [VARIANTS[variant]] if not (folder / VARIANTS[variant]).is_file() else []
+    missing = [f for f in (VARIANTS[variant], *RETRIEVAL_FILES) if not (folder / f).is_file()]
     missing += [f"catalog/{f}" for f in CATALOG_FILES if not (folder / "catalog" / f).is_file()]
     if missing:
         raise ModelError(f"--model {shown}: not a training run folder or bookrec.mar; missing {', '.join(missing)}")

@@ -14,9 +14,11 @@ USER_ID = pa.field("user_id", pa.int64(), nullable=False)
 ISBN = pa.field("isbn", pa.string(), nullable=False)
 SCORE = pa.field("score", pa.float32(), nullable=False)
 RANK = pa.field("rank", pa.int32(), nullable=False)
+# The two-stage rerank score the top-k is ordered by (retrieval logit + blend x predicted rating).
+RELEVANCE = pa.field("relevance", pa.float32(), nullable=False)
 
 ALL_PAIRS = pa.schema([USER_ID, ISBN, SCORE])
-TOP_K = pa.schema([USER_ID, RANK, ISBN, SCORE])
+TOP_K = pa.schema([USER_ID, RANK, ISBN, SCORE, RELEVANCE])
 
 DEAD_LETTERS = pa.schema(
     [

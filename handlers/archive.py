@@ -6,10 +6,12 @@ The archive holds everything the handler reads, laid out like a run folder so th
 ``Catalog.load`` / ``load_saved_encoder`` code loads it:
 
     model_scripted.pt        TorchScript MLP (the serialized file)
+    retrieval_scripted.pt    TorchScript retrieval towers; retrieval.json: rerank settings
     bookrec_handler.py       the handler (TorchServe's entry point)
     encoder/                 BERT-tiny weights, config, tokenizer, encoder.json
     catalog/                 books (ISBN, title, author, year, publisher + text embeddings),
-                             users (+ embeddings), training history, feature_spec.json
+                             users (+ embeddings), training history, feature_spec.json,
+                             book_vectors.npy (the retrieval towers' vector of every book)
     model/, handlers/        the project's code, so the worker imports it without an install
     model-config.yaml        batchSize, maxBatchDelay, min/maxWorkers, responseTimeout, handler limits
     metadata.json            training config, metrics, data fingerprint, versions, file hashes
@@ -34,6 +36,7 @@ from typing import Any
 import yaml
 
 from handlers.schema import Limits
+from model.recommend import BOOK_VECTORS, RETRIEVAL_FILE, RETRIEVAL_META
 from train.run_info import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +52,9 @@ REQUIRED = (
     "catalog/users.parquet",
     "catalog/history.parquet",
     "catalog/feature_spec.json",
+    f"catalog/{BOOK_VECTORS}",
+    RETRIEVAL_FILE,
+    RETRIEVAL_META,
     "config.yaml",
 )
 # Copied into metadata.json when present (a run without them still archives).
@@ -151,6 +157,8 @@ def build_archive(
         payload.mkdir()
         shutil.copytree(run_dir / "encoder", payload / "encoder")
         shutil.copytree(run_dir / "catalog", payload / "catalog")
+        for name in (RETRIEVAL_FILE, RETRIEVAL_META):
+            shutil.copy2(run_dir / name, payload / name)
         for package in CODE_PACKAGES:
             _copy_code(package, payload)
         config_file = tmp_dir / "model-config.yaml"

@@ -29,6 +29,7 @@ from handlers.schema import (
 from model.catalog import Catalog
 from model.checkpoint import load_scripted
 from model.encoder import load_saved_encoder
+from model.recommend import TwoStageRecommender
 from model.scoring import Scorer
 from model.text import book_text, user_text
 
@@ -55,6 +56,7 @@ class BookrecEngine:
         self.scorer = Scorer(
             load_scripted(self.model_dir / MODEL_FILE, self.device), self.catalog.book_feats, self.device
         )
+        self.recommender = TwoStageRecommender.load(self.model_dir, self.scorer)
         meta_path = self.model_dir / METADATA_FILE
         self.metadata: dict[str, Any] = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         self.version = str(self.metadata.get("version", "unversioned"))
@@ -130,15 +132,19 @@ class BookrecEngine:
                 answers[j] = self._rate_answer(request, part)
         recommend = [j for j, r in enumerate(requests) if isinstance(r, RecommendRequest)]
         if recommend:
-            exclude = [
-                torch.from_numpy(self._rated_rows(requests[j].user) if requests[j].exclude_rated else _NO_ROWS)
-                for j in recommend
-            ]
+            history = [self._rated_rows(requests[j].user) for j in recommend]
+            exclude = [h if requests[j].exclude_rated else _NO_ROWS for h, j in zip(history, recommend, strict=True)]
             k = max(requests[j].k for j in recommend)
-            scores, rows = self.scorer.top_k(user_feats[recommend], k, exclude)
+            recs = self.recommender.recommend(user_feats[recommend], history, k, exclude)
+            rows, relevance, rating = (x.cpu().tolist() for x in (recs.rows, recs.relevance, recs.rating))
             for n, j in enumerate(recommend):
-                answers[j] = self._recommend_answer(requests[j], scores[n].tolist(), rows[n].tolist())
+                answers[j] = self._recommend_answer(requests[j], rows[n], relevance[n], rating[n])
         return answers  # type: ignore[return-value]
+
+    @property
+    def last_timings(self) -> dict[str, float]:
+        """Seconds the last recommend batch spent in retrieval and in the rating rerank."""
+        return self.recommender.last_timings
 
     def _user_features(self, users: list[UserSpec], new_emb: torch.Tensor) -> torch.Tensor:
         """Feature rows: the catalog's for known users, ``Catalog.new_user_features`` for new ones."""
@@ -183,7 +189,7 @@ class BookrecEngine:
         return model.head(user_proj[index] + book_proj).float().cpu()
 
     def _rated_rows(self, user: UserSpec) -> np.ndarray:
-        """Catalog rows the user already rated: training history, or the request's own ratings."""
+        """Catalog rows the user already read: training history, or the request's own ratings."""
         if user.known:
             return self.catalog.rated_by(self.catalog.user_index[user.user_id])
         return self.catalog.book_rows([isbn for isbn, _ in user.ratings]).numpy().astype(np.int64)
@@ -207,10 +213,12 @@ class BookrecEngine:
             "predictions": predictions,
         }
 
-    def _recommend_answer(self, request: RecommendRequest, scores: list[float], rows: list[int]) -> dict[str, Any]:
+    def _recommend_answer(
+        self, request: RecommendRequest, rows: list[int], relevance: list[float], rating: list[float]
+    ) -> dict[str, Any]:
         items = []
-        for score, row in zip(scores[: request.k], rows[: request.k], strict=True):
-            if score == float("-inf"):  # fewer unrated books than k (tiny catalogs only)
+        for row, rel, score in zip(rows[: request.k], relevance[: request.k], rating[: request.k], strict=True):
+            if row < 0:  # fewer unrated books than k (tiny catalogs only)
                 break
             items.append(
                 {
@@ -219,6 +227,7 @@ class BookrecEngine:
                     "title": self._title[row],
                     "author": self._author[row],
                     "score": score,
+                    "relevance": rel,
                 }
             )
         return {

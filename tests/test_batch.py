@@ -144,7 +144,8 @@ def test_top_k_matches_full_ranking_and_handler(all_pairs, tiny_run: Path, tmp_p
     n_users = full["user_id"].nunique()
     assert len(frame) == summary["rows"] == 5 * n_users
     assert all(ranks == [1, 2, 3, 4, 5] for ranks in frame.groupby("user_id")["rank"].apply(list))
-    assert all((np.diff(s.to_numpy()) <= 0).all() for _, s in frame.groupby("user_id")["score"])
+    assert all((np.diff(s.to_numpy()) <= 0).all() for _, s in frame.groupby("user_id")["relevance"])
+    assert frame["score"].between(1, 10).all()
 
     engine = BookrecEngine(tiny_run)
     for user in frame["user_id"].unique()[:10].tolist():
@@ -152,7 +153,45 @@ def test_top_k_matches_full_ranking_and_handler(all_pairs, tiny_run: Path, tmp_p
         assert status == 200 and body["exclude_rated"] is True
         mine = frame[frame["user_id"] == user]
         np.testing.assert_allclose(mine["score"], [r["score"] for r in body["recommendations"]], atol=1e-5)
+        np.testing.assert_allclose(mine["relevance"], [r["relevance"] for r in body["recommendations"]], atol=1e-5)
         assert mine["isbn"].tolist() == [r["isbn"] for r in body["recommendations"]]
+
+
+def test_top_k_is_the_evaluations_two_stage_path(tiny_run: Path, catalog: Catalog, tmp_path: Path) -> None:
+    """Batch --mode topk, the handler's recommend and the evaluation's top-K are one code path:
+    the same books in the same order with the same relevance and predicted rating, to 1e-5."""
+    from handlers.engine import BookrecEngine
+    from model.checkpoint import load_scripted
+    from model.recommend import TwoStageRecommender
+    from train.topk_eval import RankingTask, model_top_k
+
+    batch(tiny_run, tmp_path / "top", "--mode", "topk", "--k", "10", "--exclude-rated")
+    frame = read(tmp_path / "top").sort_values(["user_id", "rank"])
+    users = catalog.users["user_id"].to_numpy()
+    rows = np.arange(len(users))
+    history = [catalog.rated_by(int(r)) for r in rows]
+    task = RankingTask("all", rows, catalog.user_feats, history, history, history, history)
+    scorer = Scorer(load_scripted(tiny_run / "model_scripted.pt"), catalog.book_feats)
+    recommender = TwoStageRecommender.load(tiny_run, scorer)
+    evaluation = model_top_k(recommender, task, k=10)
+    recs = recommender.recommend(catalog.user_feats, history, 10, history)
+    assert np.array_equal(recs.rows.numpy(), evaluation)
+    isbns = catalog.books["isbn"].to_numpy()
+    by_user = {u: g for u, g in frame.groupby("user_id")}
+    for n, user in enumerate(users.tolist()):
+        got = by_user[user]
+        assert got["isbn"].tolist() == isbns[evaluation[n]].tolist()
+        np.testing.assert_allclose(got["relevance"], recs.relevance[n].numpy(), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(got["score"], recs.rating[n].numpy(), rtol=0, atol=1e-5)
+
+    engine = BookrecEngine(tiny_run)
+    bodies = [{"action": "recommend", "user": {"user_id": int(u)}, "k": 10} for u in users[:40]]
+    for n, (status, body) in enumerate(engine.run(bodies)):
+        assert status == 200
+        answer = body["recommendations"]
+        assert [r["isbn"] for r in answer] == isbns[evaluation[n]].tolist()
+        np.testing.assert_allclose([r["relevance"] for r in answer], recs.relevance[n].numpy(), rtol=0, atol=1e-5)
+        np.testing.assert_allclose([r["score"] for r in answer], recs.rating[n].numpy(), rtol=0, atol=1e-5)
 
 
 def test_exclude_rated_drops_training_pairs(tiny_run: Path, catalog: Catalog, tmp_path: Path) -> None:

@@ -234,7 +234,9 @@ def test_recommend_ranks_the_catalog_and_excludes_rated_books(loaded: tuple[Any,
     recs = excl["recommendations"]
     assert len(recs) == 100 and [r["rank"] for r in recs] == list(range(1, 101))
     scores = [r["score"] for r in recs]
-    assert scores == sorted(scores, reverse=True)
+    relevance = [r["relevance"] for r in recs]
+    assert relevance == sorted(relevance, reverse=True)  # ordered by the two-stage relevance
+    assert all(1 <= s <= 10 for s in scores)  # each with its predicted rating
     assert not {r["isbn"] for r in recs} & set(samples["rated"])
     assert {r["isbn"] for r in incl["recommendations"]} & set(samples["rated"]), "history should rank high"
     # The scores are the model's ratings of those pairs, and titles/authors come from the catalog.
