@@ -107,7 +107,7 @@ class RetrievalConfig:
 
     dim: int = 128  # width of the user and book vectors
     hidden: int = 256  # hidden width of each tower's MLP
-    temperature: float = 0.1  # softmax temperature of the cosine scores
+    temperature: float = 0.15  # softmax temperature of the cosine scores
     batch_size: int = 2048  # interactions per step; the rest of the batch are each one's negatives
     epochs: int = 10
     patience: int = 2  # epochs without a better validation recall before stopping
@@ -117,7 +117,7 @@ class RetrievalConfig:
     # "in-batch": the batch's other books as negatives, logQ-corrected; "mixed": those plus a shared
     # uniform sample of uniform_negatives catalog books; "full": a softmax over every catalog book
     # each step (exact, but its cost grows with the catalog).
-    negatives: str = "mixed"
+    negatives: str = "in-batch"
     uniform_negatives: int = 4096
     logq_correction: bool = True  # in-batch only: subtract log(sampling probability) from the logits
     history_samples: int = 32  # history books pooled per training interaction

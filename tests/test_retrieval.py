@@ -108,7 +108,6 @@ def test_an_unrated_book_is_in_the_catalog_and_reaches_a_top_k(tiny_run: Path) -
     assert reached >= len(users) // 10, f"the new edition is in only {reached} of {len(users)} top-3 lists"
 
 
-
 def test_rerank_orders_by_retrieval_plus_blend_times_rating(tiny_run: Path) -> None:
     catalog = Catalog.load(tiny_run)
     scorer = Scorer(load_scripted(tiny_run / "model_scripted.pt"), catalog.book_feats)
