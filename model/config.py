@@ -149,6 +149,8 @@ class EvalConfig:
     # Top-K protocols: ratings a cold-test user reveals, and the largest catalog EASE-R (n² memory) runs on.
     cold_user_reveal: int = 5
     ease_max_items: int = 40_000
+    # Top-K baseline reports are kept here under a hash of the split (null: refit every run).
+    baseline_cache: str | None = "cache/topk-baselines"
 
 
 @dataclass

@@ -26,6 +26,7 @@ def tiny_config(run_dir: Path, source: Path, cache: Path) -> Config:
             "encoder.random_init=true",
             "encoder.vocab_size=1000",
             f"encoder.cache_dir={cache}",
+            f"eval.baseline_cache={cache}/topk-baselines",
             "model.hidden=[32, 16]",
             "split.folds=3",
             "train.epochs=4",

@@ -26,8 +26,16 @@ def ratings(tiny_run) -> pd.DataFrame:
 
 def test_catalog_history_is_the_training_split_only(catalog, ratings):
     train = ratings[ratings["split"] == "train"][["user_id", "isbn", "rating"]].reset_index(drop=True)
-    history = catalog.history[["user_id", "isbn", "rating"]].reset_index(drop=True)
-    pd.testing.assert_frame_equal(history, train, check_dtype=False)
+    history = catalog.history[["user_id", "isbn", "rating"]]
+    explicit = history[history["rating"] > 0].reset_index(drop=True)
+    pd.testing.assert_frame_equal(explicit, train, check_dtype=False)
+    # implicit reads join the history, except those of cold-test users and books
+    implicit = history[history["rating"] == 0].merge(ratings, on=["user_id", "isbn"])
+    assert len(implicit) > 0 and (implicit["split"] == "implicit").all()
+    cold = ratings[ratings["split"].isin(["cold_book", "cold_user", "cold_both"])]
+    cold_users = cold.loc[cold["split"] != "cold_book", "user_id"].unique()
+    cold_books = cold.loc[cold["split"] != "cold_user", "isbn"].unique()
+    assert not implicit["user_id"].isin(cold_users).any() and not implicit["isbn"].isin(cold_books).any()
 
 
 def test_held_out_ratings_do_not_change_any_feature(catalog, ratings):
@@ -71,7 +79,7 @@ def test_a_new_user_with_a_known_users_history_gets_the_same_features(catalog):
     history = catalog.history
     user_id = int(history["user_id"].value_counts().index[0])
     row = catalog.user_index[user_id]
-    mine = history[history["user_id"] == user_id]
+    mine = history[(history["user_id"] == user_id) & (history["rating"] > 0)]  # a request rates 1-10
     feats = catalog.new_user_features(
         catalog.user_emb[row : row + 1],
         torch.zeros(len(mine), dtype=torch.long),

@@ -79,3 +79,20 @@ def test_evaluation_writes_the_top_k_table_with_every_baseline(tiny_run: Path) -
     markdown = (tiny_run / "evaluation.md").read_text()
     assert "Top-K recommendation" in markdown and "cold-book" in markdown
     assert (tiny_run / "topk.png").stat().st_size > 1000
+
+
+def test_baseline_reports_are_cached_per_split(loaded, tmp_path: Path) -> None:
+    from train.topk_eval import BaselineCache, _csr
+
+    catalog, ratings = loaded
+    train = _csr([catalog.rated_by(u) for u in range(len(catalog.users))], len(catalog.books))
+    tasks = (warm_task(catalog, ratings, "test"),)
+    first = BaselineCache(tmp_path, train, tasks, 40_000, 0)
+    fresh = first.results(progress=False)
+    assert (tmp_path / f"{first.key}.json").is_file()
+    again = BaselineCache(tmp_path, train, tasks, 40_000, 0)
+    cached = again.results(progress=False)
+    assert again.key == first.key
+    assert {n: rep for n, (rep, _) in cached.items()} == {n: rep for n, (rep, _) in fresh.items()}
+    other = BaselineCache(tmp_path, train, (warm_task(catalog, ratings, "val"),), 40_000, 0)
+    assert other.key != first.key  # another protocol is another entry

@@ -164,6 +164,7 @@ def step_evaluate(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
         cfg.eval.cold_user_reveal,
         cfg.split.seed,
         cfg.eval.ease_max_items,
+        Path(cfg.eval.baseline_cache) if cfg.eval.baseline_cache else None,
         progress,
     )
     meta["seconds"] = round(time.perf_counter() - start, 1)

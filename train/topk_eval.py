@@ -14,9 +14,12 @@ retrieval model and fold in the same history, so every row of a table answers th
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -187,9 +190,14 @@ def evaluate_top_k(
     reveal: int,
     seed: int,
     ease_max_items: int,
+    cache_dir: Path | None = None,
     progress: bool = True,
 ) -> dict:
-    """Every protocol's table: ``{"warm": {model: report}, "cold-user": ..., "cold-book": ...}``."""
+    """Every protocol's table: ``{"warm": {model: report}, "cold-user": ..., "cold-book": ...}``.
+
+    The baselines depend on the split alone, not on the model, so with ``cache_dir`` their reports
+    are kept under a hash of the training interactions and the protocols' users, and a rerun on the
+    same split (a new model, another seed of the towers) does not refit them."""
     n_items = len(catalog.books)
     train = _csr([catalog.rated_by(u) for u in range(len(catalog.users))], n_items)
     popularity = np.asarray(train.sum(axis=0)).ravel()
@@ -209,22 +217,77 @@ def evaluate_top_k(
     results["warm"][RATING_ONLY_NAME] = report(warm, rating_only_top_k(recommender, warm))
     timings[RATING_ONLY_NAME] = time.perf_counter() - start
 
-    for baseline in tqdm(baselines(ease_max_items, seed), desc="top-K baselines", leave=False, disable=not progress):
-        start = time.perf_counter()
-        try:
-            baseline.fit(train)
-        except BaselineSkipped as err:
-            log.warning("%s skipped: %s", baseline.name, err)
-            results["warm"][baseline.name] = {"skipped": str(err)}
-            continue
-        for task in (warm, cold_user):
-            top = recommend_top_k(baseline, _csr(task.history, n_items), _csr(task.exclude, n_items), DEPTH)
-            results[task.name][baseline.name] = report(task, top)
-        timings[baseline.name] = time.perf_counter() - start
-        log.info("%s: warm recall@10 %.4f", baseline.name, results["warm"][baseline.name]["recall@10"])
+    cached = BaselineCache(cache_dir, train, (warm, cold_user), ease_max_items, seed)
+    for name, (reports, seconds) in cached.results(progress).items():
+        for protocol, rep in reports.items():
+            results[protocol][name] = rep
+        timings[name] = seconds
+        if "recall@10" in reports["warm"]:
+            log.info("%s: warm recall@10 %.4f", name, reports["warm"]["recall@10"])
 
     results["cold-book"] = cold_book_results(recommender, catalog, ratings)
     return {"results": results, "seconds": {k: round(v, 1) for k, v in timings.items()}}
+
+
+class BaselineCache:
+    """Top-K baseline reports for one split and protocol set, computed once and kept on disk."""
+
+    def __init__(
+        self,
+        folder: Path | None,
+        train: sp.csr_matrix,
+        tasks: tuple[RankingTask, ...],
+        ease_max_items: int,
+        seed: int,
+    ):
+        self.folder, self.train, self.tasks = folder, train, tasks
+        self.models = baselines(ease_max_items, seed)
+        digest = hashlib.sha256()
+        for array in (train.indptr, train.indices):
+            digest.update(np.ascontiguousarray(array, np.int64).tobytes())
+        for task in tasks:
+            digest.update(task.name.encode())
+            for lists in (task.history, task.exclude, task.relevant, task.liked):
+                for x in lists:
+                    digest.update(np.ascontiguousarray(x, np.int64).tobytes() + b"|")
+        digest.update(json.dumps([m.name for m in self.models] + ["popularity fallback"]).encode())
+        self.key = digest.hexdigest()[:24]
+
+    def results(self, progress: bool) -> dict[str, tuple[dict, float]]:
+        """``{baseline name: ({protocol: report}, seconds)}``, from the cache when it has them."""
+        path = self.folder / f"{self.key}.json" if self.folder else None
+        if path is not None and path.is_file():
+            log.info("top-K baselines from the cache %s (same split and protocols)", path)
+            return {name: (rep, sec) for name, (rep, sec) in json.loads(path.read_text()).items()}
+        out = {}
+        n_items = self.train.shape[1]
+        popular = MostPopular().fit(self.train)
+        fallback = {
+            task.name: recommend_top_k(popular, _csr(task.history, n_items), _csr(task.exclude, n_items), DEPTH)
+            for task in self.tasks
+        }
+        for model in tqdm(self.models, desc="top-K baselines", leave=False, disable=not progress):
+            start = time.perf_counter()
+            try:
+                model.fit(self.train)
+            except BaselineSkipped as err:
+                log.warning("%s skipped: %s", model.name, err)
+                out[model.name] = ({task.name: {"skipped": str(err)} for task in self.tasks}, 0.0)
+                continue
+            reports = {}
+            popularity = np.asarray(self.train.sum(axis=0)).ravel()
+            for task in self.tasks:
+                top = recommend_top_k(model, _csr(task.history, n_items), _csr(task.exclude, n_items), DEPTH)
+                # A reader with no history gets nothing from item-item or factor models (every score
+                # is 0); like any deployed recommender, they fall back to the most popular books.
+                empty = np.array([len(h) == 0 for h in task.history], bool)
+                top[empty] = fallback[task.name][empty]
+                reports[task.name] = topk_report(top, _clean(task.relevant), _clean(task.liked), popularity, n_items)
+            out[model.name] = (reports, round(time.perf_counter() - start, 1))
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(out, indent=1) + "\n")
+        return out
 
 
 MODEL_NAME = "two-stage (retrieval + rating rerank)"
@@ -306,22 +369,25 @@ def topk_markdown(topk: dict) -> str:
 
 
 def plot_top_k(topk: dict, path) -> None:
-    """Warm recall@10, NDCG@10 and coverage@10 of every model, as grouped bars."""
+    """Warm recall@10 and NDCG@10 (left) and coverage@10 (right) of every model, as bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = {name: rep for name, rep in topk["results"]["warm"].items() if "skipped" not in rep}
-    metrics = [("recall@10", "recall@10"), ("ndcg@10", "NDCG@10"), ("coverage@10", "coverage@10")]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    width = 0.8 / len(metrics)
-    for i, (key, label) in enumerate(metrics):
-        ax.bar([x + i * width for x in range(len(rows))], [rep[key] for rep in rows.values()], width, label=label)
-    ax.set_xticks([x + width for x in range(len(rows))], [n.split(" (")[0] for n in rows], rotation=20, ha="right")
-    ax.set_ylabel("warm test (higher is better)")
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
+    names = [n.split(" (")[0] for n in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+    for i, (key, label) in enumerate([("recall@10", "recall@10"), ("ndcg@10", "NDCG@10")]):
+        left.bar([x + i * 0.4 for x in range(len(rows))], [rep[key] for rep in rows.values()], 0.4, label=label)
+    left.set_xticks([x + 0.2 for x in range(len(rows))], names, rotation=20, ha="right")
+    left.set_ylabel("warm test (higher is better)")
+    left.legend()
+    right.bar(range(len(rows)), [rep["coverage@10"] for rep in rows.values()], 0.6, color="tab:green")
+    right.set_xticks(range(len(rows)), names, rotation=20, ha="right")
+    right.set_ylabel("catalog coverage of the top-10 lists")
+    for ax in (left, right):
+        ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
