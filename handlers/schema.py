@@ -1,23 +1,46 @@
-"""The JSON request format of the bookrec endpoint: limits, validation and its JSON Schema.
+"""The JSON request format of the bookrec endpoint: pydantic models, their JSON Schema, and parsing.
 
-Validation turns one request body into a typed ``RateRequest`` or ``RecommendRequest`` or raises
-``RequestError`` naming the offending field, so every bad input becomes a 4xx with a JSON body and
-never reaches the model. Catalog look-ups (unknown ISBN or user id) happen here too.
+The pydantic classes below are the one statement of the contract: ``parse_request`` validates with
+them and ``request_schema`` (published as ``docs/request.schema.json``) is generated from them.
+A valid body becomes a typed ``RateRequest`` or ``RecommendRequest`` for the engine; anything else
+raises ``RequestError`` naming the offending field as a JSON path, so every bad input becomes a 4xx
+with a JSON body and never reaches the model. Catalog look-ups (unknown ISBN or user id -> 404)
+run inside the same validation, through the validation context.
+
+    python -m handlers.schema                                  # print the JSON Schema
+    python -m handlers.schema --write docs/request.schema.json  # regenerate the published copy
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
+from pydantic_core import PydanticCustomError, core_schema
+
+from model.ranges import AGE_MAX, AGE_MIN, RATING_MAX, RATING_MIN, YEAR_MAX, YEAR_MIN
 
 ACTIONS = ("rate", "recommend")
-# Value ranges the training data was cleaned to (train/ingest.py), so a request stays in distribution.
-AGE_RANGE = (5, 100)
-YEAR_RANGE = (1000, 2030)
-RATING_RANGE = (1.0, 10.0)
 MAX_ISBN_CHARS = 32
 DEFAULT_K = 10
 
@@ -52,6 +75,8 @@ class RequestError(Exception):
         return {"error": {"status": self.status, "field": self.field, "message": self.message}}
 
 
+# ------------------------------------------------------------------------------ typed requests
+# What the engine scores: plain data, built from a validated body (the rules live in the models).
 @dataclass
 class UserSpec:
     """A known user (``user_id``) or a new one described by location, age and a few ratings."""
@@ -101,6 +126,234 @@ class RecommendRequest:
 Request = RateRequest | RecommendRequest
 
 
+# ---------------------------------------------------------------------------- field types
+@dataclass(frozen=True)
+class Limited:
+    """At most ``Limits.<name>``: characters of a string, items of a list, or an integer's value.
+
+    The request's ``Limits`` arrive in the validation context (an archive may configure its own);
+    the JSON Schema states the defaults. Checked before the value itself, so an over-long list is
+    refused without validating its items.
+    """
+
+    name: str
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.with_info_before_validator_function(self._check, handler(source))
+
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        out = handler(schema)
+        key = {"string": "maxLength", "array": "maxItems", "integer": "maximum"}[out["type"]]
+        return {**out, key: getattr(Limits(), self.name)}
+
+    def _check(self, value: Any, info: ValidationInfo) -> Any:
+        limit = getattr((info.context or {}).get("limits") or Limits(), self.name)
+        if isinstance(value, str) and len(value) > limit:
+            raise PydanticCustomError(
+                "too_long", "is too long: {length} characters, at most {limit}", {"length": len(value), "limit": limit}
+            )
+        if isinstance(value, list) and len(value) > limit:
+            raise PydanticCustomError(
+                "too_long", "has {length} items, at most {limit} are allowed", {"length": len(value), "limit": limit}
+            )
+        if type(value) is int and value > limit:
+            raise PydanticCustomError("too_large", "must be at most {limit}", {"limit": limit})
+        return value
+
+
+def _unicode(value: Any) -> Any:
+    """Refuse lone UTF-16 surrogates (``"\\ud800"`` is valid JSON): they are not text, and would
+    fail later in the tokenizer or when the answer is encoded."""
+    try:
+        if isinstance(value, str):
+            value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise PydanticCustomError(
+            "string_unicode", "holds a lone UTF-16 surrogate at character {position}", {"position": err.start}
+        ) from None
+    return value
+
+
+def _catalog_isbn(isbn: str, info: ValidationInfo) -> str:
+    known = (info.context or {}).get("known_isbn")
+    if known is not None and not known(isbn):
+        raise PydanticCustomError(
+            "unknown_isbn", "unknown ISBN {isbn}: not in the model's catalog", {"isbn": _preview(isbn)}
+        )
+    return isbn
+
+
+def _catalog_user(user_id: int, info: ValidationInfo) -> int:
+    known = (info.context or {}).get("known_user")
+    if known is not None and not known(user_id):
+        raise PydanticCustomError(
+            "unknown_user",
+            "unknown user id {user_id}; describe a new user by city/region/country/age",
+            {"user_id": user_id},
+        )
+    return user_id
+
+
+# Checks run outside in: the surrogate check, then the length limit, then the type and pattern.
+Text = Annotated[str, Limited("max_string"), BeforeValidator(_unicode)]
+NonBlankText = Annotated[str, Field(pattern=r"\S"), Limited("max_string"), BeforeValidator(_unicode)]
+Isbn = Annotated[
+    str,
+    Field(pattern=r"\S", max_length=MAX_ISBN_CHARS, description="an ISBN of the catalog"),
+    AfterValidator(_catalog_isbn),
+    BeforeValidator(_unicode),
+]
+
+
+# ------------------------------------------------------------------------------------ models
+class _Body(BaseModel):
+    """Strict JSON: no coercion (``"30"`` or ``true`` is not a number, 30.5 not an integer), no NaN
+    or Infinity, no unknown fields."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        # extra="forbid" states the rule (and the schema's additionalProperties); this names the
+        # allowed fields in the error.
+        if isinstance(data, dict):
+            extra = sorted(str(key) for key in data if key not in cls.model_fields)
+            if extra:
+                raise PydanticCustomError(
+                    "unknown_field",
+                    "is not a known field (allowed: {allowed})",
+                    {"field": extra[0], "allowed": ", ".join(sorted(cls.model_fields))},
+                )
+        return data
+
+
+class KnownUser(_Body):
+    """A user of the training data."""
+
+    user_id: Annotated[int, AfterValidator(_catalog_user)]
+
+    def spec(self) -> UserSpec:
+        return UserSpec(user_id=self.user_id)
+
+
+class RatedBook(_Body):
+    """A catalog book the new user rated."""
+
+    isbn: Isbn
+    rating: Annotated[float, Field(ge=RATING_MIN, le=RATING_MAX)]
+
+
+class NewUser(_Body):
+    """A user the model has not seen, described by any of these fields."""
+
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1})
+
+    city: Text | None = None
+    region: Text | None = None
+    country: Text | None = None
+    age: Annotated[int, Field(ge=AGE_MIN, le=AGE_MAX)] | None = None
+    ratings: Annotated[list[RatedBook], Field(min_length=1), Limited("max_ratings")] = []
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> NewUser:
+        if not self.model_fields_set:  # the schema's minProperties
+            raise PydanticCustomError(
+                "empty_user", "must hold a user_id, or describe a new user (city, region, country, age)"
+            )
+        return self
+
+    def spec(self) -> UserSpec:
+        ratings = [(r.isbn, r.rating) for r in self.ratings]
+        return UserSpec(None, self.city, self.region, self.country, self.age, ratings)
+
+
+class CatalogBook(_Body):
+    """A catalog book as an object."""
+
+    isbn: Isbn
+
+    def spec(self) -> BookSpec:
+        return BookSpec(isbn=self.isbn)
+
+
+class NewBook(_Body):
+    """A book the model has not seen, described by its metadata."""
+
+    title: NonBlankText
+    author: Text | None = None
+    year: Annotated[int, Field(ge=YEAR_MIN, le=YEAR_MAX)] | None = None
+    publisher: Text | None = None
+
+    def spec(self) -> BookSpec:
+        return BookSpec(None, self.title, self.author, self.year, self.publisher)
+
+
+def _user_kind(value: Any) -> str:
+    return "known_user" if isinstance(value, dict) and "user_id" in value else "new_user"
+
+
+def _book_kind(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "catalog_isbn"
+    if isinstance(value, dict):
+        return "catalog_book" if "isbn" in value else "new_book"
+    return None
+
+
+# Union members carry a tag, which pydantic puts into an error's location; a field path leaves it out.
+_TAGS = frozenset({*ACTIONS, "known_user", "new_user", "catalog_isbn", "catalog_book", "new_book"})
+
+User = Annotated[
+    Annotated[KnownUser, Tag("known_user")] | Annotated[NewUser, Tag("new_user")],
+    Discriminator(_user_kind),
+]
+Book = Annotated[
+    Annotated[Isbn, Tag("catalog_isbn")]
+    | Annotated[CatalogBook, Tag("catalog_book")]
+    | Annotated[NewBook, Tag("new_book")],
+    Discriminator(
+        _book_kind,
+        custom_error_type="book_type",
+        custom_error_message="must be an ISBN string, an object with an isbn, or a new book's object with a title",
+    ),
+]
+
+
+class RateBody(_Body):
+    """Predict the user's rating of each book."""
+
+    action: Literal["rate"]
+    user: User
+    books: Annotated[list[Book], Field(min_length=1), Limited("max_books")]
+
+    def spec(self) -> RateRequest:
+        return RateRequest(self.user.spec(), [_book_spec(b) for b in self.books])
+
+
+class RecommendBody(_Body):
+    """The user's top-k catalog books."""
+
+    action: Literal["recommend"]
+    user: User
+    k: Annotated[int, Field(ge=1), Limited("max_k")] = DEFAULT_K
+    exclude_rated: bool = True
+
+    def spec(self) -> RecommendRequest:
+        return RecommendRequest(self.user.spec(), self.k, self.exclude_rated)
+
+
+def _book_spec(book: str | CatalogBook | NewBook) -> BookSpec:
+    return BookSpec(isbn=book) if isinstance(book, str) else book.spec()
+
+
+RequestBody = Annotated[RateBody | RecommendBody, Field(discriminator="action")]
+_ADAPTER: TypeAdapter[RateBody | RecommendBody] = TypeAdapter(RequestBody)
+
+
+# ------------------------------------------------------------------------------------ parsing
 def _preview(value: Any, limit: int = 40) -> str:
     """A short repr of a bad value: error messages never echo a huge input back."""
     text = repr(value)
@@ -137,121 +390,6 @@ def decode_body(value: Any) -> Any:
     return value
 
 
-def _check_keys(obj: Mapping[str, Any], where: str, allowed: set[str], required: tuple[str, ...] = ()) -> None:
-    for key in required:
-        if key not in obj:
-            raise RequestError(400, f"{where}.{key}".lstrip("."), "is required")
-    extra = sorted(str(k) for k in obj if k not in allowed)
-    if extra:
-        raise RequestError(
-            400, f"{where}.{extra[0]}".lstrip("."), f"is not a known field (allowed: {', '.join(sorted(allowed))})"
-        )
-
-
-def _object(value: Any, where: str) -> Mapping[str, Any]:
-    if not isinstance(value, dict):
-        raise RequestError(400, where, f"must be a JSON object, got {type(value).__name__} {_preview(value)}")
-    return value
-
-
-def _int(value: Any, where: str, low: int, high: int, nullable: bool = False) -> int | None:
-    if value is None and nullable:
-        return None
-    # bool is an int subclass in Python; JSON true/false is not a number here.
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        null = " or null" if nullable else ""
-        raise RequestError(400, where, f"must be an integer from {low} to {high}{null}, got {_preview(value)}")
-    return value
-
-
-def _number(value: Any, where: str, low: float, high: float) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or not low <= value <= high:
-        raise RequestError(400, where, f"must be a finite number from {low:g} to {high:g}, got {_preview(value)}")
-    return float(value)
-
-
-def _string(value: Any, where: str, max_chars: int, nullable: bool = True) -> str | None:
-    if value is None and nullable:
-        return None
-    if not isinstance(value, str):
-        null = " or null" if nullable else ""
-        raise RequestError(400, where, f"must be a string{null}, got {type(value).__name__} {_preview(value)}")
-    if len(value) > max_chars:
-        raise RequestError(400, where, f"is too long: {len(value)} characters, at most {max_chars}")
-    if not nullable and not value.strip():
-        raise RequestError(400, where, "must not be empty")
-    return value
-
-
-def _list(value: Any, where: str, max_items: int) -> list[Any]:
-    if not isinstance(value, list):
-        raise RequestError(400, where, f"must be a JSON array, got {type(value).__name__} {_preview(value)}")
-    if not value:
-        raise RequestError(400, where, "must not be empty")
-    if len(value) > max_items:
-        raise RequestError(400, where, f"has {len(value)} items, at most {max_items} are allowed")
-    return value
-
-
-def _isbn(value: Any, where: str, known: Callable[[str], bool]) -> str:
-    isbn = _string(value, where, MAX_ISBN_CHARS, nullable=False)
-    if not known(isbn):
-        raise RequestError(404, where, f"unknown ISBN {_preview(isbn)}: not in the model's catalog")
-    return isbn
-
-
-def parse_user(
-    value: Any, limits: Limits, known_isbn: Callable[[str], bool], known_user: Callable[[int], bool]
-) -> UserSpec:
-    """A known user ``{"user_id": 42}`` or a new one ``{"city", "region", "country", "age", "ratings"}``."""
-    obj = _object(value, "user")
-    if "user_id" in obj:
-        _check_keys(obj, "user", {"user_id"})
-        user_id = obj["user_id"]
-        if not isinstance(user_id, int) or isinstance(user_id, bool):
-            raise RequestError(400, "user.user_id", f"must be an integer, got {_preview(user_id)}")
-        if not known_user(user_id):
-            raise RequestError(
-                404, "user.user_id", f"unknown user id {user_id}; describe a new user by city/region/country/age"
-            )
-        return UserSpec(user_id=user_id)
-    _check_keys(obj, "user", {"user_id", "city", "region", "country", "age", "ratings"})
-    if not obj:
-        raise RequestError(400, "user", "must hold a user_id, or describe a new user (city, region, country, age)")
-    user = UserSpec(
-        city=_string(obj.get("city"), "user.city", limits.max_string),
-        region=_string(obj.get("region"), "user.region", limits.max_string),
-        country=_string(obj.get("country"), "user.country", limits.max_string),
-        age=_int(obj.get("age"), "user.age", *AGE_RANGE, nullable=True),
-    )
-    if "ratings" in obj:
-        for i, item in enumerate(_list(obj["ratings"], "user.ratings", limits.max_ratings)):
-            where = f"user.ratings[{i}]"
-            pair = _object(item, where)
-            _check_keys(pair, where, {"isbn", "rating"}, ("isbn", "rating"))
-            isbn = _isbn(pair["isbn"], f"{where}.isbn", known_isbn)
-            user.ratings.append((isbn, _number(pair["rating"], f"{where}.rating", *RATING_RANGE)))
-    return user
-
-
-def parse_book(value: Any, where: str, limits: Limits, known_isbn: Callable[[str], bool]) -> BookSpec:
-    """A catalog ISBN (``"0345339703"`` or ``{"isbn": ...}``) or a new book ``{"title", ...}``."""
-    if isinstance(value, str):
-        return BookSpec(isbn=_isbn(value, where, known_isbn))
-    obj = _object(value, where)
-    if "isbn" in obj:
-        _check_keys(obj, where, {"isbn"})
-        return BookSpec(isbn=_isbn(obj["isbn"], f"{where}.isbn", known_isbn))
-    _check_keys(obj, where, {"isbn", "title", "author", "year", "publisher"}, ("title",))
-    return BookSpec(
-        title=_string(obj["title"], f"{where}.title", limits.max_string, nullable=False),
-        author=_string(obj.get("author"), f"{where}.author", limits.max_string),
-        year=_int(obj.get("year"), f"{where}.year", *YEAR_RANGE, nullable=True),
-        publisher=_string(obj.get("publisher"), f"{where}.publisher", limits.max_string),
-    )
-
-
 def parse_request(
     body: Any,
     limits: Limits,
@@ -259,111 +397,82 @@ def parse_request(
     known_user: Callable[[int], bool],
 ) -> Request:
     """Validate one request body (raw bytes/str or already-decoded JSON) into a typed request."""
-    obj = _object(decode_body(body), "body")
-    action = obj.get("action")
-    if action is None:
-        raise RequestError(400, "action", f"is required: one of {', '.join(ACTIONS)}")
-    if action not in ACTIONS:
-        raise RequestError(400, "action", f"must be one of {', '.join(ACTIONS)}, got {_preview(action)}")
-    if action == "rate":
-        _check_keys(obj, "", {"action", "user", "books"}, ("user", "books"))
-        user = parse_user(obj["user"], limits, known_isbn, known_user)
-        books = _list(obj["books"], "books", limits.max_books)
-        return RateRequest(user, [parse_book(b, f"books[{i}]", limits, known_isbn) for i, b in enumerate(books)])
-    _check_keys(obj, "", {"action", "user", "k", "exclude_rated"}, ("user",))
-    user = parse_user(obj["user"], limits, known_isbn, known_user)
-    k = _int(obj.get("k", DEFAULT_K), "k", 1, limits.max_k)
-    exclude = obj.get("exclude_rated", True)
-    if not isinstance(exclude, bool):
-        raise RequestError(400, "exclude_rated", f"must be true or false, got {_preview(exclude)}")
-    return RecommendRequest(user, k, exclude)
+    value = decode_body(body)
+    context = {"limits": limits, "known_isbn": known_isbn, "known_user": known_user}
+    try:
+        return _ADAPTER.validate_python(value, context=context).spec()
+    except ValidationError as err:
+        raise _request_error(err.errors(include_url=False)[0]) from None
 
 
-def request_schema(limits: Limits | None = None) -> dict[str, Any]:
-    """JSON Schema (draft 2020-12) of a request body; ``parse_request`` enforces the same rules
-    plus the catalog look-ups (unknown ISBN / user id -> 404)."""
-    limits = limits or Limits()
-    text = {"type": ["string", "null"], "maxLength": limits.max_string}
-    isbn = {"type": "string", "minLength": 1, "maxLength": MAX_ISBN_CHARS, "description": "an ISBN of the catalog"}
-    rating_pair = {
-        "type": "object",
-        "properties": {
-            "isbn": isbn,
-            "rating": {"type": "number", "minimum": RATING_RANGE[0], "maximum": RATING_RANGE[1]},
-        },
-        "required": ["isbn", "rating"],
-        "additionalProperties": False,
-    }
-    user = {
-        "oneOf": [
-            {
-                "description": "a known user",
-                "type": "object",
-                "properties": {"user_id": {"type": "integer"}},
-                "required": ["user_id"],
-                "additionalProperties": False,
-            },
-            {
-                "description": "a new user",
-                "type": "object",
-                "properties": {
-                    "city": text,
-                    "region": text,
-                    "country": text,
-                    "age": {"type": ["integer", "null"], "minimum": AGE_RANGE[0], "maximum": AGE_RANGE[1]},
-                    "ratings": {"type": "array", "items": rating_pair, "minItems": 1, "maxItems": limits.max_ratings},
-                },
-                "minProperties": 1,
-                "additionalProperties": False,
-            },
-        ]
-    }
-    book = {
-        "oneOf": [
-            isbn,
-            {"type": "object", "properties": {"isbn": isbn}, "required": ["isbn"], "additionalProperties": False},
-            {
-                "description": "a new book",
-                "type": "object",
-                "properties": {
-                    "title": {"type": "string", "minLength": 1, "maxLength": limits.max_string},
-                    "author": text,
-                    "year": {"type": ["integer", "null"], "minimum": YEAR_RANGE[0], "maximum": YEAR_RANGE[1]},
-                    "publisher": text,
-                },
-                "required": ["title"],
-                "additionalProperties": False,
-            },
-        ]
-    }
-    return {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "title": "bookrec request",
-        "oneOf": [
-            {
-                "type": "object",
-                "properties": {
-                    "action": {"const": "rate"},
-                    "user": user,
-                    "books": {"type": "array", "items": book, "minItems": 1, "maxItems": limits.max_books},
-                },
-                "required": ["action", "user", "books"],
-                "additionalProperties": False,
-            },
-            {
-                "type": "object",
-                "properties": {
-                    "action": {"const": "recommend"},
-                    "user": user,
-                    "k": {"type": "integer", "minimum": 1, "maximum": limits.max_k, "default": DEFAULT_K},
-                    "exclude_rated": {"type": "boolean", "default": True},
-                },
-                "required": ["action", "user"],
-                "additionalProperties": False,
-            },
-        ],
-    }
+_STATUS = {"unknown_isbn": 404, "unknown_user": 404}
+# Pydantic's wording where the API's is clearer (formatted with the error's context).
+_MESSAGES = {
+    "missing": "is required",
+    "string_pattern_mismatch": "must not be empty or blank",
+    "string_too_long": "is too long: at most {max_length} characters",
+    "list_type": "must be a JSON array",
+    "too_short": "has {actual_length} items, at least {min_length} required",
+}
+# Errors whose message already says all; the others get the offending value appended.
+_COMPLETE = {"missing", "unknown_field", "empty_user", "unknown_isbn", "unknown_user", "too_long", "too_short"}
+
+
+def _request_error(error: Mapping[str, Any]) -> RequestError:
+    """The first pydantic error as the endpoint's error: a JSON path and a message naming the problem."""
+    kind, ctx, value = error["type"], error.get("ctx") or {}, error["input"]
+    path = ""
+    for part in error["loc"]:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part not in _TAGS:
+            path += f".{part}"
+    if kind == "unknown_field":
+        path += f".{ctx['field']}"
+    path = path.lstrip(".")
+    if kind in ("union_tag_not_found", "union_tag_invalid"):  # the action selects the request model
+        if not isinstance(value, dict) or "action" not in value:
+            return RequestError(400, "action", f"is required: one of {', '.join(ACTIONS)}")
+        return RequestError(400, "action", f"must be one of {', '.join(ACTIONS)}, got {_preview(value['action'])}")
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return RequestError(400, path or "body", f"must be a JSON object, got {type(value).__name__} {_preview(value)}")
+    message = _MESSAGES[kind].format(**ctx) if kind in _MESSAGES else error["msg"]
+    if message.startswith("Input should"):
+        message = "must" + message[len("Input should") :]
+    if kind not in _COMPLETE:
+        message += f", got {_preview(value)}"
+    return RequestError(_STATUS.get(kind, 400), path or "body", message)
+
+
+# ---------------------------------------------------------------------------------- JSON Schema
+class _SchemaGenerator(GenerateJsonSchema):
+    """Draft 2020-12 with the dialect and a title at the top and no per-property titles."""
+
+    def field_title_should_be_set(self, schema: Any) -> bool:
+        return False
+
+    def generate(self, schema: core_schema.CoreSchema, mode: Any = "validation") -> JsonSchemaValue:
+        out = super().generate(schema, mode)
+        return {"$schema": self.schema_dialect, "title": "bookrec request", **out}
+
+
+def request_schema() -> dict[str, Any]:
+    """JSON Schema (draft 2020-12) of a request body with the default ``Limits``; ``parse_request``
+    enforces it plus the catalog look-ups (unknown ISBN / user id -> 404)."""
+    return _ADAPTER.json_schema(schema_generator=_SchemaGenerator)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Print or write the JSON Schema of a bookrec request.")
+    parser.add_argument("--write", type=Path, metavar="PATH", help="write it to PATH instead of printing it")
+    args = parser.parse_args(argv)
+    text = json.dumps(request_schema(), indent=2) + "\n"
+    if args.write:
+        args.write.write_text(text)
+    else:
+        print(text, end="")
+    return 0
 
 
 if __name__ == "__main__":
-    print(json.dumps(request_schema(), indent=2))
+    raise SystemExit(main())

@@ -1,7 +1,9 @@
 """Typed configuration: one YAML file loaded into dataclasses and passed down.
 
 The same dataclasses are saved beside every model (``config.yaml`` in the run folder),
-so a run can be reproduced from its folder alone.
+so a run can be reproduced from its folder alone. A bad value fails at load, with its key named:
+the loader checks every value against its field's type (``Literal`` choices and the element types
+of lists and dicts included) and each section's ``__post_init__`` checks the ranges.
 """
 
 from __future__ import annotations
@@ -11,11 +13,51 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 DEFAULT_URL = "https://www2.informatik.uni-freiburg.de/~cziegler/BX/BX-CSV-Dump.zip"
+
+Pooling = Literal["mean", "cls"]
+Optimizer = Literal["adamw", "adam", "sgd"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work, named by its dotted key (``train.optimizer``)."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"config key '{key}' {problem}")
+        self.key = key
+        self.problem = problem
+
+    def within(self, section: str) -> ConfigError:
+        """The same error with the key prefixed by its section (a dataclass knows only its fields)."""
+        return ConfigError(f"{section}.{self.key}", self.problem) if section else self
+
+
+def _check(ok: bool, key: str, problem: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(key, f"{problem}, got {value!r}")
+
+
+def _positive(section: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        _check(value > 0, name, "must be > 0", value)
+
+
+def _non_negative(section: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        _check(value >= 0, name, "must be >= 0", value)
+
+
+def _fraction(section: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        _check(0 <= value < 1, name, "must be a fraction in [0, 1)", value)
 
 
 @dataclass
@@ -32,6 +74,9 @@ class DataConfig:
     sample_books: int = 300
     sample_ratings: int = 8000
 
+    def __post_init__(self) -> None:
+        _positive(self, "sample_users", "sample_books", "sample_ratings")
+
 
 @dataclass
 class SplitConfig:
@@ -44,6 +89,12 @@ class SplitConfig:
     cold_user_frac: float = 0.05
     # Rating-derived features of training rows come from the other folds (out-of-fold).
     folds: int = 5
+
+    def __post_init__(self) -> None:
+        _fraction(self, "val_frac", "test_frac", "cold_book_frac", "cold_user_frac")
+        total = self.val_frac + self.test_frac
+        _check(total < 1, "val_frac", "+ test_frac must be < 1 (rows must be left to train on)", total)
+        _check(self.folds >= 2, "folds", "must be >= 2 (features of a fold come from the others)", self.folds)
 
 
 @dataclass
@@ -60,12 +111,15 @@ class EncoderConfig:
     # When the pretrained weights cannot be loaded, fall back to a random init (loudly) instead of failing.
     fallback_random_init: bool = False
     config_dir: str | None = None
-    pooling: str = "mean"  # "mean" | "cls"
+    pooling: Pooling = "mean"
     max_length: int = 64
     batch_size: int = 256
     vocab_size: int = 8000  # only for a WordPiece vocab trained on the corpus
     seed: int = 0
     cache_dir: str = "cache/embeddings"
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_length", "batch_size", "vocab_size")
 
 
 @dataclass
@@ -77,13 +131,18 @@ class ModelConfig:
     # Prior weight (in ratings) that shrinks a user's or book's mean rating towards the global mean.
     shrinkage: float = 5.0
 
+    def __post_init__(self) -> None:
+        _check(bool(self.hidden) and min(self.hidden) > 0, "hidden", "must list positive layer sizes", self.hidden)
+        _fraction(self, "dropout")
+        _non_negative(self, "shrinkage")
+
 
 @dataclass
 class TrainConfig:
     """Optimisation of the MLP (and optionally the encoder)."""
 
     seed: int = 0
-    optimizer: str = "adamw"  # "adamw" | "adam" | "sgd"
+    optimizer: Optimizer = "adamw"
     lr: float = 1e-3
     weight_decay: float = 1e-4
     batch_size: int = 1024
@@ -95,10 +154,14 @@ class TrainConfig:
     fine_tune_steps: int = 300
     fine_tune_batch_size: int = 256
     encoder_lr: float = 1e-4
-    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    device: Device = "auto"
     threads: int = 0  # 0: torch's default
     wandb: bool = False
     wandb_project: str = "bookrec"
+
+    def __post_init__(self) -> None:
+        _positive(self, "lr", "batch_size", "epochs", "fine_tune_batch_size", "encoder_lr")
+        _non_negative(self, "weight_decay", "patience", "fine_tune_steps", "threads")
 
 
 @dataclass
@@ -139,6 +202,11 @@ class CompressConfig:
     latency_batch: int = 1024
     latency_repeats: int = 100
 
+    def __post_init__(self) -> None:
+        _fraction(self, "prune_amount")
+        _non_negative(self, "finetune_epochs", "max_rmse_loss")
+        _positive(self, "latency_batch", "latency_repeats")
+
 
 @dataclass
 class EvalConfig:
@@ -151,6 +219,9 @@ class EvalConfig:
     ease_max_items: int = 40_000
     # Top-K baseline reports are kept here under a hash of the split (null: refit every run).
     baseline_cache: str | None = "cache/topk-baselines"
+
+    def __post_init__(self) -> None:
+        _positive(self, "ndcg_k")
 
 
 @dataclass
@@ -175,7 +246,7 @@ class Config:
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    """Recursively build dataclass ``cls`` from ``data``, rejecting unknown keys."""
+    """Recursively build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types."""
     if not isinstance(data, dict):
         raise ValueError(f"config section '{where or 'root'}' must be a mapping, got {data!r}")
     known = {f.name: f for f in fields(cls)}
@@ -185,28 +256,42 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
-        hint = hints[name]
+        hint, key = hints[name], f"{where}.{name}".lstrip(".")
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value or {}, f"{where}.{name}".lstrip("."))
+            kwargs[name] = _build(hint, value or {}, key)
         else:
-            kwargs[name] = _check_type(value, hint, f"{where}.{name}".lstrip("."))
-    return cls(**kwargs)
+            kwargs[name] = _check_type(value, hint, key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:  # a range check in __post_init__
+        raise err.within(where) from None
 
 
-def _check_type(value: Any, hint: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    """``value`` as field type ``hint`` wants it (an int where a float goes becomes a float)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         hint = next(a for a in args if a is not type(None))
-        origin = typing.get_origin(hint)
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin is Literal:
+        if any(value == choice and type(value) is type(choice) for choice in args):
+            return value
+        raise ConfigError(key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     expected = origin or hint
-    if expected is Any or (isinstance(value, expected) and not (expected in (int, float) and isinstance(value, bool))):
-        return value
-    raise ValueError(f"config key '{where}' must be {getattr(hint, '__name__', hint)}, got {value!r}")
+    if not isinstance(value, expected) or (expected in (int, float) and isinstance(value, bool)):
+        name = hint.__name__ if isinstance(hint, type) else str(hint)
+        raise ConfigError(key, f"must be {name}, got {value!r}")
+    if origin is list and args:
+        return [_check_type(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)]
+    if origin is dict and args:
+        return {_check_type(k, args[0], f"{key} key"): _check_type(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    return value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

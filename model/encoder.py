@@ -10,12 +10,13 @@ import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from model.config import EncoderConfig
+from model.config import EncoderConfig, Pooling
 
 log = logging.getLogger("bookrec.encoder")
 
@@ -125,8 +126,8 @@ def load_encoder(cfg: EncoderConfig, corpus: Iterable[str] | None = None) -> Tex
     only when ``cfg.random_init`` is set; its vocabulary comes from ``cfg.config_dir`` or, failing
     that, is trained on ``corpus`` with WordPiece.
     """
-    if cfg.pooling not in ("mean", "cls"):
-        raise ValueError(f"encoder.pooling must be 'mean' or 'cls', got {cfg.pooling!r}")
+    if cfg.pooling not in get_args(Pooling):  # the loader checks YAML; this guards a config built in code
+        raise ValueError(f"encoder.pooling must be one of {get_args(Pooling)}, got {cfg.pooling!r}")
     _quiet_transformers()
     if cfg.random_init:
         return _random_init(cfg, corpus)

@@ -12,8 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-RATING_MIN = 1.0
-RATING_MAX = 10.0
+from model.ranges import RATING_MAX, RATING_MIN
 
 
 class Int8Linear(nn.Module):

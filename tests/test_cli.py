@@ -124,3 +124,32 @@ def test_fine_tuning_the_encoder_rewrites_encoder_and_catalog(tiny_run, tmp_path
     after = Catalog.load(run).book_emb.numpy()
     assert before.shape == after.shape and not np.allclose(before, after)
     assert summary["best_val_rmse"] < 5
+
+
+def test_fine_tuning_uses_the_configured_optimizer(tiny_run):
+    """The same two fine-tuning steps with AdamW and with SGD move the encoder differently."""
+    import dataclasses
+
+    import torch
+
+    from model.catalog import Catalog
+    from model.encoder import load_saved_encoder
+    from train.dataset import build_training_data
+    from train.finetune import fine_tune
+    from train.pipeline import new_model
+
+    cfg = load_config(tiny_run / "config.yaml", ["train.fine_tune_steps=2", "train.fine_tune_batch_size=16"])
+    catalog = Catalog.load(tiny_run)
+    ratings = pq.read_table(tiny_run / "data" / "ratings.parquet").to_pandas()
+    data = build_training_data(catalog, ratings, cfg.split.folds, cfg.split.seed)
+    start = [p.detach().clone() for p in load_saved_encoder(tiny_run / "encoder").model.parameters()]
+    moved = {}
+    for name, optimizer in (("adamw", "AdamW"), ("sgd", "SGD")):
+        encoder = load_saved_encoder(tiny_run / "encoder")
+        model = new_model(cfg, catalog.spec)
+        model.set_standardisation(data.user_table, data.book_table)
+        summary = fine_tune(encoder, model, catalog, data, dataclasses.replace(cfg.train, optimizer=name), False)
+        assert summary["optimizer"] == optimizer
+        moved[name] = [p.detach() - s for p, s in zip(encoder.model.parameters(), start, strict=True)]
+    assert any(d.abs().max() > 0 for d in moved["sgd"]), "SGD must update the encoder"
+    assert any(not torch.equal(a, b) for a, b in zip(moved["adamw"], moved["sgd"], strict=True))

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
-from model.config import Config, SplitConfig, load_config
+from model.config import Config, ConfigError, SplitConfig, load_config
 from train.split import assign_folds, assign_splits
 
 
@@ -41,6 +46,58 @@ def test_config_round_trips_through_the_run_folder(tmp_path):
 def test_bad_config_is_named(override, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("train.optimizer", "lamb", "must be one of 'adamw', 'adam', 'sgd', got 'lamb'"),
+        ("encoder.pooling", "max", "must be one of 'mean', 'cls', got 'max'"),
+        ("model.hidden", ["a", 2], "[0]' must be int, got 'a'"),
+        ("split.val_frac", -3, "must be a fraction in [0, 1), got -3.0"),
+        ("train.device", "cuda:0", "must be one of 'auto', 'cpu', 'cuda'"),
+        ("train.lr", 0, "must be > 0"),
+        ("train.epochs", 0, "must be > 0"),
+        ("train.weight_decay", -0.1, "must be >= 0"),
+        ("model.hidden", [], "must list positive layer sizes"),
+        ("model.dropout", 1.5, "must be a fraction in [0, 1)"),
+        ("compress.prune_amount", 1, "must be a fraction in [0, 1)"),
+        ("split.folds", 1, "must be >= 2"),
+        ("data.sample_users", 0, "must be > 0"),
+        ("eval.ndcg_k", 0, "must be > 0"),
+        ("eval.svd_grid", [3], "[0]' must be dict"),
+    ],
+)
+def test_a_bad_value_fails_at_load_naming_its_key(tmp_path, key, value, problem):
+    """In the YAML file and as a --set override alike."""
+    section, name = key.split(".")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({section: {name: value}}))
+    expected = re.escape(f"config key '{key}") + ".*" + re.escape(problem)
+    with pytest.raises(ConfigError, match=expected):
+        load_config(path)
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, [f"{key}={json.dumps(value)}"])
+
+
+def test_split_fractions_must_leave_rows_to_train_on():
+    with pytest.raises(ConfigError, match=r"config key 'split\.val_frac' \+ test_frac must be < 1"):
+        load_config(None, ["split.val_frac=0.5", "split.test_frac=0.5"])
+    assert load_config(None, ["split.val_frac=0.5", "split.test_frac=0.4"]).split.val_frac == 0.5
+
+
+def test_range_checks_also_guard_configs_built_in_code():
+    with pytest.raises(ConfigError, match=r"config key 'val_frac' must be a fraction"):
+        SplitConfig(val_frac=-3)
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_the_shipped_configs_load(path, tmp_path):
+    cfg = load_config(path)
+    cfg.save(tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
 
 
 def _ratings(n_users=200, n_books=120, n=4000, seed=0) -> pd.DataFrame:

@@ -23,7 +23,8 @@ import torch
 import yaml
 
 from handlers.archive import build_archive
-from handlers.schema import Limits, UserSpec, request_schema
+from handlers.schema import Limits, UserSpec, main, request_schema
+from model.ranges import AGE_MAX, AGE_MIN, RATING_MAX, RATING_MIN, YEAR_MAX, YEAR_MIN
 
 from .conftest import TEST_BATCH_DELAY_MS
 
@@ -347,6 +348,10 @@ def bad_requests(user: int, isbn: str) -> list[tuple[str, Any, int, str]]:
         ("huge ISBN", {**rate, "books": ["9" * 5000]}, 400, "books[0]"),
         ("title missing", {**rate, "books": [{"author": "someone"}]}, 400, "books[0].title"),
         ("title empty", {**rate, "books": [{"title": "  "}]}, 400, "books[0].title"),
+        # json.loads('"\\ud800"') is a str with a lone surrogate: valid JSON, but not text.
+        ("lone surrogate in title", {**rate, "books": [{"title": json.loads('"\\ud800"')}]}, 400, "books[0].title"),
+        ("lone surrogate in city", {**rec, "user": {"city": "porto" + json.loads('"\\udc00"')}}, 400, "user.city"),
+        ("lone surrogate as body", b'{"action": "recommend", "user": {"country": "\\ud800"}}', 400, "user.country"),
         ("year wrong type", {**rate, "books": [{"title": "t", "year": "1999"}]}, 400, "books[0].year"),
         ("year inf", {**rate, "books": [{"title": "t", "year": math.inf}]}, 400, "books[0].year"),
         ("k zero", {**rec, "k": 0}, 400, "k"),
@@ -405,12 +410,45 @@ def test_an_unexpected_failure_is_a_500_for_that_request_only(
 
 
 # -------------------------------------------------------------------------------------- schema
-def test_json_schema_in_the_docs_is_the_one_the_handler_enforces() -> None:
-    text = (REPO / "docs" / "SERVING.md").read_text()
-    marker = "<!-- request-schema -->"
-    assert marker in text
-    block = text.split(marker, 1)[1].split("```json", 1)[1].split("```", 1)[0]
-    assert json.loads(block) == request_schema()
+def test_json_schema_in_the_docs_is_the_one_the_handler_enforces(tmp_path: Path) -> None:
+    """docs/request.schema.json is generated from the models the handler validates with."""
+    published = json.loads((REPO / "docs" / "request.schema.json").read_text())
+    assert published == request_schema(), "regenerate: python -m handlers.schema --write docs/request.schema.json"
+    assert main(["--write", str(tmp_path / "schema.json")]) == 0
+    assert json.loads((tmp_path / "schema.json").read_text()) == published
+
+
+def test_json_schema_states_the_shared_value_ranges_and_default_limits() -> None:
+    defs = request_schema()["$defs"]
+    age = defs["NewUser"]["properties"]["age"]["anyOf"][0]
+    assert (age["minimum"], age["maximum"]) == (AGE_MIN, AGE_MAX)
+    year = defs["NewBook"]["properties"]["year"]["anyOf"][0]
+    assert (year["minimum"], year["maximum"]) == (YEAR_MIN, YEAR_MAX)
+    rating = defs["RatedBook"]["properties"]["rating"]
+    assert (rating["minimum"], rating["maximum"]) == (RATING_MIN, RATING_MAX)
+    limits = Limits()
+    assert defs["RateBody"]["properties"]["books"]["maxItems"] == limits.max_books
+    assert defs["NewUser"]["properties"]["ratings"]["maxItems"] == limits.max_ratings
+    assert defs["RecommendBody"]["properties"]["k"]["maximum"] == limits.max_k
+    assert defs["NewBook"]["properties"]["title"]["maxLength"] == limits.max_string
+
+
+def test_configured_limits_are_enforced(loaded: tuple[Any, Any], samples: dict) -> None:
+    """An archive's ``handler:`` limits replace the defaults the schema states."""
+    engine = loaded[0].engine
+    user = {"user_id": samples["user"]}
+    rate = {"action": "rate", "user": user, "books": samples["isbns"][:3]}
+    recommend = {"action": "recommend", "user": user, "k": 6}
+    default = engine.limits
+    engine.limits = Limits(max_books=2, max_k=5)
+    try:
+        (s1, a1), (s2, a2), (s3, _) = engine.run([rate, recommend, {**rate, "books": rate["books"][:2]}])
+    finally:
+        engine.limits = default
+    assert (s1, a1["error"]["field"]) == (400, "books"), a1
+    assert (s2, a2["error"]["field"]) == (400, "k"), a2
+    assert s3 == 200
+    assert [s for s, _ in engine.run([rate, recommend])] == [200, 200]
 
 
 # -------------------------------------------------------------------------------------- parity

@@ -36,6 +36,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from model.ranges import RATING_MAX, RATING_MIN
 from train.metrics import rmse
 
 __all__ = [
@@ -49,9 +50,6 @@ __all__ = [
     "SurpriseSVD",
     "tune",
 ]
-
-RATING_MIN = 1.0
-RATING_MAX = 10.0
 
 Triple = tuple[npt.ArrayLike, npt.ArrayLike, npt.ArrayLike]
 

@@ -22,6 +22,7 @@ from model.network import RatingMLP
 from model.text import book_texts as book_texts_of
 from model.text import user_texts as user_texts_of
 from train.dataset import TrainingData
+from train.fit import make_optimizer
 
 log = logging.getLogger("bookrec.finetune")
 
@@ -50,12 +51,9 @@ def fine_tune(
     dim = catalog.spec.emb_dim
     n_users, n_books = len(catalog.users), len(catalog.books)
     train = data.splits["train"]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": model.parameters(), "lr": cfg.lr},
-            {"params": encoder.model.parameters(), "lr": cfg.encoder_lr},
-        ],
-        weight_decay=cfg.weight_decay,
+    # train.optimizer and train.lr as for the MLP alone; the encoder's parameters learn at encoder_lr.
+    optimizer = make_optimizer(
+        [{"params": model.parameters()}, {"params": encoder.model.parameters(), "lr": cfg.encoder_lr}], cfg
     )
     encoder.model.train()
     model.train()
@@ -75,6 +73,7 @@ def fine_tune(
     seconds = time.perf_counter() - start
     tail = losses[-max(1, len(losses) // 10) :]
     summary = {
+        "optimizer": type(optimizer).__name__,
         "steps": cfg.fine_tune_steps,
         "batch_size": cfg.fine_tune_batch_size,
         "seconds": round(seconds, 1),

@@ -23,6 +23,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from model.ranges import AGE_MAX, AGE_MIN, IMPLICIT_RATING, RATING_MAX, YEAR_MAX, YEAR_MIN
+
 LOG = logging.getLogger("bookrec.ingest")
 
 TABLES = ("users", "books", "ratings")
@@ -62,8 +64,6 @@ _CSV_FORMATS = {
     },
 }
 
-YEAR_RANGE = (1000, 2030)
-AGE_RANGE = (5, 100)
 MAX_INT64 = 2**63 - 1
 _MISSING = {"", "null", "nan", "none", "na", "n/a"}
 _INT_LIKE = re.compile(r"[+-]?[0-9]+(?:\.0*)?")
@@ -392,7 +392,7 @@ def _age(text: str, counts: Counter[str]) -> int | None:
     if age is None:
         counts["users.soft.age_unparseable"] += 1
         return None
-    if not AGE_RANGE[0] <= age <= AGE_RANGE[1]:
+    if not AGE_MIN <= age <= AGE_MAX:
         counts["users.age_out_of_range"] += 1
         return None
     return age
@@ -438,7 +438,7 @@ def _year(text: str, counts: Counter[str]) -> int | None:
     if year is None:
         counts["books.soft.year_unparseable"] += 1
         return None
-    if not YEAR_RANGE[0] <= year <= YEAR_RANGE[1]:  # 0 is the dump's "unknown"
+    if not YEAR_MIN <= year <= YEAR_MAX:  # 0 is the dump's "unknown"
         counts["books.year_out_of_range"] += 1
         return None
     return year
@@ -481,7 +481,7 @@ def _rating(text: str, counts: Counter[str]) -> int | None:
     if rating is None:
         counts["ratings.bad.rating_not_integer"] += 1
         return None
-    if not 0 <= rating <= 10:
+    if not IMPLICIT_RATING <= rating <= RATING_MAX:
         counts["ratings.bad.rating_out_of_range"] += 1
         return None
     return rating
