@@ -22,6 +22,7 @@ DEFAULT_URL = "https://www2.informatik.uni-freiburg.de/~cziegler/BX/BX-CSV-Dump.
 Pooling = Literal["mean", "cls"]
 Optimizer = Literal["adamw", "adam", "sgd"]
 Device = Literal["auto", "cpu", "cuda"]
+Negatives = Literal["in-batch", "mixed", "full"]
 
 
 class ConfigError(ValueError):
@@ -180,7 +181,7 @@ class RetrievalConfig:
     # "in-batch": the batch's other books as negatives, logQ-corrected; "mixed": those plus a shared
     # uniform sample of uniform_negatives catalog books; "full": a softmax over every catalog book
     # each step (exact, but its cost grows with the catalog).
-    negatives: str = "in-batch"
+    negatives: Negatives = "in-batch"
     uniform_negatives: int = 4096
     logq_correction: bool = True  # in-batch only: subtract log(sampling probability) from the logits
     history_samples: int = 32  # history books pooled per training interaction
@@ -190,6 +191,16 @@ class RetrievalConfig:
     candidates: int = 200  # books retrieved per user before the rating MLP reranks them
     # Weights of the predicted rating in the rerank score tried on validation (0: retrieval order).
     blend_grid: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.4, 0.8])
+
+    def __post_init__(self) -> None:
+        _positive(self, "dim", "hidden", "temperature", "batch_size", "epochs", "lr", "uniform_negatives")
+        _positive(self, "history_samples", "val_k", "val_users", "candidates")
+        _fraction(self, "id_dropout")
+        _non_negative(self, "weight_decay")
+        _check(self.patience >= 1, "patience", "must be >= 1", self.patience)
+        _check(
+            bool(self.blend_grid) and min(self.blend_grid) >= 0, "blend_grid", "must list weights >= 0", self.blend_grid
+        )
 
 
 @dataclass
@@ -221,7 +232,8 @@ class EvalConfig:
     baseline_cache: str | None = "cache/topk-baselines"
 
     def __post_init__(self) -> None:
-        _positive(self, "ndcg_k")
+        _positive(self, "ndcg_k", "ease_max_items")
+        _non_negative(self, "cold_user_reveal")
 
 
 @dataclass

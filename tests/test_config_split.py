@@ -66,6 +66,11 @@ def test_bad_config_is_named(override, message):
         ("data.sample_users", 0, "must be > 0"),
         ("eval.ndcg_k", 0, "must be > 0"),
         ("eval.svd_grid", [3], "[0]' must be dict"),
+        ("retrieval.negatives", "hard", "must be one of 'in-batch', 'mixed', 'full', got 'hard'"),
+        ("retrieval.temperature", 0, "must be > 0"),
+        ("retrieval.id_dropout", 1.0, "must be a fraction in [0, 1)"),
+        ("retrieval.blend_grid", [-0.1], "must list weights >= 0"),
+        ("eval.cold_user_reveal", -1, "must be >= 0"),
     ],
 )
 def test_a_bad_value_fails_at_load_naming_its_key(tmp_path, key, value, problem):
