@@ -163,5 +163,7 @@ class TwoStageRecommender:
         k: int,
         exclude: list[np.ndarray] | None = None,
     ) -> Recommendations:
-        """Top-``k`` books per user: retrieval, then the rerank."""
-        return self.rerank(self.candidates(user_feats, history, exclude, max(k, self.settings.candidates)), k)
+        """Top-``k`` books per user: retrieval, then the rerank. With a blend of 0 the rerank keeps
+        the retrieval order, so only the ``k`` books returned are rated."""
+        n = max(k, self.settings.candidates) if self.settings.blend else k
+        return self.rerank(self.candidates(user_feats, history, exclude, n), k)
