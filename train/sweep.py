@@ -199,6 +199,7 @@ def run_sweep(
             run.finish()
         row = {"trial": trial.number, **params, "hidden": trial_cfg.model.hidden, **result}
         rows.append(row)
+        pd.DataFrame(rows).to_csv(out / "trials.csv", index=False)  # so far, should the sweep be stopped
         bar.update(1)
         bar.set_postfix(best=f"{min(r['val_rmse'] for r in rows):.4f}")
         return result["val_rmse"]
