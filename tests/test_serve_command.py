@@ -63,19 +63,21 @@ def served(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
         TMPDIR=str(root / "tmp"),
         TEMP=str(root / "tmp"),
     )
-    # The documented one-line set-up, then the literal command, both through a shell.
+    # The documented one-line set-up, then the literal command, both through a shell. The CLI returns
+    # at once; the Java frontend it starts keeps its stdout, so that goes to a file, not a pipe.
+    out = (root / "torchserve.out").open("wb")
     proc = subprocess.Popen(
         ["bash", "-c", f"export TS_CONFIG_FILE=$PWD/config.properties && {SERVE}"],
         cwd=root,
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=out,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # the Java frontend and workers stay in this process group
     )
+    out.close()
     server = LocalServer(root / "model-store", root, ports=ports)
     try:
-        out, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0, out.decode(errors="replace")
+        assert proc.wait(timeout=120) == 0, server.log_tail()
         server.wait_ready(timeout=240)
         yield server, root, env
     finally:
