@@ -38,14 +38,30 @@ class NotApitools(logging.Filter):
         return "apitools not found" not in record.getMessage()
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """Writes to the ``sys.stderr`` of the moment (never a stale one), or to the console stream
+    ``quiet_stderr`` hands it while stderr points at the log file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.console: IO[str] | None = None
+
+    @property  # type: ignore[override]
+    def stream(self) -> IO[str]:
+        return self.console or sys.stderr
+
+    @stream.setter
+    def stream(self, value: IO[str]) -> None:  # StreamHandler.__init__ assigns it; ignored
+        pass
+
+
 def setup_logging(verbose: bool) -> logging.Handler:
     """The console handler on the root logger (filtered unless ``verbose``); returns it."""
     root = logging.getLogger()
     root.setLevel(logging.INFO)
-    for old in [h for h in root.handlers if getattr(h, "bookrec_console", False)]:
+    for old in [h for h in root.handlers if isinstance(h, ConsoleHandler)]:
         root.removeHandler(old)
-    console = logging.StreamHandler(sys.stderr)
-    console.bookrec_console = True  # type: ignore[attr-defined]
+    console = ConsoleHandler()
     console.setFormatter(logging.Formatter(FORMAT))
     console.addFilter(NotApitools())
     if not verbose:
@@ -72,10 +88,10 @@ def quiet_stderr(log_path: Path | None) -> Iterator[IO[str]]:
     root = logging.getLogger()
     file_handler = logging.StreamHandler(log_file)
     file_handler.setFormatter(logging.Formatter(FORMAT))
-    consoles = [h for h in root.handlers if getattr(h, "bookrec_console", False)]
+    consoles = [h for h in root.handlers if isinstance(h, ConsoleHandler)]
     os.dup2(log_file.fileno(), 2)
     for handler in consoles:
-        handler.setStream(console)
+        handler.console = console
     root.addHandler(file_handler)
     try:
         yield console
@@ -83,7 +99,7 @@ def quiet_stderr(log_path: Path | None) -> Iterator[IO[str]]:
         sys.stderr.flush()
         root.removeHandler(file_handler)
         for handler in consoles:
-            handler.setStream(sys.stderr)
+            handler.console = None
         os.dup2(saved, 2)
         os.close(saved)
         console.close()
