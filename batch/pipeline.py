@@ -178,11 +178,16 @@ def _make_runner(args: BatchArgs, options: PipelineOptions, stack: ExitStack) ->
     return None
 
 
-def _progress(temp_dir: str, total: int, stop: threading.Event, enabled: bool, console: IO[str]) -> None:
-    """One tick per finished shard (the workers drop a marker file per shard into the temp folder)."""
+def _progress(
+    temp_dir: str, total: int, stop: threading.Event, finished: threading.Event, enabled: bool, console: IO[str]
+) -> None:
+    """One tick per finished shard (the workers drop a marker file per shard into the temp folder;
+    the commit removes them, so a finished run fills the bar at the end)."""
     with tqdm(total=total, desc="shards", unit="shard", disable=not enabled, file=console) as bar:
         while not stop.wait(1.0):
             bar.update(max(0, io.progress_count(temp_dir) - bar.n))
+        if finished.is_set():
+            bar.update(total - bar.n)
 
 
 def log_path(args: BatchArgs, temp_dir: str, run_id: str) -> Path | None:
@@ -224,13 +229,15 @@ def run(args: BatchArgs) -> dict[str, Any]:
         spec.block_users,
         summary["runner"],
     )
-    stop = threading.Event()
+    stop, finished = threading.Event(), threading.Event()
     log_file = log_path(args, spec.temp_dir, spec.run_id)
     ok = False
     try:
         with quiet_stderr(log_file) as console, ExitStack() as stack:
             ticker = threading.Thread(
-                target=_progress, args=(spec.temp_dir, spec.num_shards, stop, args.progress, console), daemon=True
+                target=_progress,
+                args=(spec.temp_dir, spec.num_shards, stop, finished, args.progress, console),
+                daemon=True,
             )
             runner = _make_runner(args, options, stack)
             ticker.start()
@@ -239,6 +246,8 @@ def run(args: BatchArgs) -> dict[str, Any]:
                 _ = pipeline | "ScoreCatalog" >> ScoreCatalog(spec, blocks, summary)
                 result = pipeline.run()
                 state = result.wait_until_finish()
+                if (io.read_summary(spec.output) or {}).get("run_id") == spec.run_id:
+                    finished.set()
                 metrics = _metrics(result)
                 client = getattr(result, "client", None)  # DaskRunner: close before its cluster goes
                 if client is not None:

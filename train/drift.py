@@ -139,14 +139,20 @@ def _norm_country(value: Any) -> str:
     return value.strip().lower()
 
 
-def load_reference(run_dir: Path) -> dict[str, Any]:
-    """Held-out ratings of the run with their users' age and country, and the model's predictions
-    on the warm ones (val + test)."""
+def check_run_dir(run_dir: Path) -> None:
+    """``DriftInputError`` unless ``run_dir`` has what the reference is built from."""
     data = run_dir / "data"
     needed = [data / "ratings.parquet", data / "users.parquet", run_dir / "catalog", run_dir / "model_scripted.pt"]
     missing = [str(p) for p in needed if not p.exists()]
     if missing:
         raise DriftInputError(f"--run {run_dir} is not a complete training run folder; missing: {', '.join(missing)}")
+
+
+def load_reference(run_dir: Path) -> dict[str, Any]:
+    """Held-out ratings of the run with their users' age and country, and the model's predictions
+    on the warm ones (val + test)."""
+    check_run_dir(run_dir)
+    data = run_dir / "data"
     ratings = pq.read_table(data / "ratings.parquet", columns=["user_id", "isbn", "rating", "split"]).to_pandas()
     held = ratings[ratings["split"].isin(HELD_OUT)].reset_index(drop=True)
     users = pq.read_table(data / "users.parquet", columns=["user_id", "country", "age"]).to_pandas()
@@ -266,9 +272,10 @@ def check(
     run_dir: Path, request_paths: list[Path], threshold: float = 0.25, min_samples: int = 50
 ) -> tuple[DriftReport, pd.DataFrame]:
     """Compare the request sample with the run's held-out data; returns the report."""
+    check_run_dir(run_dir)  # cheap checks first: the reference takes a while
+    traffic = load_requests(request_paths)
     ref = load_reference(run_dir)
     held, predictions = ref["held_out"], ref["predictions"]
-    traffic = load_requests(request_paths)
     report = DriftReport(
         str(run_dir),
         [str(p) for p in request_paths],
