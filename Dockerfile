@@ -66,7 +66,11 @@ RUN sed -e 's#^inference_address=.*#inference_address=http://0.0.0.0:8080#' \
 
 USER model-server
 # Nothing is fetched at run time: the archive carries the encoder, tokenizer and catalog.
-ENV LOG_LOCATION=/home/model-server/logs \
+# TS_CONFIG_FILE: the plain `torchserve --start --models bookrec.mar` reads this config, as in the
+# repository after `export TS_CONFIG_FILE=$PWD/config.properties`. The handler's request sample for
+# the drift check goes to $LOG_LOCATION/drift-sample.w<N>.jsonl (rotated, BOOKREC_DRIFT_* to tune).
+ENV TS_CONFIG_FILE=/home/model-server/config.properties \
+    LOG_LOCATION=/home/model-server/logs \
     METRICS_LOCATION=/home/model-server/logs \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1
@@ -78,5 +82,4 @@ HEALTHCHECK --interval=30s --timeout=10s --start-period=180s --retries=3 \
     CMD ["python3", "/home/model-server/healthcheck.py", "--url", "http://127.0.0.1:8080", "--key-file", "/home/model-server/key_file.json"]
 
 ENTRYPOINT ["/usr/bin/tini", "-g", "--"]
-CMD ["torchserve", "--start", "--foreground", "--ncs", "--model-store", "/home/model-server/model-store", \
-     "--models", "bookrec.mar", "--ts-config", "/home/model-server/config.properties"]
+CMD ["torchserve", "--start", "--foreground", "--ncs", "--models", "bookrec.mar"]

@@ -9,7 +9,7 @@ RUN ?= $(call run_of,$(CONFIG))
 MODEL_STORE ?= model-store
 BATCH_OUT ?= $(RUN)/batch-scores
 
-.PHONY: help install data train evaluate archive serve stop batch demo test lint format clean
+.PHONY: help install data train evaluate archive serve stop batch sweep drift repro demo test lint format clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -19,7 +19,7 @@ install: $(STAMP) ## create .venv and install bookrec with its test tools
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e ".[dev,dask]"
+	$(VENV)/bin/pip install -q -e ".[dev,dask,tracking,sweep]"
 	touch $@
 
 demo: $(STAMP) ## end to end on the embedded default: train, archive, serve + example calls + stop, batch scoring
@@ -43,14 +43,24 @@ evaluate: $(STAMP) ## print and write the evaluation table of the run
 archive: $(STAMP) ## pack the run into $(MODEL_STORE)/bookrec.mar
 	$(PYTHON) -m handlers.archive --run-dir $(RUN) --out $(MODEL_STORE)
 
-serve: $(STAMP) ## start TorchServe with bookrec.mar (config.properties)
-	$(VENV)/bin/torchserve --start --ncs --model-store $(MODEL_STORE) --models bookrec.mar --ts-config config.properties
+serve: $(STAMP) ## start TorchServe with bookrec.mar (config.properties); request sample in logs/ for make drift
+	BOOKREC_DRIFT_LOG=$(CURDIR)/logs/drift-sample.jsonl \
+		$(VENV)/bin/torchserve --start --ncs --model-store $(MODEL_STORE) --models bookrec.mar --ts-config config.properties
 
 stop: ## stop TorchServe
 	$(VENV)/bin/torchserve --stop
 
 batch: $(STAMP) ## score every user x book of the run with Apache Beam (DirectRunner) into Parquet
 	$(PYTHON) -m batch --model $(RUN) --output $(BATCH_OUT)
+
+sweep: $(STAMP) ## Optuna sweep of the MLP on validation RMSE (TRIALS=20) -> RUN/sweep/
+	$(PYTHON) -m train sweep --config $(CONFIG) --trials $(or $(TRIALS),20)
+
+drift: $(STAMP) ## compare the served request sample (logs/) with the run's data -> RUN/drift/
+	$(PYTHON) -m train drift --run $(RUN) --requests logs
+
+repro: $(STAMP) ## the DVC pipeline (dvc.yaml; needs pip install ".[dvc]")
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
 
 test: $(STAMP) ## the test suite
 	$(PYTHON) -m pytest -q

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 
-
-def _not_apitools(record: logging.LogRecord) -> bool:
-    """Beam warns on import that the optional GCP client libraries are missing; not our business."""
-    return "apitools not found" not in record.getMessage()
+from batch.console import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger().addFilter(_not_apitools)
-    for noisy in ("apache_beam", "distributed", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Before Beam is imported: its import-time warnings meet the console filter already.
+    setup_logging(verbose="--verbose" in (sys.argv[1:] if argv is None else argv))
     from batch.options import BatchUsageError, parse
     from batch.pipeline import JobFailed, run
 

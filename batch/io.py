@@ -35,10 +35,11 @@ log = logging.getLogger("bookrec.batch")
 
 SUCCESS = "_SUCCESS"
 DEAD_LETTERS = "_dead_letters.parquet"
+RUN_LOG = "_batch.log"  # the runner's own log lines (batch/console.py), kept with the output
 PROGRESS = "_progress"
 COMPRESSIONS = ("zstd", "snappy", "lz4", "gzip", "none")
 # Files a finished output may contain; anything else in an existing folder means it is not ours.
-OWNED = re.compile(r"^(part-\d{5}-of-\d{5}\.parquet|_SUCCESS|_dead_letters\.parquet)$")
+OWNED = re.compile(r"^(part-\d{5}-of-\d{5}\.parquet|_SUCCESS|_dead_letters\.parquet|_batch\.log)$")
 # Coalesce small (top-k) batches into row groups of at least this many rows.
 MIN_ROW_GROUP = 1 << 17
 
@@ -265,7 +266,7 @@ def commit(
             os.replace(src, dst)
     else:
         FileSystems.rename(sources, targets)
-    keep = set(targets)
+    keep = {*targets, join(temp_dir, RUN_LOG)}
     stray = [p for p in _list(temp_dir) if p not in keep]
     if stray:  # attempt files of retried bundles, progress markers
         if is_local(temp_dir):

@@ -62,6 +62,7 @@ class BatchArgs:
     threads: int | None = None
     workers: int | None = None
     progress: bool = True
+    verbose: bool = False
     beam_args: list[str] = field(default_factory=list)
 
 
@@ -99,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="scoring threads per worker (default: cores / workers locally)")
     p.add_argument("--workers", type=int, help="local worker processes (DirectRunner/DaskRunner; default: cores)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Apache Beam's and the workers' own log lines (default: into _batch.log, kept with the output, "
+        "or in the run's temp folder when the job fails)",
+    )
     return p
 
 

@@ -9,11 +9,12 @@ really produced the output (``_SUCCESS``) before reporting success.
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import apache_beam as beam
 import pyarrow as pa
@@ -21,6 +22,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from tqdm.auto import tqdm
 
 from batch import io, schemas
+from batch.console import quiet_stderr
 from batch.context import JobSpec, catalog_ids, read_features
 from batch.model_source import VARIANTS, ModelError, resolve
 from batch.options import (
@@ -176,11 +178,26 @@ def _make_runner(args: BatchArgs, options: PipelineOptions, stack: ExitStack) ->
     return None
 
 
-def _progress(temp_dir: str, total: int, stop: threading.Event, enabled: bool) -> None:
-    """One tick per finished shard (the workers drop a marker file per shard into the temp folder)."""
-    with tqdm(total=total, desc="shards", unit="shard", disable=not enabled) as bar:
+def _progress(
+    temp_dir: str, total: int, stop: threading.Event, finished: threading.Event, enabled: bool, console: IO[str]
+) -> None:
+    """One tick per finished shard (the workers drop a marker file per shard into the temp folder;
+    the commit removes them, so a finished run fills the bar at the end)."""
+    with tqdm(total=total, desc="shards", unit="shard", disable=not enabled, file=console) as bar:
         while not stop.wait(1.0):
             bar.update(max(0, io.progress_count(temp_dir) - bar.n))
+        if finished.is_set():
+            bar.update(total - bar.n)
+
+
+def log_path(args: BatchArgs, temp_dir: str, run_id: str) -> Path | None:
+    """Where Beam's chatter goes: ``_batch.log`` in the run's temp folder, which becomes the output
+    (a local temp file for a remote output); None with ``--verbose``."""
+    if args.verbose:
+        return None
+    if io.is_local(temp_dir):
+        return Path(temp_dir) / io.RUN_LOG
+    return Path(tempfile.gettempdir()) / f"bookrec-batch-{run_id}.log"
 
 
 def run(args: BatchArgs) -> dict[str, Any]:
@@ -212,21 +229,32 @@ def run(args: BatchArgs) -> dict[str, Any]:
         spec.block_users,
         summary["runner"],
     )
-    stop = threading.Event()
-    ticker = threading.Thread(target=_progress, args=(spec.temp_dir, spec.num_shards, stop, args.progress), daemon=True)
+    stop, finished = threading.Event(), threading.Event()
+    log_file = log_path(args, spec.temp_dir, spec.run_id)
     ok = False
     try:
-        with ExitStack() as stack:
+        with quiet_stderr(log_file) as console, ExitStack() as stack:
+            ticker = threading.Thread(
+                target=_progress,
+                args=(spec.temp_dir, spec.num_shards, stop, finished, args.progress, console),
+                daemon=True,
+            )
             runner = _make_runner(args, options, stack)
             ticker.start()
-            pipeline = beam.Pipeline(runner=runner, options=options)
-            _ = pipeline | "ScoreCatalog" >> ScoreCatalog(spec, blocks, summary)
-            result = pipeline.run()
-            state = result.wait_until_finish()
-            metrics = _metrics(result)
-            client = getattr(result, "client", None)  # DaskRunner: close before its cluster goes
-            if client is not None:
-                client.close()
+            try:
+                pipeline = beam.Pipeline(runner=runner, options=options)
+                _ = pipeline | "ScoreCatalog" >> ScoreCatalog(spec, blocks, summary)
+                result = pipeline.run()
+                state = result.wait_until_finish()
+                if (io.read_summary(spec.output) or {}).get("run_id") == spec.run_id:
+                    finished.set()
+                metrics = _metrics(result)
+                client = getattr(result, "client", None)  # DaskRunner: close before its cluster goes
+                if client is not None:
+                    client.close()
+            finally:
+                stop.set()
+                ticker.join(timeout=5)
         done = io.read_summary(spec.output)
         if done is None or done.get("run_id") != spec.run_id:
             raise JobFailed(
@@ -237,12 +265,31 @@ def run(args: BatchArgs) -> dict[str, Any]:
         if metrics:
             done["metrics"] = metrics
         return done
+    except Exception as err:
+        if log_file is not None and log_file.is_file():
+            # The runner's own messages are in the log: say where, and keep it.
+            note = f"the runner's log: {log_file}"
+            if isinstance(err, JobFailed):
+                raise JobFailed(f"{err}; {note}") from None
+            log.error("job failed; %s", note)
+        raise
     finally:
-        stop.set()
-        if ticker.is_alive():
-            ticker.join(timeout=5)
         if not ok:
-            io.remove_tree(spec.temp_dir)
+            _remove_all_but(spec.temp_dir, log_file)
+        elif log_file is not None and not io.is_local(spec.temp_dir):
+            log_file.unlink(missing_ok=True)
+
+
+def _remove_all_but(temp_dir: str, keep: Path | None) -> None:
+    """Delete the failed run's temp folder, except its log."""
+    if keep is None or not keep.is_file() or not io.is_local(temp_dir) or keep.parent != Path(temp_dir):
+        io.remove_tree(temp_dir)
+        return
+    for path in Path(temp_dir).iterdir():
+        if path.is_dir():
+            io.remove_tree(str(path))
+        elif path != keep:
+            path.unlink(missing_ok=True)
 
 
 def _metrics(result: Any) -> dict[str, Any]:

@@ -22,6 +22,8 @@ warnings.filterwarnings("ignore", message=r".*torch\.jit.*")
 import torch  # noqa: E402
 from ts.torch_handler.base_handler import BaseHandler  # noqa: E402
 
+from handlers import serving_metrics  # noqa: E402
+from handlers.drift_sample import DriftSampler  # noqa: E402
 from handlers.engine import BookrecEngine  # noqa: E402
 from handlers.schema import Limits  # noqa: E402
 
@@ -37,6 +39,7 @@ class BookrecHandler(BaseHandler):
     def __init__(self) -> None:
         super().__init__()
         self.engine: BookrecEngine | None = None
+        self.drift: DriftSampler | None = None
 
     def initialize(self, context: Any) -> None:
         """Load catalog, encoder and MLP onto ``cuda:<gpu_id>`` (CPU without CUDA), then warm up."""
@@ -58,6 +61,8 @@ class BookrecHandler(BaseHandler):
         start = time.perf_counter()
         self.engine = BookrecEngine(Path(props["model_dir"]), self.device, Limits.from_config(settings))
         self.engine.warm_up()
+        self.drift = DriftSampler.from_env(self.engine.catalog.users)
+        log.info("drift sample: %s", self.drift.path if self.drift else "off")
         log.info(
             "bookrec %s loaded on %s (%d torch threads): %d books, %d users, ready in %.1f s",
             self.engine.version,
@@ -75,7 +80,8 @@ class BookrecHandler(BaseHandler):
         self.context = context
         if self._is_describe():
             return [json.dumps(self.describe_handle())]
-        results = self.engine.run([_body(row) for row in data])
+        bodies = [_body(row) for row in data]
+        results = self.engine.run(bodies)
         out = []
         for idx, (status, payload) in enumerate(results):
             context.set_response_status(status, REASONS.get(status, ""), idx=idx)
@@ -85,7 +91,11 @@ class BookrecHandler(BaseHandler):
             out.append(json.dumps(payload, allow_nan=False))
         metrics = getattr(context, "metrics", None)
         if metrics is not None:
+            counts = serving_metrics.tally(bodies, results)
+            serving_metrics.emit(metrics, counts, serving_metrics.stage_timings(self.engine, results))
             metrics.add_time("HandlerTime", round((time.perf_counter() - start) * 1000, 2), None, "ms")
+        if self.drift is not None:
+            self.drift.record(bodies, results)
         return out
 
     def describe_handle(self) -> dict[str, Any]:

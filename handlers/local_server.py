@@ -100,8 +100,9 @@ class LocalServer:
         tmp = self.workdir / "tmp"
         tmp.mkdir(exist_ok=True)
         venv_bin = str(Path(sys.executable).parent)
+        # TS_CONFIG_FILE (the documented serve set-up) would win over --ts-config: keep it out.
         return {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k != "TS_CONFIG_FILE"},
             "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
             "TMPDIR": str(tmp),  # the CLI's pid file
             "TEMP": str(tmp),  # java.io.tmpdir: unpacked archives, worker sockets

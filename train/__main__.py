@@ -1,4 +1,9 @@
-"""Command line: ``python -m train {run,data,features,train,compress,retrieval,evaluate} --config FILE``."""
+"""Command line: ``python -m train {run,data,features,train,compress,retrieval,evaluate} --config FILE``.
+
+Two more commands with their own flags: ``python -m train sweep --config FILE --trials N``
+(hyper-parameter sweep, ``train/sweep.py``) and ``python -m train drift --run RUN --requests LOG``
+(serving traffic against the training data, ``train/drift.py``).
+"""
 
 from __future__ import annotations
 
@@ -13,11 +18,17 @@ from model.encoder import EncoderUnavailable
 from train.download import DatasetUnavailable
 
 STEPS = ("run", "data", "features", "train", "compress", "retrieval", "evaluate")
+TOOLS = ("sweep", "drift")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TOOLS:
+        return _tool(argv[0], argv[1:])
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
-    parser.add_argument("step", choices=STEPS, help="'run' does every step in order")
+    parser.add_argument(
+        "step", choices=STEPS + TOOLS, help="'run' does every step in order; 'sweep' and 'drift' have their own --help"
+    )
     parser.add_argument("--config", help="YAML config (missing keys take defaults)")
     parser.add_argument(
         "--set",
@@ -64,6 +75,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps({"run_dir": cfg.run_dir, args.step: result}, indent=2, default=str))
     return 0
+
+
+def _tool(name: str, argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    if name == "sweep":
+        from train.sweep import main as tool
+    else:
+        from train.drift import main as tool
+    return tool(argv)
 
 
 if __name__ == "__main__":

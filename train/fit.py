@@ -7,8 +7,9 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from model.config import TrainConfig
 from model.network import RatingMLP
 from train.dataset import SplitRows, TrainingData
 from train.metrics import rmse
+from train.tracking import active_run, log_epoch, start_run
 
 log = logging.getLogger("bookrec.fit")
 
@@ -90,7 +92,7 @@ def fit(
     optimizer = make_optimizer(model.parameters(), cfg)
     train = data.splits["train"]
     n_epochs = cfg.epochs if epochs is None else epochs
-    tracker = _wandb_run(cfg, stage)
+    tracker, own_tracker = _wandb_run(cfg, stage)
 
     best_rmse, best_epoch, best_state, stale = (
         math.inf,
@@ -134,7 +136,7 @@ def fit(
             with log_path.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
         if tracker is not None:
-            tracker.log(row)
+            log_epoch(tracker, row)
         log.info(
             "%s epoch %d: train RMSE %.4f, val RMSE %.4f",
             stage,
@@ -151,22 +153,25 @@ def fit(
                 break
     model.load_state_dict(best_state)
     model.eval()
-    if tracker is not None:
+    if own_tracker:
+        tracker.summary["best_val_rmse"] = best_rmse
         tracker.finish()
     result.best_epoch, result.best_val_rmse = best_epoch, best_rmse
     result.seconds = time.perf_counter() - start
     return result
 
 
-def _wandb_run(cfg: TrainConfig, stage: str):
-    """A W&B run when ``train.wandb`` is on (off by default; needs ``pip install wandb``)."""
+def _wandb_run(cfg: TrainConfig, stage: str) -> tuple[Any, bool]:
+    """(W&B run to log epochs into, whether this call started it) when ``train.wandb`` is on.
+
+    Inside a tracked job (``python -m train run``, a sweep trial) the epochs go into that job's run;
+    a step run alone gets a run of its own, closed when the fit ends."""
     if not cfg.wandb:
-        return None
-    try:
-        import wandb
-    except ImportError as err:
-        raise RuntimeError("train.wandb is on but wandb is not installed: pip install wandb") from err
-    return wandb.init(project=cfg.wandb_project, job_type=stage, config={"train": cfg.__dict__})
+        return None, False
+    run = active_run()
+    if run is not None:
+        return run, False
+    return start_run({"train": asdict(cfg)}, stage, project=cfg.wandb_project), True
 
 
 def plot_learning_curve(epochs: list[dict], path: Path) -> None:

@@ -24,6 +24,7 @@ from model.encoder import TextEncoder, load_encoder, load_saved_encoder
 from model.features import FeatureSpec
 from model.network import RatingMLP
 from model.text import book_texts, user_texts
+from train import tracking
 from train.dataset import build_training_data
 from train.download import DatasetUnavailable, resolve_data_dir
 from train.embed import EmbeddingCache
@@ -219,6 +220,7 @@ def run_all(cfg: Config, progress: bool = True) -> dict:
     from train.retrieval import step_retrieval
 
     run_dir = prepare_run(cfg)
+    tracker = tracking.start_training_run(cfg, run_dir)  # None unless train.wandb
     out = {}
     for name, step in (
         ("data", step_data),
@@ -236,6 +238,7 @@ def run_all(cfg: Config, progress: bool = True) -> dict:
         run_dir / "timings.json",
         {k: v for k, v in out.items() if k.endswith("_seconds")},
     )
+    tracking.finish_training_run(tracker, run_dir)
     return out
 
 
