@@ -25,8 +25,8 @@ from model.recommend import BOOK_VECTORS, RETRIEVAL_FILE, RETRIEVAL_META
 
 SCRIPTED = "model_scripted.pt"
 VARIANTS = {"scripted": SCRIPTED, "int8": "model_int8.pt", "pruned": "model_pruned.pt", "fp32": "model_fp32.pt"}
-CATALOG_FILES = ("books.parquet", "users.parquet", "history.parquet", "feature_spec.json", BOOK_VECTORS)
-RETRIEVAL_FILES = (RETRIEVAL_FILE, RETRIEVAL_META)
+CATALOG_FILES = ("books.parquet", "users.parquet", "history.parquet", "feature_spec.json")
+RETRIEVAL_FILES = (RETRIEVAL_FILE, RETRIEVAL_META, BOOK_VECTORS)
 
 _lock = threading.Lock()
 _resolved: dict[tuple[str, str], Path] = {}

@@ -6,12 +6,12 @@ The archive holds everything the handler reads, laid out like a run folder so th
 ``Catalog.load`` / ``load_saved_encoder`` code loads it:
 
     model_scripted.pt        TorchScript MLP (the serialized file)
-    retrieval_scripted.pt    TorchScript retrieval towers; retrieval.json: rerank settings
+    retrieval_scripted.pt    TorchScript retrieval towers; retrieval.json: rerank settings;
+                             book_vectors.npy: the towers' vector of every catalog book
     bookrec_handler.py       the handler (TorchServe's entry point)
     encoder/                 BERT-tiny weights, config, tokenizer, encoder.json
     catalog/                 books (ISBN, title, author, year, publisher + text embeddings),
-                             users (+ embeddings), training history, feature_spec.json,
-                             book_vectors.npy (the retrieval towers' vector of every book)
+                             users (+ embeddings), training history, feature_spec.json
     model/, handlers/        the project's code, so the worker imports it without an install
     model-config.yaml        batchSize, maxBatchDelay, min/maxWorkers, responseTimeout, handler limits
     metadata.json            training config, metrics, data fingerprint, versions, file hashes
@@ -52,7 +52,7 @@ REQUIRED = (
     "catalog/users.parquet",
     "catalog/history.parquet",
     "catalog/feature_spec.json",
-    f"catalog/{BOOK_VECTORS}",
+    BOOK_VECTORS,
     RETRIEVAL_FILE,
     RETRIEVAL_META,
     "config.yaml",
@@ -157,7 +157,7 @@ def build_archive(
         payload.mkdir()
         shutil.copytree(run_dir / "encoder", payload / "encoder")
         shutil.copytree(run_dir / "catalog", payload / "catalog")
-        for name in (RETRIEVAL_FILE, RETRIEVAL_META):
+        for name in (RETRIEVAL_FILE, RETRIEVAL_META, BOOK_VECTORS):
             shutil.copy2(run_dir / name, payload / name)
         for package in CODE_PACKAGES:
             _copy_code(package, payload)

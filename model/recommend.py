@@ -21,13 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.catalog import CATALOG_DIR
 from model.checkpoint import load_scripted
 from model.scoring import Scorer
 
 RETRIEVAL_FILE = "retrieval_scripted.pt"
 RETRIEVAL_META = "retrieval.json"
-BOOK_VECTORS = "book_vectors.npy"  # inside the catalog folder
+BOOK_VECTORS = "book_vectors.npy"  # beside the towers, one row per catalog book
 
 
 @dataclass
@@ -64,9 +63,9 @@ class RerankSettings:
         return cls(candidates=int(meta["candidates"]), blend=float(meta["blend"]))
 
 
-def load_book_vectors(catalog_dir: Path) -> torch.Tensor:
-    """The catalog's precomputed unit book vectors [B, dim]."""
-    return torch.from_numpy(np.load(catalog_dir / BOOK_VECTORS))
+def load_book_vectors(model_dir: Path) -> torch.Tensor:
+    """The precomputed unit vectors [B, dim] of every catalog book, in catalog row order."""
+    return torch.from_numpy(np.load(Path(model_dir) / BOOK_VECTORS))
 
 
 class TwoStageRecommender:
@@ -94,7 +93,7 @@ class TwoStageRecommender:
         """The towers, book vectors and rerank settings of a model folder (run folder or unpacked
         ``.mar``) around a rating ``scorer`` whose book set is the catalog's rows ``book_rows``
         (all of them when None)."""
-        vectors = load_book_vectors(Path(model_dir) / CATALOG_DIR)
+        vectors = load_book_vectors(model_dir)
         if book_rows is not None:
             vectors = vectors[book_rows]
         towers = load_scripted(Path(model_dir) / RETRIEVAL_FILE, scorer.device)

@@ -23,7 +23,7 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from model.catalog import CATALOG_DIR, Catalog
+from model.catalog import Catalog
 from model.checkpoint import load_scripted
 from model.config import Config, RetrievalConfig
 from model.features import book_own_stats
@@ -351,7 +351,7 @@ def step_retrieval(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
         warnings.simplefilter("ignore")
         torch.jit.script(model).save(str(run_dir / RETRIEVAL_FILE))
     towers = load_scripted(run_dir / RETRIEVAL_FILE)
-    np.save(run_dir / CATALOG_DIR / BOOK_VECTORS, catalog_book_vectors(towers, catalog).numpy())
+    np.save(run_dir / BOOK_VECTORS, catalog_book_vectors(towers, catalog).numpy())
 
     scorer = Scorer(load_scripted(run_dir / SCRIPTED_FILE), catalog.book_feats)
     settings = RerankSettings(candidates=cfg.retrieval.candidates)
