@@ -165,6 +165,7 @@ def step_evaluate(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
         cfg.split.seed,
         cfg.eval.ease_max_items,
         progress,
+        cfg.eval.rating_only_max_pairs,
     )
     meta["seconds"] = round(time.perf_counter() - start, 1)
     meta["catalog"] = {"books": len(catalog.books), "users": len(catalog.users)}
