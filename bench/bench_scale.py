@@ -290,7 +290,7 @@ def phase_topk(size: float, folder: Path, args: argparse.Namespace) -> dict:
 
 def phase_allpairs(size: float, folder: Path, args: argparse.Namespace) -> dict:
     job = beam(folder, "allpairs", ["--mode", "all", "--max-users", str(args.allpairs_users)])
-    users = json.loads((folder / "train.json").read_text())["catalog_users"]
+    users = json.loads((folder / "run" / "features.json").read_text())["users"]
     job["extrapolated_all_users_s"] = round(users * job["books"] / job["rows_per_s"])
     job["catalog_users"] = users
     return job
