@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--book-features", help="Parquet (isbn, features: list<float>) replacing catalog books")
     p.add_argument("--variant", choices=tuple(VARIANTS), default="scripted", help="model file (default: shipped)")
     p.add_argument("--num-shards", type=int, help="Parquet files to write (default: 4 per local worker, 32 remote)")
-    p.add_argument("--block-users", type=int, help="users scored per block (default: ~1M pairs per block)")
+    p.add_argument(
+        "--block-users", type=int, help="users scored per block (default: ~1M pairs per block; 512 users in topk mode)"
+    )
     p.add_argument("--compression", choices=COMPRESSIONS, default="zstd", help="Parquet codec (default zstd)")
     p.add_argument("--device", choices=DEVICES, default="cpu", help="scoring device on the workers")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="tail matmul precision")

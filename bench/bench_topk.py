@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     dim, n_books = recommender.book_vectors.shape[1], recommender.n_books
     peak = matmul_peak(device, args.block, dim, n_books)
 
-    recommender.recommend(catalog.user_feats[: args.block], history[: args.block], args.k, history[: args.block])
+    warm = min(args.block, n_users)
+    recommender.recommend(catalog.user_feats[:warm], history[:warm], args.k, history[:warm])
     sync(device)
     start = time.perf_counter()
     retrieval = rerank = 0.0

@@ -27,6 +27,8 @@ from model.scoring import Scorer
 RETRIEVAL_FILE = "retrieval_scripted.pt"
 RETRIEVAL_META = "retrieval.json"
 BOOK_VECTORS = "book_vectors.npy"  # beside the towers, one row per catalog book
+# Most retrieval logits held at once (users x books slice): 2^24 floats = 64 MB.
+LOGIT_BLOCK = 1 << 24
 
 
 @dataclass
@@ -133,18 +135,51 @@ class TwoStageRecommender:
         (``exclude[i]``, book-set positions) left out, with the rating MLP's prediction of each."""
         start = time.perf_counter()
         n = min(n or self.settings.candidates, self.n_books)
-        logits = self.user_vectors(user_feats, history) @ self.book_vectors.t() / self.temperature
-        if exclude is not None and any(len(e) for e in exclude):
-            users = np.repeat(np.arange(len(exclude)), [len(e) for e in exclude])
-            books = np.concatenate([np.asarray(e, np.int64) for e in exclude])
-            logits[torch.from_numpy(users).to(self.device), torch.from_numpy(books).to(self.device)] = -math.inf
-        top, rows = torch.topk(logits, n, dim=1)
+        users = self.user_vectors(user_feats, history)
+        top, rows = self._top_n(users, exclude, n)
         rows = rows.masked_fill(torch.isinf(top), -1)
         retrieved = time.perf_counter()
         user_proj = self.scorer.project_users(user_feats)
         rating = self.scorer.rate_rows(user_proj, rows.clamp_min(0))
         self.last_timings = {"retrieval": retrieved - start, "rerank": time.perf_counter() - retrieved}
         return Candidates(rows, top, rating)
+
+    def _top_n(
+        self, users: torch.Tensor, exclude: list[np.ndarray] | None, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``n`` logits and book-set positions per user, excluded books at -inf. The book set is
+        scored in slices of at most ``LOGIT_BLOCK`` logits per call, each slice's top-n merged into
+        the running one, so memory stays bounded whatever the catalog size and the user block."""
+        n_users, n_books = users.shape[0], self.n_books
+        if exclude is not None and any(len(e) for e in exclude):
+            ex_user = torch.from_numpy(np.repeat(np.arange(len(exclude)), [len(e) for e in exclude])).to(self.device)
+            ex_book = torch.from_numpy(np.concatenate([np.asarray(e, np.int64) for e in exclude])).to(self.device)
+        else:
+            ex_user = ex_book = None
+        if n_books == 0 or n == 0:
+            empty = torch.zeros(n_users, 0, device=self.device)
+            return empty, empty.long()
+        step = min(n_books, max(n, LOGIT_BLOCK // max(n_users, 1)))
+        users = users / self.temperature
+        # One buffer for every slice: a fresh 64 MB tensor per slice costs its page faults each time.
+        buffer = torch.empty(n_users * step, dtype=users.dtype, device=self.device)
+        top = rows = None
+        for begin in range(0, n_books, step):
+            end = min(begin + step, n_books)
+            logits = torch.mm(
+                users, self.book_vectors[begin:end].t(), out=buffer[: n_users * (end - begin)].view(n_users, -1)
+            )
+            if ex_book is not None:
+                inside = (ex_book >= begin) & (ex_book < end)
+                logits[ex_user[inside], ex_book[inside] - begin] = -math.inf
+            part_top, part_rows = torch.topk(logits, min(n, end - begin), dim=1)
+            if top is None:
+                top, rows = part_top, part_rows + begin
+            else:
+                merged, pick = torch.topk(torch.cat([top, part_top], dim=1), n, dim=1)
+                rows = torch.cat([rows, part_rows + begin], dim=1).gather(1, pick)
+                top = merged
+        return top, rows
 
     def rerank(self, cands: Candidates, k: int, blend: float | None = None) -> Recommendations:
         """The top-``k`` of the candidates by retrieval logit + ``blend`` x predicted rating."""

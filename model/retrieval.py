@@ -44,10 +44,12 @@ class TwoTower(nn.Module):
         self.user_mlp = nn.Sequential(nn.Linear(user_dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
         self.book_mlp = nn.Sequential(nn.Linear(book_dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
         # Row 0 is "unknown" (padding, stays zero); code c is row c + 1.
-        self.author = nn.Embedding(n_authors + 1, dim, padding_idx=0)
-        self.publisher = nn.Embedding(n_publishers + 1, dim, padding_idx=0)
-        self.book_id = nn.Embedding(n_books, dim)
-        self.context = nn.EmbeddingBag(n_books, dim, mode="mean")
+        # Sparse gradients: a step touches a few thousand rows of tables as long as the catalog, so
+        # its gradient and optimizer update must not cost the whole table (see ``sparse_parameters``).
+        self.author = nn.Embedding(n_authors + 1, dim, padding_idx=0, sparse=True)
+        self.publisher = nn.Embedding(n_publishers + 1, dim, padding_idx=0, sparse=True)
+        self.book_id = nn.Embedding(n_books, dim, sparse=True)
+        self.context = nn.EmbeddingBag(n_books, dim, mode="mean", sparse=True)
         for table in (self.author, self.publisher, self.book_id, self.context):
             nn.init.zeros_(table.weight)
         self.register_buffer("user_mean", torch.zeros(user_dim))
@@ -58,6 +60,11 @@ class TwoTower(nn.Module):
         self.register_buffer("id_known", torch.zeros(n_books, dtype=torch.bool))
         self.register_buffer("temperature", torch.tensor(float(temperature)))
         self.dim = dim
+
+    @torch.jit.ignore
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """The embedding tables, whose gradients are sparse (an optimizer such as SparseAdam)."""
+        return [t.weight for t in (self.author, self.publisher, self.book_id, self.context)]
 
     def set_standardisation(self, users: torch.Tensor, books: torch.Tensor) -> None:
         """Fix the input standardisation from training feature tables."""

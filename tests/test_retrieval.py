@@ -125,3 +125,28 @@ def test_rerank_orders_by_retrieval_plus_blend_times_rating(tiny_run: Path) -> N
     assert torch.equal(base.rerank(cands, 10, 0.0).rows, cands.rows[:, :10])
     with pytest.raises(ValueError, match="book vectors"):
         TwoStageRecommender(base.towers, base.book_vectors[:3], scorer, RerankSettings())
+
+
+def test_candidates_in_book_slices_equal_one_pass(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The retrieval top-n scored in slices of the book set (bounded memory on large catalogs) is
+    the top-n of one pass over every book, read books excluded in every slice."""
+    import model.recommend as recommend
+
+    catalog = Catalog.load(tiny_run)
+    recommender = TwoStageRecommender.load(
+        tiny_run, Scorer(load_scripted(tiny_run / "model_scripted.pt"), catalog.book_feats)
+    )
+    users = np.arange(20)
+    history = [catalog.rated_by(int(u)) for u in users]
+    one = recommender.candidates(catalog.user_feats[users], history, history, n=15)
+    monkeypatch.setattr(recommend, "LOGIT_BLOCK", 20 * 15)  # slices of 15 books
+    sliced = recommender.candidates(catalog.user_feats[users], history, history, n=15)
+    assert torch.allclose(sliced.retrieval, one.retrieval, atol=1e-5)
+    assert torch.equal(sliced.rows, one.rows)
+    for rows, read in zip(sliced.rows.numpy(), history, strict=True):
+        assert not set(rows) & set(read)
+    # the reference: every logit at once, read books at -inf
+    logits = recommender.user_vectors(catalog.user_feats[users], history) @ recommender.book_vectors.t()
+    for n, read in enumerate(history):
+        logits[n, torch.from_numpy(read)] = -float("inf")
+    assert torch.allclose(sliced.retrieval, torch.topk(logits / recommender.temperature, 15, dim=1).values, atol=1e-4)

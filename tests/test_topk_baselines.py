@@ -142,3 +142,32 @@ def test_recommend_top_k_blocks_and_excludes() -> None:
     np.testing.assert_array_equal(whole, blocked)
     for u in range(50):
         assert not set(whole[u][whole[u] >= 0]) & set(train[u].indices)
+
+
+def test_recommend_top_k_default_block_shrinks_with_the_catalog(monkeypatch: pytest.MonkeyPatch) -> None:
+    import train.topk_baselines as baselines
+
+    train = planted()
+    model = ItemKNN().fit(train)
+    whole = recommend_top_k(model, train, train, 5, block=len(train.indptr))
+    seen: list[int] = []
+    scored = model.score
+    monkeypatch.setattr(model, "score", lambda h: (seen.append(h.shape[0]), scored(h))[1])
+    monkeypatch.setattr(baselines, "SCORE_BUDGET", 10 * N_ITEMS)  # 10 users' scores per block
+    np.testing.assert_array_equal(recommend_top_k(model, train, train, 5), whole)
+    assert max(seen) == 10 and sum(seen) == train.shape[0]
+
+
+def test_item_knn_cuts_the_heaviest_readers_only_beyond_its_pair_budget() -> None:
+    from train.topk_baselines import _cap_heavy_rows
+
+    train = planted()
+    lengths = np.diff(train.indptr)
+    pairs = int((lengths**2).sum())
+    assert _cap_heavy_rows(train, pairs, seed=0) is train  # within the budget: untouched
+    heavy = interaction_matrix([0] * 30 + [1] * 3, [*range(30), 0, 1, 2], 2, N_ITEMS)
+    cut = _cap_heavy_rows(heavy, 10**2 + 3**2, seed=0)
+    assert np.diff(cut.indptr).tolist() == [10, 3]  # the 30-item reader cut to 10, the light one kept
+    assert set(cut[0].indices) <= set(range(30)) and cut[1].indices.tolist() == [0, 1, 2]
+    capped = ItemKNN(neighbours=None, max_pairs=pairs // 2).fit(train)
+    assert capped.sim.shape == (N_ITEMS, N_ITEMS) and capped.sim.nnz > 0

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from model.catalog import Catalog
 from train.pipeline import load_tables
-from train.topk_eval import MODEL_NAME, RATING_ONLY_NAME, cold_book_task, cold_user_task, warm_task
+from train.topk_eval import MODEL_NAME, RATING_ONLY_NAME, cold_book_task, cold_user_task, sample_task, warm_task
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +97,16 @@ def test_baseline_reports_are_cached_per_split(loaded, tmp_path: Path) -> None:
     assert {n: rep for n, (rep, _) in cached.items()} == {n: rep for n, (rep, _) in fresh.items()}
     other = BaselineCache(tmp_path, train, (warm_task(catalog, ratings, "val"),), 40_000, 0)
     assert other.key != first.key  # another protocol is another entry
+
+
+def test_sample_task_keeps_each_users_fields_together(loaded) -> None:
+    catalog, ratings = loaded
+    task = warm_task(catalog, ratings, "test")
+    assert sample_task(task, len(task), seed=0) is task
+    part = sample_task(task, 5, seed=0)
+    assert len(part) == 5 and np.all(np.diff(part.users) > 0)
+    for n, user in enumerate(part.users):
+        i = int(np.flatnonzero(task.users == user)[0])
+        assert np.array_equal(part.history[n], task.history[i]) and np.array_equal(part.relevant[n], task.relevant[i])
+        assert np.array_equal(part.exclude[n], task.exclude[i]) and np.array_equal(part.liked[n], task.liked[i])
+        assert torch.equal(part.feats[n], task.feats[i])

@@ -166,6 +166,7 @@ def step_evaluate(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
         cfg.eval.ease_max_items,
         Path(cfg.eval.baseline_cache) if cfg.eval.baseline_cache else None,
         progress,
+        cfg.eval.rating_only_max_pairs,
     )
     meta["seconds"] = round(time.perf_counter() - start, 1)
     meta["catalog"] = {"books": len(catalog.books), "users": len(catalog.users)}

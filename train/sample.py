@@ -6,9 +6,23 @@ global mean::
     rating = clip(round(7 + user_bias + book_bias + affinity + noise), 1, 10)
 
 where ``affinity`` depends on the user's country and age group and the book's
-genre; about 20% of interactions are implicit zeros. With ``malformed=True`` the
-files also carry every kind of problem the real dump has (broken rows, duplicates,
-mojibake, placeholder locations, impossible ages and years). ``write_sample``
+genre; a share of interactions (``implicit_share``, 20% by default; 62% in the
+real dump) are implicit zeros.
+
+Who rates what is skewed the way Book-Crossing is: users and books are drawn with
+Zipf-like weights ``(rank + offset) ** -exponent`` (``USER_SKEW``, ``BOOK_SKEW``),
+so a few readers rate thousands of books, most rate one, and a few books are read
+by hundreds. At the full dump's shape (278,858 users, 271,379 books, 1,149,780
+ratings, 62% implicit) restricted, like the shared 230k-rating copy, to explicit
+ratings of books with at least 3 of them, the per-user Gini is 0.685 (copy: 0.678)
+and the per-book Gini 0.488 (copy: 0.498); 165k users rate anything (the dump:
+105k, so the generator has more one-off readers); see
+``bench/bench_scale.py --compare``. Text varies like the dump's too: about one
+author per 2.7 books and one publisher per 17, each with a genre, and one town per
+five users, so almost every book and many users have their own text.
+
+With ``malformed=True`` the files also carry every kind of problem the real dump has
+(broken rows, duplicates, mojibake, placeholder locations, impossible ages and years). ``write_sample``
 returns the counters that :func:`train.ingest.read_bookcrossing` must report.
 
 Planted rows use fixed ids (users 1..9, the ``PLANTED_*`` ISBNs) so tests can look
@@ -85,6 +99,64 @@ PLACES = {
 }
 AGE_GROUPS = ((5, 24), (25, 44), (45, 80))
 
+# Zipf-like popularity (exponent, rank offset) of users and books, fitted to the shared copy.
+USER_SKEW = (1.0, 2.0)
+BOOK_SKEW = (0.8, 20.0)
+# The dump's ratios: books per author, books per publisher, users per distinct town.
+BOOKS_PER_AUTHOR = 2.7
+BOOKS_PER_PUBLISHER = 17
+USERS_PER_TOWN = 5
+
+# Parts of generated names (authors, publishers, towns, title words).
+FIRST_NAMES = (
+    "Anna Ben Carla David Emma Frank Grace Hugo Iris James Karen Liam Maria Noah Olga Paul Quinn Rita "
+    "Sam Tara Uma Victor Wendy Xavier Yara Zoe Alan Beth Colin Diana Eric Fiona George Helen Ian Julia "
+    "Kevin Laura Martin Nina"
+).split()
+LAST_NAMES = (
+    "Adams Baker Clark Dixon Evans Foster Grant Hughes Irving Jones Keller Lewis Morgan Nolan Owens "
+    "Parker Quincy Reyes Shaw Turner Upton Vance Walsh Young Zimmer Archer Bishop Carver Doyle Ellis "
+    "Fisher Gray Hayes Ingram Jensen Knight Lowe Mason Nash Oliver Price Reed Stone Tate Usher Vaughn "
+    "Webb York Brandt Crane Drake Frost Hale Kerr Lane Marsh Pike Rowe Sloan Thorne"
+).split()
+NAME_SUFFIXES = ("", " Jr.", " III")
+PUBLISHER_WORDS = (
+    "Blue Red Golden Silver Green Black White Northern Southern Eastern Western Royal Little Grand Old "
+    "New Bright Quiet Open Bold Heron Oak River Stone Harbor Lantern Raven Willow Falcon Maple Cedar "
+    "Pine Fox Owl Bridge Tower Garden Valley Meadow Summit"
+).split()
+PUBLISHER_KINDS = ("Press", "Books", "Publishing", "House", "Editions", "Media", "& Sons", "Library")
+TITLE_WORDS = (
+    "Dark Lost Secret Broken Golden Silent Hidden Burning Frozen Wild Sweet Bitter Endless Forgotten "
+    "Distant Crimson Hollow Quiet Stolen Shattered Twelfth Second Final Little Long Cold Bright Deep "
+    "Empty Falling Rising Winter Summer Autumn Spring Midnight Morning Evening Northern Southern"
+).split()
+TOWN_PARTS = (
+    (
+        "ash",
+        "bel",
+        "cor",
+        "dun",
+        "el",
+        "fair",
+        "glen",
+        "hol",
+        "kings",
+        "lin",
+        "mar",
+        "new",
+        "oak",
+        "port",
+        "red",
+        "stan",
+        "thorn",
+        "wood",
+        "west",
+        "brook",
+    ),
+    ("ford", "ton", "ville", "field", "burg", "dale", "mouth", "wick", "ham", "bury", "stead", "haven"),
+)
+
 USERS_HEADER = ["User-ID", "Location", "Age"]
 BOOKS_HEADER = ["ISBN", "Book-Title", "Book-Author", "Year-Of-Publication", "Publisher"]
 IMAGE_HEADER = ["Image-URL-S", "Image-URL-M", "Image-URL-L"]
@@ -127,12 +199,16 @@ def write_sample(
     seed: int = 0,
     malformed: bool = True,
     image_urls: bool | None = None,
+    implicit_share: float = 0.2,
 ) -> dict[str, int]:
     """Write users, books and ratings files; return the counts a reader must report.
 
     ``image_urls`` adds the three image-URL columns to the books file; by default
-    the original layout has them and the Kaggle layout does not.
+    the original layout has them and the Kaggle layout does not. ``implicit_share``
+    is the share of ratings that are implicit zeros.
     """
+    if not 0.0 <= implicit_share <= 1.0:
+        raise ValueError(f"implicit_share must be within 0..1, got {implicit_share}")
     if layout not in FILES:
         raise ValueError(f"layout must be 'kaggle' or 'original', not {layout!r}")
     if n_ratings > n_users * n_books:
@@ -143,7 +219,7 @@ def write_sample(
 
     users, user_groups = _regular_users(rng, n_users, kaggle, expected)
     books, book_genres = _regular_books(rng, n_books)
-    ratings = _regular_ratings(rng, users, user_groups, books, book_genres, n_ratings)
+    ratings = _regular_ratings(rng, users, user_groups, books, book_genres, n_ratings, implicit_share)
     expected["users.kept"] += len(users)
     expected["books.kept"] += len(books)
     _tally_ratings(ratings, expected)
@@ -193,9 +269,10 @@ def _regular_users(
 ) -> tuple[list[Row], dict[int, tuple[str, int]]]:
     users: list[Row] = []
     groups: dict[int, tuple[str, int]] = {}
+    places = _places(rng, max(1, n // USERS_PER_TOWN))
+    weights = _zipf_weights(len(places), 1.0, 2.0)
     for user_id in sorted(rng.sample(range(100, 100 + 5 * n), n)):
-        country = rng.choice(list(PLACES))
-        city, region = rng.choice(PLACES[country])
+        country, city, region = rng.choices(places, cum_weights=weights)[0]
         if rng.random() < 0.1:
             region = "n/a"  # the dump's most common placeholder
         group = rng.randrange(len(AGE_GROUPS))
@@ -208,6 +285,68 @@ def _regular_users(
     return users, groups
 
 
+def _zipf_weights(n: int, exponent: float, offset: float) -> list[float]:
+    """Cumulative weights ``(rank + offset) ** -exponent`` of ranks 1..n (for ``rng.choices``)."""
+    total, out = 0.0, []
+    for rank in range(1, n + 1):
+        total += (rank + offset) ** -exponent
+        out.append(total)
+    return out
+
+
+def _unique_names(rng: random.Random, n: int, parts: list[tuple[str, ...]], join) -> list[str]:
+    """``n`` distinct names built by ``join`` from one choice of each of ``parts``."""
+    sizes = [len(p) for p in parts]
+    total = 1
+    for size in sizes:
+        total *= size
+    names = []
+    for code in rng.sample(range(total), min(n, total)):
+        picked = []
+        for part, size in zip(parts, sizes, strict=True):
+            code, i = divmod(code, size)
+            picked.append(part[i])
+        names.append(join(*picked))
+    return names
+
+
+def _places(rng: random.Random, n: int) -> list[tuple[str, str, str]]:
+    """(country, city, region) of ``n`` towns: the named cities first, then generated towns."""
+    places = [(c, city, region) for c, cities in PLACES.items() for city, region in cities]
+    regions = {c: [r for _, r in cities] for c, cities in PLACES.items()}
+    towns = _unique_names(
+        rng, max(0, n - len(places)), [*TOWN_PARTS, ("", "s", " hill", " bay")], lambda a, b, c: a + b + c
+    )
+    for name in towns:
+        country = rng.choice(list(PLACES))
+        places.append((country, name, rng.choice(regions[country])))
+    return places
+
+
+def _genre_pools(rng: random.Random, n_books: int) -> dict[str, tuple[list[str], list[float], list[str], list[float]]]:
+    """Authors and publishers of every genre (the named ones first, the most read) with cumulative
+    Zipf weights, in the dump's numbers per book."""
+    genres = list(GENRES)
+    n_authors = max(0, round(n_books / BOOKS_PER_AUTHOR) - sum(len(g[2]) for g in GENRES.values()))
+    n_publishers = max(0, round(n_books / BOOKS_PER_PUBLISHER) - sum(len(g[3]) for g in GENRES.values()))
+    authors = _unique_names(
+        rng,
+        n_authors,
+        [FIRST_NAMES, [chr(c) for c in range(65, 91)], LAST_NAMES, NAME_SUFFIXES],
+        lambda f, i, last, suffix: f"{f} {i}. {last}{suffix}",
+    )
+    publishers = _unique_names(
+        rng, n_publishers, [PUBLISHER_WORDS, PUBLISHER_WORDS, PUBLISHER_KINDS], lambda a, b, k: f"{a} {b} {k}"
+    )
+    pools = {}
+    for n, genre in enumerate(genres):
+        _, _, named_authors, named_publishers = GENRES[genre]
+        a = [*named_authors, *authors[n :: len(genres)]]
+        p = [*named_publishers, *publishers[n :: len(genres)]]
+        pools[genre] = (a, _zipf_weights(len(a), 1.0, 1.0), p, _zipf_weights(len(p), 1.0, 1.0))
+    return pools
+
+
 def _age(age: int | None, kaggle: bool) -> str | None:
     if age is None:
         return None
@@ -218,13 +357,17 @@ def _regular_books(rng: random.Random, n: int) -> tuple[list[Row], dict[str, str
     taken = set(PLANTED_ISBNS)
     books: list[Row] = []
     genres: dict[str, str] = {}
+    pools = _genre_pools(rng, n)
     for _ in range(n):
         genre = rng.choice(list(GENRES))
-        starts, ends, authors, publishers = GENRES[genre]
+        starts, ends, _, _ = GENRES[genre]
+        authors, author_weights, publishers, publisher_weights = pools[genre]
         isbn = _isbn10(rng, taken)
-        title = f"{rng.choice(starts)} {rng.choice(ends)}"
+        middle = f"{rng.choice(TITLE_WORDS)} " if rng.random() < 0.6 else ""
+        title = f"{rng.choice(starts)} {middle}{rng.choice(ends)}"
         year = str(rng.randint(1950, 2004))
-        books.append([isbn, title, rng.choice(authors), year, rng.choice(publishers)])
+        author = rng.choices(authors, cum_weights=author_weights)[0]
+        books.append([isbn, title, author, year, rng.choices(publishers, cum_weights=publisher_weights)[0]])
         genres[isbn] = genre
     return books, genres
 
@@ -236,17 +379,14 @@ def _regular_ratings(
     books: list[Row],
     book_genres: dict[str, str],
     n: int,
+    implicit_share: float = 0.2,
 ) -> list[Row]:
     genres = list(GENRES)
     country_affinity = {(c, g): rng.uniform(-1.5, 1.5) for c in PLACES for g in genres}
     age_affinity = {(a, g): rng.uniform(-1.0, 1.0) for a in range(3) for g in genres}
     user_bias = {int(u[0]): rng.gauss(0, 1) for u in users}
     book_bias = {b[0]: rng.gauss(0, 1) for b in books}
-    user_ids = sorted(user_bias)
-    isbns = [b[0] for b in books]
-    pairs: set[tuple[int, str]] = set()
-    while len(pairs) < n:
-        pairs.add((rng.choice(user_ids), rng.choice(isbns)))
+    pairs = _skewed_pairs(rng, sorted(user_bias), [b[0] for b in books], n)
     ratings: list[Row] = []
     for user_id, isbn in sorted(pairs):
         country, age_group = user_groups[user_id]
@@ -259,10 +399,37 @@ def _regular_ratings(
             + age_affinity[age_group, genre]
             + rng.gauss(0, 0.8)
         )
-        rating = 0 if rng.random() < 0.2 else min(10, max(1, round(score)))
+        rating = 0 if rng.random() < implicit_share else min(10, max(1, round(score)))
         ratings.append([str(user_id), isbn, str(rating)])
     rng.shuffle(ratings)
     return ratings
+
+
+def _skewed_pairs(rng: random.Random, user_ids: list[int], isbns: list[str], n: int) -> set[tuple[int, str]]:
+    """``n`` distinct (user, book) pairs, users and books drawn by Zipf weights over a random
+    popularity order. Draws that repeat a pair are redrawn; once the heavy users and books are
+    saturated (a sample that asks for most of the pairs there are), the rest is drawn uniformly."""
+    users, books = user_ids[:], isbns[:]
+    rng.shuffle(users)
+    rng.shuffle(books)
+    user_w, book_w = _zipf_weights(len(users), *USER_SKEW), _zipf_weights(len(books), *BOOK_SKEW)
+    pairs: set[tuple[int, str]] = set()
+    for _ in range(20):
+        missing = n - len(pairs)
+        if missing <= 0:
+            break
+        drawn = zip(
+            rng.choices(users, cum_weights=user_w, k=missing),
+            rng.choices(books, cum_weights=book_w, k=missing),
+            strict=True,
+        )
+        before = len(pairs)
+        pairs.update(drawn)
+        if len(pairs) - before < missing // 4:
+            break  # mostly repeats: skew cannot place the rest
+    while len(pairs) < n:
+        pairs.add((rng.choice(user_ids), rng.choice(isbns)))
+    return pairs
 
 
 def _tally_ratings(ratings: list[Row], expected: Counter[str]) -> None:
@@ -428,6 +595,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ratings", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--clean", action="store_true", help="no planted problems")
+    parser.add_argument("--implicit-share", type=float, default=0.2, help="share of implicit zeros (dump: 0.62)")
     args = parser.parse_args(argv)
     expected = write_sample(
         args.out_dir,
@@ -437,6 +605,7 @@ def main(argv: list[str] | None = None) -> None:
         n_ratings=args.ratings,
         seed=args.seed,
         malformed=not args.clean,
+        implicit_share=args.implicit_share,
     )
     print(f"wrote a {args.layout} sample to {args.out_dir}; expected counts:")
     print(json.dumps(expected, indent=2))

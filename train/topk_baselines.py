@@ -118,27 +118,59 @@ def _keep_top_per_column(s: sp.csr_matrix, k: int) -> sp.csr_matrix:
     return sp.csr_matrix((csc.data[keep], (csc.indices[keep], cols[keep])), shape=csc.shape, dtype=np.float32)
 
 
+def _cap_heavy_rows(x: sp.csr_matrix, max_pairs: int, seed: int) -> sp.csr_matrix:
+    """``x`` with the longest rows cut to a seeded sample of ``cap`` items, ``cap`` the largest that
+    keeps ``sum(min(len(row), cap) ** 2)`` (the co-occurrence pairs ``x.T @ x`` builds) within
+    ``max_pairs``. A reader of 10,000 books alone adds 10^8 pairs (over a GB) and says little about
+    any two of them; a matrix within the budget is returned unchanged."""
+    lengths = np.diff(x.indptr)
+    if int((lengths.astype(np.int64) ** 2).sum()) <= max_pairs:
+        return x
+    lo, hi = 1, int(lengths.max())
+    while lo < hi:  # the largest cap within the budget
+        mid = (lo + hi + 1) // 2
+        if int((np.minimum(lengths, mid).astype(np.int64) ** 2).sum()) <= max_pairs:
+            lo = mid
+        else:
+            hi = mid - 1
+    rng = np.random.default_rng(seed)
+    keep = np.ones(x.nnz, dtype=bool)
+    for row in np.flatnonzero(lengths > lo):
+        start = x.indptr[row]
+        drop = rng.choice(lengths[row], lengths[row] - lo, replace=False)
+        keep[start + drop] = False
+    rows = np.repeat(np.arange(x.shape[0]), lengths)[keep]
+    return sp.csr_matrix((x.data[keep], (rows, x.indices[keep])), shape=x.shape, dtype=np.float32)
+
+
 class ItemKNN(_Fitted):
     """Item-item cosine kNN: score = history @ S, S the cosine similarity of item columns.
 
     ``S[i, j] = co(i, j) / (|i| |j| + shrink)`` with co the number of users who have both items and
     |i| the square root of item i's user count; the diagonal is zero. For each target item j only its
     ``neighbours`` most similar items are kept (None keeps all), the classic item-kNN prune, which also
-    bounds the memory of S to ``neighbours * n_items`` entries.
+    bounds the memory of S to ``neighbours * n_items`` entries. Readers with very long histories are
+    cut to a seeded sample so the co-occurrence count stays within ``max_pairs`` (see
+    :func:`_cap_heavy_rows`); below that budget (every shared-data run) nothing is cut.
     """
 
-    def __init__(self, neighbours: int | None = 100, shrink: float = 0.0) -> None:
+    def __init__(
+        self, neighbours: int | None = 100, shrink: float = 0.0, max_pairs: int = 50_000_000, seed: int = 0
+    ) -> None:
         if neighbours is not None and neighbours < 1:
             raise ValueError(f"neighbours must be >= 1 or None, got {neighbours}")
         if shrink < 0:
             raise ValueError(f"shrink must be >= 0, got {shrink}")
         self.neighbours = neighbours
         self.shrink = shrink
+        self.max_pairs = max_pairs
+        self.seed = seed
         self.name = f"item-kNN (cosine, {neighbours or 'all'} neighbours)"
 
     def fit(self, train: sp.csr_matrix) -> ItemKNN:
         x = _binary(train, "train")
         self.n_items = x.shape[1]
+        x = _cap_heavy_rows(x, self.max_pairs, self.seed)
         co = (x.T @ x).tocsr()
         co.setdiag(0)
         co.eliminate_zeros()
@@ -254,14 +286,22 @@ class EASE(_Fitted):
         return out
 
 
+# Most scores one block of users holds (float32): 2^25 = 128 MB; ``top_k_excluding`` takes about
+# three times that at its peak (its copy, and the partition's).
+SCORE_BUDGET = 1 << 25
+
+
 def recommend_top_k(
-    model: TopKBaseline, history: sp.csr_matrix, exclude: sp.spmatrix, k: int, block: int = 2048
+    model: TopKBaseline, history: sp.csr_matrix, exclude: sp.spmatrix, k: int, block: int | None = None
 ) -> np.ndarray:
     """Top-k item indices [U, k] (best first, -1 padding) for every row of ``history``.
 
-    Scores ``block`` users at a time so memory stays at about ``block * n_items * 4`` bytes, and
-    never returns an item stored in ``exclude`` (same rows as ``history``).
+    Scores ``block`` users at a time (default: as many as keep ``block * n_items`` within
+    ``SCORE_BUDGET``, at most 2,048), so memory stays bounded whatever the catalog size, and never
+    returns an item stored in ``exclude`` (same rows as ``history``).
     """
+    if block is None:
+        block = max(1, min(2048, SCORE_BUDGET // max(history.shape[1], 1)))
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
     history = sp.csr_matrix(history)

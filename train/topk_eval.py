@@ -135,6 +135,22 @@ def cold_book_task(catalog: Catalog, ratings: pd.DataFrame) -> tuple[RankingTask
     return task, candidates
 
 
+def sample_task(task: RankingTask, max_users: int, seed: int) -> RankingTask:
+    """``task`` restricted to a seeded sample of ``max_users`` users (itself when it has no more)."""
+    if len(task) <= max_users:
+        return task
+    keep = np.sort(np.random.default_rng(seed).choice(len(task), max_users, replace=False))
+    return RankingTask(
+        name=task.name,
+        users=task.users[keep],
+        feats=task.feats[torch.from_numpy(keep)],
+        history=[task.history[i] for i in keep],
+        exclude=[task.exclude[i] for i in keep],
+        relevant=[task.relevant[i] for i in keep],
+        liked=[task.liked[i] for i in keep],
+    )
+
+
 def _clean(lists: list[np.ndarray]) -> list[np.ndarray]:
     return [x[x >= 0] for x in lists]
 
@@ -192,6 +208,7 @@ def evaluate_top_k(
     ease_max_items: int,
     cache_dir: Path | None = None,
     progress: bool = True,
+    rating_only_max_pairs: int = 1_000_000_000,
 ) -> dict:
     """Every protocol's table: ``{"warm": {model: report}, "cold-user": ..., "cold-book": ...}``.
 
@@ -199,7 +216,9 @@ def evaluate_top_k(
     are kept under a hash of the training interactions and the protocols' users, and a rerun on the
     same split (a new model, another seed of the towers) does not refit them."""
     n_items = len(catalog.books)
-    train = _csr([catalog.rated_by(u) for u in range(len(catalog.users))], n_items)
+    bounds = catalog.rated_bounds
+    train = interaction_matrix(np.repeat(np.arange(len(bounds) - 1), np.diff(bounds)), catalog.rated_books,
+                               len(bounds) - 1, n_items)  # fmt: skip
     popularity = np.asarray(train.sum(axis=0)).ravel()
     warm = warm_task(catalog, ratings, "test")
     cold_user = cold_user_task(catalog, ratings, reveal, seed)
@@ -214,7 +233,13 @@ def evaluate_top_k(
         results[task.name][MODEL_NAME] = report(task, model_top_k(recommender, task, progress=progress))
     timings[MODEL_NAME] = time.perf_counter() - start
     start = time.perf_counter()
-    results["warm"][RATING_ONLY_NAME] = report(warm, rating_only_top_k(recommender, warm))
+    sampled = sample_task(warm, max(1, rating_only_max_pairs // max(n_items, 1)), seed)
+    results["warm"][RATING_ONLY_NAME] = report(sampled, rating_only_top_k(recommender, sampled))
+    if len(sampled) < len(warm):
+        results["warm"][RATING_ONLY_NAME]["note"] = (
+            f"a seeded sample of {len(sampled):,} of the {len(warm):,} warm users: it scores every book "
+            f"for every user, capped at eval.rating_only_max_pairs = {rating_only_max_pairs:,} pairs"
+        )
     timings[RATING_ONLY_NAME] = time.perf_counter() - start
 
     cached = BaselineCache(cache_dir, train, (warm, cold_user), ease_max_items, seed)
@@ -356,7 +381,8 @@ def topk_markdown(topk: dict) -> str:
                 f"{rep[key]:.4f}" if key != "mean_popularity@10" else f"{rep[key]:.1f}" for key, _ in TABLE_COLUMNS
             ]
             lines.append("| " + " | ".join([name, *cells, str(rep["users"])]) + " |")
-        parts.append("\n".join(lines))
+        notes = [f"{name}: {rep['note']}." for name, rep in rows.items() if "note" in rep]
+        parts.append("\n".join(lines + (["", *notes] if notes else [])))
     cold = topk["results"].get("cold-book") or {}
     if cold:
         model, rand = cold[MODEL_NAME], cold["random"]
