@@ -367,7 +367,9 @@ def step_retrieval(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     settings = RerankSettings(candidates=cfg.retrieval.candidates)
     RerankSettings.save(settings, run_dir / RETRIEVAL_META)
     recommender = TwoStageRecommender.load(run_dir, scorer)
-    blend, blend_table = choose_blend(recommender, warm_task(catalog, ratings, "val"), cfg.retrieval.blend_grid)
+    blend, blend_table = choose_blend(
+        recommender, warm_task(catalog, ratings, "val"), cfg.retrieval.blend_grid, min_gain=cfg.retrieval.blend_min_gain
+    )
     summary = {
         "best_epoch": result.best_epoch,
         f"best_val_recall@{cfg.retrieval.val_k}": round(result.best_val_recall, 5),

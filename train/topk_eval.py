@@ -338,10 +338,12 @@ def cold_book_results(recommender: TwoStageRecommender, catalog: Catalog, rating
 
 
 def choose_blend(
-    recommender: TwoStageRecommender, task: RankingTask, grid: list[float], k: int = 10
+    recommender: TwoStageRecommender, task: RankingTask, grid: list[float], k: int = 10, min_gain: float = 0.0
 ) -> tuple[float, dict]:
     """The rerank weight of the predicted rating with the best recall@k on ``task`` (validation);
-    candidates are retrieved once and reordered for every weight. Ties go to the smaller weight."""
+    candidates are retrieved once and reordered for every weight. Ties go to the smaller weight, and
+    a non-zero weight must beat weight 0 by more than ``min_gain`` (a non-zero weight makes every
+    request rate all its candidates instead of the k it returns)."""
     found: dict[float, list[np.ndarray]] = {blend: [] for blend in grid}
     for s in range(0, len(task), USER_BLOCK):
         sl = slice(s, s + USER_BLOCK)
@@ -351,6 +353,8 @@ def choose_blend(
     relevant = _clean(task.relevant)
     table = {blend: recall_at_k(np.concatenate(tops), relevant, k) for blend, tops in found.items()}
     best = max(sorted(table), key=lambda b: (table[b], -b))
+    if 0.0 in table and table[best] - table[0.0] <= min_gain:
+        best = 0.0
     return best, {f"{b:g}": round(v, 5) for b, v in table.items()}
 
 
