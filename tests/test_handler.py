@@ -232,7 +232,9 @@ def test_recommend_ranks_the_catalog_and_excludes_rated_books(loaded: tuple[Any,
     assert (s1, s2, s3) == (200, 200, 200)
     assert len(default["recommendations"]) == 10 and default["k"] == 10
     recs = excl["recommendations"]
-    assert len(recs) == 100 and [r["rank"] for r in recs] == list(range(1, 101))
+    # every unread book when fewer than 100 remain (the sample's heaviest reader read most of them)
+    unread = len(engine.catalog.books) - len(samples["rated"])
+    assert len(recs) == min(100, unread) and [r["rank"] for r in recs] == list(range(1, len(recs) + 1))
     scores = [r["score"] for r in recs]
     relevance = [r["relevance"] for r in recs]
     assert relevance == sorted(relevance, reverse=True)  # ordered by the two-stage relevance
