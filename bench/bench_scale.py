@@ -297,7 +297,7 @@ def phase_allpairs(size: float, folder: Path, args: argparse.Namespace) -> dict:
 
 
 def phase_serve(size: float, folder: Path, args: argparse.Namespace) -> dict:
-    out = folder / "serve.json"
+    out = folder / "bench_serve.json"
     cmd = [
         sys.executable, "bench/bench_serve.py", "--run-dir", str(folder / "run"), "--concurrency", "1",
         "--scenarios", "recommend_10", "rate_1", "--requests", str(args.calls), "--recommend-requests", str(args.calls),
@@ -433,7 +433,7 @@ def plot(results: dict[float, dict[str, dict]], path: Path) -> None:
     ax = axes[0]
     bottom = np.zeros(len(sizes))
     for step in TRAIN_STEPS:
-        values = np.array([results[s]["train"]["steps_s"].get(step, 0) / 60 for s in sizes])
+        values = np.array([(results[s]["train"]["steps_s"].get(step) or 0) / 60 for s in sizes])  # unfinished: 0
         ax.bar([str(s) for s in sizes], values, bottom=bottom, label=step)
         bottom += values
     ax.axhline(15, color="k", ls="--", lw=0.8, label="target 15 min")
