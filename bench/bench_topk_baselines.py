@@ -53,8 +53,9 @@ from train.topk_baselines import (  # noqa: E402
     interaction_matrix,
     recommend_top_k,
 )
+from train.topk_eval import TABLE_COLUMNS as COLUMNS  # noqa: E402
 
-DEFAULT_RATINGS = Path("/work/main/runs/bookcrossing/data/ratings.parquet")
+DEFAULT_RATINGS = REPO / "runs" / "bookcrossing" / "data" / "ratings.parquet"
 LIKED = 8
 
 
@@ -168,18 +169,6 @@ def fmt(x: Any, digits: int = 4) -> str:
     if isinstance(x, float):
         return "nan" if np.isnan(x) else f"{x:.{digits}f}"
     return str(x)
-
-
-COLUMNS = [
-    ("recall@10", "recall@10"),
-    ("recall@100", "recall@100"),
-    ("ndcg@10", "NDCG@10"),
-    ("liked_recall@10", "liked recall@10"),
-    ("liked_ndcg@10", "liked NDCG@10"),
-    ("coverage@10", "coverage@10"),
-    ("top1_share", "top-1 share"),
-    ("mean_popularity@10", "mean pop@10"),
-]
 
 
 def table(results: list[dict[str, Any]], protocol: str, only_default: bool) -> str:

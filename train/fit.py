@@ -33,6 +33,32 @@ class FitResult:
     seconds: float = 0.0
 
 
+class EarlyStopping:
+    """Keeps the weights of the best epoch so far and says when ``patience`` epochs in a row brought
+    no improvement of more than ``min_delta`` (lower is better unless ``higher_is_better``)."""
+
+    def __init__(self, model: nn.Module, patience: int, higher_is_better: bool = False, min_delta: float = 1e-5):
+        self.model, self.patience, self.min_delta = model, patience, min_delta
+        self.sign = 1.0 if higher_is_better else -1.0
+        self.best = -self.sign * math.inf
+        self.best_epoch, self.stale = 0, 0
+        self.state = copy.deepcopy(model.state_dict())
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record an epoch's validation figure; True when training should stop."""
+        if self.sign * value > self.sign * self.best + self.min_delta:
+            self.best, self.best_epoch, self.stale = value, epoch, 0
+            self.state = copy.deepcopy(self.model.state_dict())
+            return False
+        self.stale += 1
+        return self.stale >= self.patience
+
+    def restore(self) -> None:
+        """Load the best epoch's weights into the model, in eval mode."""
+        self.model.load_state_dict(self.state)
+        self.model.eval()
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' picks CUDA when present."""
     if name == "auto":
@@ -94,12 +120,7 @@ def fit(
     n_epochs = cfg.epochs if epochs is None else epochs
     tracker, own_tracker = _wandb_run(cfg, stage)
 
-    best_rmse, best_epoch, best_state, stale = (
-        math.inf,
-        0,
-        copy.deepcopy(model.state_dict()),
-        0,
-    )
+    stopper = EarlyStopping(model, cfg.patience)
     result = FitResult(0, math.inf)
     start = time.perf_counter()
     for epoch in range(1, n_epochs + 1):
@@ -144,19 +165,13 @@ def fit(
             row["train_rmse"],
             val_rmse,
         )
-        if val_rmse < best_rmse - 1e-5:
-            best_rmse, best_epoch, stale = val_rmse, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                break
-    model.load_state_dict(best_state)
-    model.eval()
+        if stopper.update(val_rmse, epoch):
+            break
+    stopper.restore()
     if own_tracker:
-        tracker.summary["best_val_rmse"] = best_rmse
+        tracker.summary["best_val_rmse"] = stopper.best
         tracker.finish()
-    result.best_epoch, result.best_val_rmse = best_epoch, best_rmse
+    result.best_epoch, result.best_val_rmse = stopper.best_epoch, stopper.best
     result.seconds = time.perf_counter() - start
     return result
 

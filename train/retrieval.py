@@ -10,7 +10,6 @@ out-of-fold ones the rating MLP trains on, so no positive ever sees itself.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -32,7 +31,7 @@ from model.retrieval import TwoTower
 from model.scoring import Scorer
 from train.compress import SCRIPTED_FILE
 from train.dataset import TrainingData, build_training_data
-from train.fit import resolve_device
+from train.fit import EarlyStopping, resolve_device
 from train.topk_eval import choose_blend, warm_task
 
 log = logging.getLogger("bookrec.retrieval")
@@ -284,7 +283,7 @@ def fit_retrieval(
     )
 
     result = RetrievalFit(0, -1.0)
-    best_state, stale = copy.deepcopy(model.state_dict()), 0
+    stopper = EarlyStopping(model, cfg.patience, higher_is_better=True)
     start = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         model.train()
@@ -331,15 +330,11 @@ def fit_retrieval(
         }
         result.epochs.append(row)
         log.info("retrieval epoch %d: loss %.4f, val recall@%d %.4f", epoch, row["loss"], cfg.val_k, recall)
-        if recall > result.best_val_recall + 1e-5:
-            result.best_val_recall, result.best_epoch, stale = recall, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                break
-    model.load_state_dict(best_state)
-    model.eval()
+        if stopper.update(recall, epoch):
+            break
+    stopper.restore()
+    if stopper.best_epoch:
+        result.best_val_recall, result.best_epoch = stopper.best, stopper.best_epoch
     result.seconds = time.perf_counter() - start
     return result
 

@@ -286,11 +286,11 @@ class BaselineCache:
             return {name: (rep, sec) for name, (rep, sec) in json.loads(path.read_text()).items()}
         out = {}
         n_items = self.train.shape[1]
+        popularity = np.asarray(self.train.sum(axis=0)).ravel()
+        # Each protocol's history and exclusion matrices, built once for every baseline.
+        inputs = {task.name: (_csr(task.history, n_items), _csr(task.exclude, n_items)) for task in self.tasks}
         popular = MostPopular().fit(self.train)
-        fallback = {
-            task.name: recommend_top_k(popular, _csr(task.history, n_items), _csr(task.exclude, n_items), DEPTH)
-            for task in self.tasks
-        }
+        fallback = {name: recommend_top_k(popular, *matrices, DEPTH) for name, matrices in inputs.items()}
         for model in tqdm(self.models, desc="top-K baselines", leave=False, disable=not progress):
             start = time.perf_counter()
             try:
@@ -300,9 +300,8 @@ class BaselineCache:
                 out[model.name] = ({task.name: {"skipped": str(err)} for task in self.tasks}, 0.0)
                 continue
             reports = {}
-            popularity = np.asarray(self.train.sum(axis=0)).ravel()
             for task in self.tasks:
-                top = recommend_top_k(model, _csr(task.history, n_items), _csr(task.exclude, n_items), DEPTH)
+                top = recommend_top_k(model, *inputs[task.name], DEPTH)
                 # A reader with no history gets nothing from item-item or factor models (every score
                 # is 0); like any deployed recommender, they fall back to the most popular books.
                 empty = np.array([len(h) == 0 for h in task.history], bool)
