@@ -1,9 +1,10 @@
 """What a worker needs to score: model, features, the book set, and turning scores into Arrow rows.
 
 ``ScoringContext.load`` runs once per worker process (the DoFns share it through
-``apache_beam.utils.shared.Shared``): it loads the model and the catalog, validates every feature
-row, projects the book set once (``Scorer``) and prepares the exclusion index. Each user block then
-costs one user projection, one ``Scorer.score_projected`` and one Arrow record batch.
+``apache_beam.utils.shared.Shared``): it loads the model folder (``ModelFolder``, as serving and the
+evaluation do) into a ``LoadedModel`` over the job's book set, validates every feature row and
+prepares the exclusion index. Each user block then costs one user projection, one
+``Scorer.score_projected`` (or one ``TwoStageRecommender.recommend``) and one Arrow record batch.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from apache_beam.io.filesystems import FileSystems
 
 from batch import schemas
 from batch.io import _local, is_local
-from batch.model_source import load_model, model_dims, resolve
+from batch.model_source import model_dims, resolve
+from batch.native_head import attach
+from model import layout
+from model.artifacts import LoadedModel, ModelFolder, resolve_device
 from model.catalog import Catalog
-from model.checkpoint import load_scripted
-from model.recommend import RETRIEVAL_FILE, RETRIEVAL_META, RerankSettings, TwoStageRecommender
 from model.scoring import DEFAULT_BLOCK_PAIRS, Scorer
 
 log = logging.getLogger("bookrec.batch")
@@ -126,14 +128,11 @@ class ScoringContext:
 
     def __init__(self, spec: JobSpec):
         self.spec = spec
-        folder = resolve(spec.model, spec.variant)
-        device = spec.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        model = load_model(folder, spec.variant, self.device)
+        folder = ModelFolder(resolve(spec.model, spec.variant))
+        self.device = resolve_device(spec.device)
+        model = folder.load_rating_model(spec.variant, self.device)
         self.user_dim, self.book_dim = model_dims(model)
-        catalog = Catalog.load(folder)
+        catalog = folder.load_catalog()
         self.users = self._side(catalog.user_feats, catalog.users["user_id"].tolist(), spec.user_features, "user")
         books = self._side(catalog.book_feats, catalog.books["isbn"].tolist(), spec.book_features, "book")
 
@@ -153,18 +152,22 @@ class ScoringContext:
         self.isbn_dictionary = pa.array(isbns, pa.string())
         self.n_books = len(isbns)
         block_pairs = DEFAULT_BLOCK_PAIRS if self.device.type == "cpu" else 1 << 22
-        self.scorer = Scorer(
+        scorer = Scorer(
             model,
             books.feats[torch.tensor(rows, dtype=torch.long)],
             self.device,
             precision=spec.precision,
             threads=spec.threads,
             block_pairs=block_pairs,
-            kernel=spec.kernel,
         )
+        self.scorer = attach(scorer, spec.kernel)
+        recommender = None
+        if spec.mode == "topk":
+            catalog_rows = torch.tensor([catalog.book_index.get(i, -1) for i in isbns], dtype=torch.long)
+            external = books.source != "catalog"
+            recommender = folder.recommender_for(self.scorer, catalog, catalog_rows, from_features=external)
+        self.model = LoadedModel(folder, catalog, self.scorer, recommender)
         self.k = min(spec.k, self.n_books)
-        self.recommender = self._recommender(folder, catalog, books, rows) if spec.mode == "topk" else None
-        self._reads = (catalog.user_index, catalog.rated_books, catalog.rated_bounds)
         self._exclusion = self._exclusion_index(catalog, isbns) if spec.exclude_rated else None
         self._tiled = np.zeros(0, np.int32)
         self._ranks = np.tile(np.arange(1, self.k + 1, dtype=np.int32), max(spec.block_users, 1))
@@ -186,27 +189,6 @@ class ScoringContext:
             index.setdefault(i, n)  # the first row of a repeated id wins
         return _Side(feats, index, reasons, source=f"{kind} features file {external}")
 
-    def _recommender(self, folder: Path, catalog: Catalog, books: _Side, rows: list[int]) -> TwoStageRecommender:
-        """The two-stage recommender over the book set: the catalog's precomputed book vectors, or,
-        for an external book features file, vectors the towers compute from those features."""
-        if books.source == "catalog":
-            return TwoStageRecommender.load(folder, self.scorer, torch.tensor(rows, dtype=torch.long))
-        isbns = self.isbn_dictionary.to_pylist()
-        catalog_rows = torch.tensor([catalog.book_index.get(i, -1) for i in isbns], dtype=torch.long)
-        codes = {}
-        for name in ("author", "publisher"):
-            code = catalog.groups[name][0]
-            codes[name] = torch.where(catalog_rows >= 0, code[catalog_rows.clamp_min(0)], -1)
-        towers = load_scripted(folder / RETRIEVAL_FILE, self.device)
-        with torch.inference_mode():
-            vectors = towers.embed_books(
-                books.feats[torch.tensor(rows, dtype=torch.long)].to(self.device),
-                catalog_rows.to(self.device),
-                codes["author"].to(self.device),
-                codes["publisher"].to(self.device),
-            )
-        return TwoStageRecommender(towers, vectors, self.scorer, RerankSettings.load(folder / RETRIEVAL_META))
-
     def _exclusion_index(self, catalog: Catalog, isbns: list[str]) -> np.ndarray:
         """The book-set position of every catalog book (-1 outside the set)."""
         position = np.full(len(catalog.books), -1, np.int64)
@@ -216,13 +198,8 @@ class ScoringContext:
         return position
 
     def reads(self, user_ids: np.ndarray) -> list[np.ndarray]:
-        """Catalog rows each user read in training (``Catalog.rated_by``; empty for unknown users)."""
-        user_index, rated_books, bounds = self._reads
-        out = []
-        for user in user_ids.tolist():
-            row = user_index.get(int(user))
-            out.append(rated_books[bounds[row] : bounds[row + 1]] if row is not None else np.zeros(0, np.int64))
-        return out
+        """Catalog rows each user read in training (empty for unknown users)."""
+        return self.model.catalog.reads_of(user_ids.tolist())
 
     def rated(self, user_ids: np.ndarray, reads: list[np.ndarray] | None = None) -> list[np.ndarray]:
         """Book-set positions each user read in training (empty without --exclude-rated)."""
@@ -277,7 +254,7 @@ class ScoringContext:
         """The two-stage top-k of a block of users (``TwoStageRecommender``, as the handler)."""
         n_u = len(user_ids)
         reads = self.reads(user_ids)
-        recs = self.recommender.recommend(feats, reads, self.k, self.rated(user_ids, reads))
+        recs = self.model.recommender.recommend(feats, reads, self.k, self.rated(user_ids, reads))
         idx = recs.rows.cpu().numpy().reshape(-1)
         score = recs.rating.cpu().numpy().reshape(-1)
         relevance = recs.relevance.cpu().numpy().reshape(-1)
@@ -300,6 +277,6 @@ class ScoringContext:
 
 def catalog_ids(model_dir: Path, kind: str) -> list:
     """Ids of the catalog's users (int) or books (str), in catalog order, without loading features."""
-    name, column = ("users.parquet", "user_id") if kind == "user" else ("books.parquet", "isbn")
-    values = pq.read_table(model_dir / "catalog" / name, columns=[column])[column].to_pylist()
+    name, column = (layout.USERS_FILE, "user_id") if kind == "user" else (layout.BOOKS_FILE, "isbn")
+    values = pq.read_table(model_dir / layout.catalog_path(name), columns=[column])[column].to_pylist()
     return [int(v) for v in values] if kind == "user" else [str(v) for v in values]

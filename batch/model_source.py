@@ -1,10 +1,8 @@
 """Find the model files a batch job scores with: a training run folder or a TorchServe ``.mar``.
 
-Both hold the same files (``handlers/archive.py`` lays the archive out like a run folder):
-``model_scripted.pt``, the retrieval towers and ``catalog/`` (books, users, history, feature spec,
-book vectors). The path may be local
-or on any Beam filesystem (``gs://...``); remote models are copied to a local cache once per
-process, archives are unpacked once per process.
+Both share one layout (``model/layout.py``), checked by ``model.artifacts.ModelFolder``. The path
+may be local or on any Beam filesystem (``gs://...``); remote models are copied to a local cache
+once per process, archives are unpacked once per process.
 """
 
 from __future__ import annotations
@@ -20,13 +18,7 @@ import torch
 from apache_beam.io.filesystems import FileSystems
 
 from batch.io import is_local
-from model.checkpoint import load_checkpoint, load_scripted
-from model.recommend import BOOK_VECTORS, RETRIEVAL_FILE, RETRIEVAL_META
-
-SCRIPTED = "model_scripted.pt"
-VARIANTS = {"scripted": SCRIPTED, "int8": "model_int8.pt", "pruned": "model_pruned.pt", "fp32": "model_fp32.pt"}
-CATALOG_FILES = ("books.parquet", "users.parquet", "history.parquet", "feature_spec.json")
-RETRIEVAL_FILES = (RETRIEVAL_FILE, RETRIEVAL_META, BOOK_VECTORS)
+from model.artifacts import IncompleteModelFolder, ModelFolder
 
 _lock = threading.Lock()
 _resolved: dict[tuple[str, str], Path] = {}
@@ -98,7 +90,7 @@ def _unpack(archive: Path) -> Path:
 
 
 def resolve(path: str, variant: str = "scripted") -> Path:
-    """A local folder laid out like a run folder (model file + ``catalog/``) for ``path``."""
+    """A local, complete model folder (run folder layout) for ``path``."""
     key = (path, variant)
     with _lock:
         if key in _resolved:
@@ -110,25 +102,12 @@ def resolve(path: str, variant: str = "scripted") -> Path:
         else:
             local = _fetch(path)
         folder = _unpack(local) if local.is_file() else local
-        check_model_dir(folder, variant, shown=path)
+        try:
+            ModelFolder(folder).check(variant, shown=f"--model {path}")
+        except IncompleteModelFolder as err:
+            raise ModelError(str(err)) from None
         _resolved[key] = folder
         return folder
-
-
-def check_model_dir(folder: Path, variant: str, shown: str) -> None:
-    """Raise ``ModelError`` naming what is missing."""
-    missing = [f for f in (VARIANTS[variant], *RETRIEVAL_FILES) if not (folder / f).is_file()]
-    missing += [f"catalog/{f}" for f in CATALOG_FILES if not (folder / "catalog" / f).is_file()]
-    if missing:
-        raise ModelError(f"--model {shown}: not a training run folder or bookrec.mar; missing {', '.join(missing)}")
-
-
-def load_model(folder: Path, variant: str = "scripted", device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The model in eval mode: TorchScript through ``torch.jit.load`` alone, eager ones by checkpoint."""
-    path = folder / VARIANTS[variant]
-    if variant == "scripted":
-        return load_scripted(path, device)
-    return load_checkpoint(path, map_location=device).to(device).eval()
 
 
 def model_dims(model: torch.nn.Module) -> tuple[int, int]:

@@ -23,7 +23,7 @@ from apache_beam.options.pipeline_options import (
 )
 
 from batch.io import COMPRESSIONS, is_local
-from batch.model_source import VARIANTS
+from model.layout import MODEL_FILES
 
 MODES = ("all", "topk")
 DEVICES = ("auto", "cpu", "cuda")
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-users", type=int, help="score only the first N users of the user set")
     p.add_argument("--user-features", help="Parquet (user_id, features: list<float>) replacing catalog users")
     p.add_argument("--book-features", help="Parquet (isbn, features: list<float>) replacing catalog books")
-    p.add_argument("--variant", choices=tuple(VARIANTS), default="scripted", help="model file (default: shipped)")
+    p.add_argument("--variant", choices=tuple(MODEL_FILES), default="scripted", help="model file (default: shipped)")
     p.add_argument("--num-shards", type=int, help="Parquet files to write (default: 4 per local worker, 32 remote)")
     p.add_argument(
         "--block-users", type=int, help="users scored per block (default: ~1M pairs per block; 512 users in topk mode)"

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from batch import io, schemas
 from batch.console import quiet_stderr
 from batch.context import JobSpec, catalog_ids, read_features
-from batch.model_source import VARIANTS, ModelError, resolve
+from batch.model_source import ModelError, resolve
 from batch.options import (
     BatchArgs,
     BatchUsageError,
@@ -36,6 +36,7 @@ from batch.options import (
     scoring_threads,
 )
 from batch.transforms import ScoreCatalog, plan_blocks
+from model import layout
 
 log = logging.getLogger("bookrec.batch")
 
@@ -110,7 +111,7 @@ def plan(args: BatchArgs, options: PipelineOptions) -> tuple[JobSpec, list, dict
         "k": args.k if args.mode == "topk" else None,
         "exclude_rated": args.exclude_rated,
         "model": args.model,
-        "model_file": VARIANTS[args.variant],
+        "model_file": layout.MODEL_FILES[args.variant],
         "users_requested": len(user_ids),
         "books_requested": n_books,
         "shards": num_shards,
@@ -136,12 +137,12 @@ def _feature_ids(path: str, column: str, id_type: pa.DataType) -> list:
 def _check_dims(folder: Path, args: BatchArgs) -> None:
     """The catalog's feature widths must be what the model takes (a whole-catalog mismatch is a
     wrong --model, not a bad row)."""
-    from batch.model_source import load_model, model_dims
+    from batch.model_source import model_dims
+    from model.artifacts import ModelFolder
     from model.features import FeatureSpec
 
-    model = load_model(folder, args.variant)
-    user_dim, book_dim = model_dims(model)
-    spec = FeatureSpec.load(folder / "catalog" / "feature_spec.json")
+    user_dim, book_dim = model_dims(ModelFolder(folder).load_rating_model(args.variant))
+    spec = FeatureSpec.load(folder / layout.catalog_path(layout.SPEC_FILE))
     if not args.user_features and spec.user_dim != user_dim:
         raise BatchUsageError(f"--model {args.model}: catalog user features ({spec.user_dim}) != model ({user_dim})")
     if not args.book_features and spec.book_dim != book_dim:

@@ -43,7 +43,9 @@ from tqdm.auto import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from batch.model_source import load_model  # noqa: E402
+from batch.native_head import attach  # noqa: E402
+from model import layout  # noqa: E402
+from model.artifacts import ModelFolder  # noqa: E402
 from model.catalog import Catalog  # noqa: E402
 from model.scoring import Scorer  # noqa: E402
 
@@ -223,8 +225,8 @@ def spark_peer(run: Path, k: int) -> dict[str, Any] | None:
     )
     spark.sparkContext.setLogLevel("ERROR")
     try:
-        hist = pd.read_parquet(run / "catalog" / "history.parquet")
-        books = pd.read_parquet(run / "catalog" / "books.parquet", columns=["isbn"])
+        hist = pd.read_parquet(run / layout.catalog_path(layout.HISTORY_FILE))
+        books = pd.read_parquet(run / layout.catalog_path(layout.BOOKS_FILE), columns=["isbn"])
         index = {b: n for n, b in enumerate(books["isbn"])}
         frame = pd.DataFrame(
             {
@@ -485,8 +487,8 @@ def main(argv: list[str] | None = None) -> None:
     steps.update()
 
     with phase("scorer core", phases):
-        catalog = Catalog.load(args.run)
-        model = load_model(args.run, "scripted")
+        folder = ModelFolder(args.run)
+        catalog, model = folder.load_catalog(), folder.load_rating_model()
         r["n_users"], r["n_books"] = len(catalog.users), len(catalog.books)
         torch.set_num_threads(1)  # the scorer's own threads split the users (torch's pool oversubscribes)
         users = catalog.user_feats[torch.arange(args.core_users) * (len(catalog.users) // args.core_users)]
@@ -494,8 +496,8 @@ def main(argv: list[str] | None = None) -> None:
         configs = [("native", "fp32", cores()), ("native", "fp32", 1), ("torch", "fp32", cores()), ("torch", "fp32", 1)]
         configs.append(("torch", "bf16", cores()))
         for kernel, precision, threads in tqdm(configs, desc="scorer core", leave=False):
-            scorer = Scorer(model, catalog.book_feats, kernel=kernel, precision=precision, threads=threads)
-            if kernel == "native" and scorer.native is None:
+            scorer = Scorer(model, catalog.book_feats, precision=precision, threads=threads)
+            if attach(scorer, "auto" if kernel == "native" else "torch").row_kernel is None and kernel == "native":
                 continue
             proj = scorer.project_users(users if precision == "fp32" else users[:16])
             rate, all_rates = score_rate(scorer, proj, args.repeats if precision == "fp32" else 1)

@@ -22,11 +22,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from model.catalog import Catalog  # noqa: E402
+from model.artifacts import resolve_device  # noqa: E402
 from model.config import load_config  # noqa: E402
-from train.dataset import build_training_data  # noqa: E402
-from train.fit import resolve_device  # noqa: E402
-from train.pipeline import load_tables  # noqa: E402
+from train.dataset import load_training_data  # noqa: E402
 from train.retrieval import fit_retrieval, new_retrieval_model  # noqa: E402
 
 # One factor at a time around the defaults: vector width, temperature, in-batch negatives (batch
@@ -57,9 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     run_dir = Path(base.run_dir)
     out = args.out or run_dir
     out.mkdir(parents=True, exist_ok=True)
-    catalog = Catalog.load(run_dir)
-    _, _, ratings = load_tables(run_dir)
-    data = build_training_data(catalog, ratings, base.split.folds, base.split.seed)
+    catalog, _, data = load_training_data(base, run_dir)
     device = resolve_device(base.train.device)
     rows = []
     for variant in args.variant or DEFAULT_VARIANTS:

@@ -44,6 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.bench_batch import MemorySampler  # noqa: E402
+from model import layout  # noqa: E402
+from model.artifacts import ModelFolder  # noqa: E402
 
 FULL = {"users": 278_858, "books": 271_379, "ratings": 1_149_780}
 IMPLICIT_SHARE = 716_109 / 1_149_780  # the dump's share of rating-0 rows
@@ -165,10 +167,11 @@ def phase_train(size: float, folder: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "train", "run", "--quiet", "--config", str(args.train_config)]
     cmd += [x for o in overrides for x in ("--set", o)]
     out = run_child(cmd, folder / "train.log")
-    timings = json.loads((run / "timings.json").read_text())
-    features = json.loads((run / "features.json").read_text())
-    retrieval = json.loads((run / "retrieval.json").read_text())
-    evaluation = json.loads((run / "evaluation.json").read_text()) if (run / "evaluation.json").is_file() else {}
+    folder = ModelFolder(run)
+    timings = folder.read_json(layout.TIMINGS_FILE)
+    features = folder.read_json(layout.FEATURES_REPORT)
+    retrieval = folder.read_json(layout.RETRIEVAL_META)
+    evaluation = folder.read_json(layout.EVALUATION_REPORT) or {}
     return {
         **out,
         "steps_s": {k.removesuffix("_seconds"): v for k, v in timings.items()},

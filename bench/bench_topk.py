@@ -26,10 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from model.catalog import Catalog  # noqa: E402
-from model.checkpoint import load_scripted  # noqa: E402
-from model.recommend import TwoStageRecommender  # noqa: E402
-from model.scoring import Scorer  # noqa: E402
+from model.artifacts import ModelFolder  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -63,9 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
 
-    catalog = Catalog.load(args.run)
-    scorer = Scorer(load_scripted(args.run / "model_scripted.pt", device), catalog.book_feats, device)
-    recommender = TwoStageRecommender.load(args.run, scorer)
+    loaded = ModelFolder(args.run).load(device)
+    catalog, recommender = loaded.catalog, loaded.recommender
     n_users = len(catalog.users) if args.users <= 0 else min(args.users, len(catalog.users))
     history = [catalog.rated_by(u) for u in range(n_users)]
     dim, n_books = recommender.book_vectors.shape[1], recommender.n_books

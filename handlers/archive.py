@@ -36,8 +36,8 @@ from typing import Any
 import yaml
 
 from handlers.schema import Limits
-from model.recommend import BOOK_VECTORS, RETRIEVAL_FILE, RETRIEVAL_META
-from train.run_info import file_sha256
+from model.artifacts import file_sha256
+from model.layout import BOOK_VECTORS, RETRIEVAL_FILE, RETRIEVAL_META
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_NAME = "bookrec"

@@ -1,14 +1,13 @@
 """The serving engine: load a model folder once, then score a batch of validated requests together.
 
-Everything numeric goes through the shared ``model/`` code (``Catalog`` features, ``book_text`` /
-``user_text``, the saved encoder, ``Scorer``), so a pair scored here gets the number training's
-evaluation and the batch job give it. The TorchServe handler is a thin wrapper around this class;
-the benchmark calls the same handler in-process.
+Everything numeric goes through the shared ``model/`` code (``ModelFolder.load``: catalog features,
+the saved encoder, the ``Scorer`` and the two-stage recommender; ``book_text`` / ``user_text``), so a
+pair scored here gets the number training's evaluation and the batch job give it. The TorchServe
+handler is a thin wrapper around this class; the benchmark calls the same handler in-process.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -26,18 +25,10 @@ from handlers.schema import (
     UserSpec,
     parse_request,
 )
-from model.catalog import Catalog
-from model.checkpoint import load_scripted
-from model.encoder import load_saved_encoder
-from model.recommend import TwoStageRecommender
-from model.scoring import Scorer
+from model.artifacts import ModelFolder
 from model.text import book_text, user_text
 
 log = logging.getLogger("bookrec.serve")
-
-MODEL_FILE = "model_scripted.pt"
-ENCODER_DIR = "encoder"
-METADATA_FILE = "metadata.json"
 
 Result = tuple[int, dict[str, Any]]
 _NO_ROWS = np.zeros(0, dtype=np.int64)
@@ -46,19 +37,23 @@ _NO_ROWS = np.zeros(0, dtype=np.int64)
 class BookrecEngine:
     """Catalog, encoder and MLP of one model folder (a run folder or an unpacked ``.mar``)."""
 
-    def __init__(self, model_dir: Path, device: torch.device | str = "cpu", limits: Limits | None = None):
+    def __init__(
+        self,
+        model_dir: Path,
+        device: torch.device | str = "cpu",
+        limits: Limits | None = None,
+        rating_model: torch.nn.Module | None = None,
+    ):
+        """``rating_model``: the folder's shipped model when the caller already loaded it."""
         self.model_dir = Path(model_dir)
-        self.device = torch.device(device)
         self.limits = limits or Limits()
-        self.catalog = Catalog.load(self.model_dir)
-        self.encoder = load_saved_encoder(self.model_dir / ENCODER_DIR)
-        self.encoder.model.to(self.device)
-        self.scorer = Scorer(
-            load_scripted(self.model_dir / MODEL_FILE, self.device), self.catalog.book_feats, self.device
-        )
-        self.recommender = TwoStageRecommender.load(self.model_dir, self.scorer)
-        meta_path = self.model_dir / METADATA_FILE
-        self.metadata: dict[str, Any] = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        folder = ModelFolder(self.model_dir)
+        folder.check(serving=True)
+        self.model = folder.load(device, rating_model=rating_model, encoder=True)
+        self.device = self.model.device
+        self.catalog, self.encoder = self.model.catalog, self.model.encoder
+        self.scorer, self.recommender = self.model.scorer, self.model.recommender
+        self.metadata = self.model.metadata
         self.version = str(self.metadata.get("version", "unversioned"))
         books = self.catalog.books
         # Plain lists: formatting a top-k answer indexes these a few times per request.
@@ -169,24 +164,21 @@ class BookrecEngine:
     def _rate(
         self, user_feats: torch.Tensor, pair_user: list[int], books: list[BookSpec], new_emb: torch.Tensor
     ) -> torch.Tensor:
-        """Ratings of (user, book) pairs: ``RatingMLP.forward`` = ``head(project_users(u) +
-        project_books(b))``, evaluated with each user projected once and catalog books taken from
-        the Scorer's precomputed projections, so 100 pairs of one user cost one small matmul."""
-        model, device = self.scorer.model, self.scorer.device
-        book_proj = torch.empty(len(books), self.scorer.book_proj.shape[1], device=device)
+        """Ratings of (user, book) pairs, each user projected once and catalog books taken from the
+        Scorer's precomputed projections, so 100 pairs of one user cost one small matmul."""
+        book_proj = torch.empty(len(books), self.scorer.book_proj.shape[1], device=self.device)
         known = [j for j, b in enumerate(books) if b.known]
         if known:
-            rows = self.catalog.book_rows([books[j].isbn for j in known]).to(device)
+            rows = self.catalog.book_rows([books[j].isbn for j in known]).to(self.device)
             book_proj[known] = self.scorer.book_proj[rows]
         new = [j for j, b in enumerate(books) if not b.known]
         if new:
             feats = self.catalog.new_book_features(
                 new_emb, [books[j].author for j in new], [books[j].publisher for j in new]
             )
-            book_proj[new] = model.project_books(feats.to(device))
-        user_proj = model.project_users(user_feats.to(device))
-        index = torch.tensor(pair_user, dtype=torch.long, device=device)
-        return model.head(user_proj[index] + book_proj).float().cpu()
+            book_proj[new] = self.scorer.project_books(feats)
+        user_proj = self.scorer.project_users(user_feats)
+        return self.scorer.rate_projected(user_proj, torch.tensor(pair_user, dtype=torch.long), book_proj)
 
     def _rated_rows(self, user: UserSpec) -> np.ndarray:
         """Catalog rows the user already read: training history, or the request's own ratings."""

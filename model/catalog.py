@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from model import schemas
+from model import layout, schemas
 from model.features import (
     FeatureSpec,
     book_feature_table,
@@ -26,12 +26,6 @@ from model.features import (
     user_features,
 )
 from model.text import group_key
-
-CATALOG_DIR = "catalog"
-BOOKS_FILE = "books.parquet"
-USERS_FILE = "users.parquet"
-HISTORY_FILE = "history.parquet"
-SPEC_FILE = "feature_spec.json"
 
 
 def embedding_column(matrix: np.ndarray) -> pa.FixedSizeListArray:
@@ -57,21 +51,23 @@ def write_catalog(
     history: pd.DataFrame,
     spec: FeatureSpec,
 ) -> None:
-    """Write the catalog tables (metadata + text embeddings, training history, feature spec)."""
+    """Write the catalog tables (metadata + text embeddings, training history, feature spec) into
+    the model folder ``folder``."""
+    folder = Path(folder) / layout.CATALOG_DIR
     folder.mkdir(parents=True, exist_ok=True)
     book_table = pa.Table.from_pandas(books[schemas.BOOKS.names], schema=schemas.BOOKS, preserve_index=False)
     pq.write_table(
         book_table.append_column("embedding", embedding_column(book_emb)),
-        folder / BOOKS_FILE,
+        folder / layout.BOOKS_FILE,
     )
     user_table = pa.Table.from_pandas(users[schemas.USERS.names], schema=schemas.USERS, preserve_index=False)
     pq.write_table(
         user_table.append_column("embedding", embedding_column(user_emb)),
-        folder / USERS_FILE,
+        folder / layout.USERS_FILE,
     )
     hist = pa.Table.from_pandas(history[schemas.RATINGS.names], schema=schemas.RATINGS, preserve_index=False)
-    pq.write_table(hist, folder / HISTORY_FILE)
-    spec.save(folder / SPEC_FILE)
+    pq.write_table(hist, folder / layout.HISTORY_FILE)
+    spec.save(folder / layout.SPEC_FILE)
 
 
 def group_codes(values: pd.Series) -> tuple[torch.Tensor, dict[str, int]]:
@@ -106,16 +102,16 @@ class Catalog:
 
     @classmethod
     def load(cls, run_dir: Path) -> Catalog:
-        """Load ``run_dir/catalog`` and compute every feature vector from the training history."""
-        folder = Path(run_dir) / CATALOG_DIR
-        spec = FeatureSpec.load(folder / SPEC_FILE)
-        book_table = pq.read_table(folder / BOOKS_FILE)
-        user_table = pq.read_table(folder / USERS_FILE)
+        """Load the catalog of a model folder and compute every feature vector from the training history."""
+        folder = Path(run_dir) / layout.CATALOG_DIR
+        spec = FeatureSpec.load(folder / layout.SPEC_FILE)
+        book_table = pq.read_table(folder / layout.BOOKS_FILE)
+        user_table = pq.read_table(folder / layout.USERS_FILE)
         books = book_table.drop(["embedding"]).to_pandas()
         users = user_table.drop(["embedding"]).to_pandas()
         book_emb = torch.tensor(embedding_matrix(book_table["embedding"]))
         user_emb = torch.tensor(embedding_matrix(user_table["embedding"]))
-        history = pq.read_table(folder / HISTORY_FILE).to_pandas()
+        history = pq.read_table(folder / layout.HISTORY_FILE).to_pandas()
         book_index = {isbn: i for i, isbn in enumerate(books["isbn"].tolist())}
         user_index = {int(u): i for i, u in enumerate(users["user_id"].tolist())}
         all_b = history["isbn"].map(book_index).to_numpy(np.int64)
@@ -186,12 +182,24 @@ class Catalog:
         """Catalog rows of the books a known user read in training, rated or implicit (training order)."""
         return self.rated_books[self.rated_bounds[user_row] : self.rated_bounds[user_row + 1]]
 
+    def reads_of(self, user_ids: list[int]) -> list[np.ndarray]:
+        """``rated_by`` of each user id; empty for an id outside the catalog."""
+        rows = (self.user_index.get(int(u)) for u in user_ids)
+        return [self.rated_by(r) if r is not None else _NO_ROWS for r in rows]
+
+    def group_code_columns(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(author code, publisher code) per catalog book, -1 where unknown."""
+        return self.groups["author"][0], self.groups["publisher"][0]
+
     def implicit_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """(user rows, book rows) of the implicit reads (rating 0) in the training history."""
         implicit = self.history["rating"].to_numpy() == 0
         users = self.history["user_id"][implicit].map(self.user_index).to_numpy(np.int64)
         books = self.history["isbn"][implicit].map(self.book_index).to_numpy(np.int64)
         return users, books
+
+
+_NO_ROWS = np.zeros(0, np.int64)
 
 
 def _rated_index(user_rows: np.ndarray, book_rows: np.ndarray, n_users: int) -> dict[str, np.ndarray]:

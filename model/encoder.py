@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from model import layout
 from model.config import EncoderConfig, Pooling
 
 log = logging.getLogger("bookrec.encoder")
@@ -30,7 +31,6 @@ BERT_TINY = dict(
     type_vocab_size=2,
     hidden_act="gelu",
 )
-ENCODER_INFO = "encoder.json"
 
 
 class EncoderUnavailable(RuntimeError):
@@ -108,7 +108,7 @@ class TextEncoder:
             "max_length": self.max_length,
             "source": self.source,
         }
-        (folder / ENCODER_INFO).write_text(json.dumps(info, indent=2))
+        (folder / layout.ENCODER_META).write_text(json.dumps(info, indent=2))
 
 
 def _quiet_transformers() -> None:
@@ -145,7 +145,7 @@ def load_saved_encoder(folder: Path) -> TextEncoder:
     from transformers import AutoTokenizer, BertModel
 
     _quiet_transformers()
-    info = json.loads((folder / ENCODER_INFO).read_text())
+    info = json.loads((folder / layout.ENCODER_META).read_text())
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model = BertModel.from_pretrained(str(folder), add_pooling_layer=False)
     model.eval()

@@ -40,11 +40,15 @@ class Int8Linear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.weight_q.to(self.scale.dtype) * self.scale[:, None]
+        return self.dequantized(self.scale.dtype)
+
+    @torch.jit.export
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight [out, in] in ``dtype``: int8 values times their row's scale."""
+        return self.weight_q.to(dtype) * self.scale.to(dtype)[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight_q.to(x.dtype) * self.scale.to(x.dtype)[:, None]
-        return F.linear(x, w, self.bias.to(x.dtype))
+        return F.linear(x, self.dequantized(x.dtype), self.bias.to(x.dtype))
 
 
 class RatingMLP(nn.Module):
@@ -108,6 +112,22 @@ class RatingMLP(nn.Module):
     def score_matrix(self, user_proj: torch.Tensor, book_proj: torch.Tensor) -> torch.Tensor:
         """Every user against every book from projections: [U, h0] x [B, h0] -> [U, B]."""
         return self.head(user_proj.unsqueeze(1) + book_proj.unsqueeze(0))
+
+    @torch.jit.export
+    def head_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(weight [out, in], bias [out]) of the head's linear layers in order, float32 and
+        dequantized. The head is ``relu -> [dropout] -> linear`` repeated, the last linear having
+        one output unit; fast scorers rebuild it from these without knowing the layer classes."""
+        out: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for layer in self.tail:
+            # hasattr, not isinstance: TorchScript resolves it per layer, also for Int8Linear.
+            if hasattr(layer, "weight_q"):
+                out.append((layer.dequantized(torch.float32), layer.bias.float()))
+            elif hasattr(layer, "out_features"):
+                bias = layer.bias
+                zeros = torch.zeros(layer.out_features, device=layer.weight.device)
+                out.append((layer.weight.float(), bias.float() if bias is not None else zeros))
+        return out
 
     def linears(self) -> list[nn.Module]:
         """The tail's linear layers in order (what pruning and quantization walk)."""

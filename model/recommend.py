@@ -21,12 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.checkpoint import load_scripted
-from model.scoring import Scorer
+from model.catalog import Catalog
+from model.scoring import Scorer, exclusion_coords
 
-RETRIEVAL_FILE = "retrieval_scripted.pt"
-RETRIEVAL_META = "retrieval.json"
-BOOK_VECTORS = "book_vectors.npy"  # beside the towers, one row per catalog book
 # Most retrieval logits held at once (users x books slice): 2^24 floats = 64 MB.
 LOGIT_BLOCK = 1 << 24
 
@@ -65,9 +62,21 @@ class RerankSettings:
         return cls(candidates=int(meta["candidates"]), blend=float(meta["blend"]))
 
 
-def load_book_vectors(model_dir: Path) -> torch.Tensor:
-    """The precomputed unit vectors [B, dim] of every catalog book, in catalog row order."""
-    return torch.from_numpy(np.load(Path(model_dir) / BOOK_VECTORS))
+def embed_book_set(
+    towers: torch.nn.Module, catalog: Catalog, feats: torch.Tensor, rows: torch.Tensor, batch: int = 65536
+) -> torch.Tensor:
+    """Unit vectors [B, dim] (CPU) of books from their feature vectors [B, book_dim] and catalog
+    rows (-1: not in the catalog, so no id embedding), with the catalog's author and publisher codes."""
+    device = towers.temperature.device
+    inside = rows >= 0
+    codes = [torch.where(inside, code[rows.clamp_min(0)], -1) for code in catalog.group_code_columns()]
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(rows), batch):
+            sl = slice(s, s + batch)
+            parts = (feats[sl], rows[sl], codes[0][sl], codes[1][sl])
+            out.append(towers.embed_books(*(x.to(device) for x in parts)).cpu())
+    return torch.cat(out) if out else torch.zeros(0, int(towers.dim))
 
 
 class TwoStageRecommender:
@@ -90,22 +99,10 @@ class TwoStageRecommender:
         self.settings = settings
         self.last_timings: dict[str, float] = {}
 
-    @classmethod
-    def load(cls, model_dir: Path, scorer: Scorer, book_rows: torch.Tensor | None = None) -> TwoStageRecommender:
-        """The towers, book vectors and rerank settings of a model folder (run folder or unpacked
-        ``.mar``) around a rating ``scorer`` whose book set is the catalog's rows ``book_rows``
-        (all of them when None)."""
-        vectors = load_book_vectors(model_dir)
-        if book_rows is not None:
-            vectors = vectors[book_rows]
-        towers = load_scripted(Path(model_dir) / RETRIEVAL_FILE, scorer.device)
-        return cls(towers, vectors, scorer, RerankSettings.load(Path(model_dir) / RETRIEVAL_META))
-
     def subset(self, rows: np.ndarray) -> TwoStageRecommender:
         """The same recommender over the book-set positions ``rows`` only."""
         index = torch.as_tensor(rows, dtype=torch.long, device=self.device)
-        scorer = Scorer(self.scorer.model, self.scorer.book_feats[index], self.device)
-        return TwoStageRecommender(self.towers, self.book_vectors[index], scorer, self.settings)
+        return TwoStageRecommender(self.towers, self.book_vectors[index], self.scorer.subset(index), self.settings)
 
     @property
     def n_books(self) -> int:
@@ -151,11 +148,9 @@ class TwoStageRecommender:
         scored in slices of at most ``LOGIT_BLOCK`` logits per call, each slice's top-n merged into
         the running one, so memory stays bounded whatever the catalog size and the user block."""
         n_users, n_books = users.shape[0], self.n_books
+        ex_user = ex_book = None
         if exclude is not None and any(len(e) for e in exclude):
-            ex_user = torch.from_numpy(np.repeat(np.arange(len(exclude)), [len(e) for e in exclude])).to(self.device)
-            ex_book = torch.from_numpy(np.concatenate([np.asarray(e, np.int64) for e in exclude])).to(self.device)
-        else:
-            ex_user = ex_book = None
+            ex_user, ex_book = exclusion_coords(exclude, self.device)
         if n_books == 0 or n == 0:
             empty = torch.zeros(n_users, 0, device=self.device)
             return empty, empty.long()

@@ -10,31 +10,23 @@ is left: ``relu(P_u + P_b)`` then the tail MLP. ``HeadKernel`` evaluates that he
 dequantized once, per user over cache-sized chunks of books with preallocated buffers: one
 elementwise ``maximum`` (the user's part of the first tail layer moves into a per-user bias), one
 ``addmm`` + ReLU per hidden layer and an ``mv`` straight into the output row; optionally on several
-threads (torch ops release the GIL). Models whose tail it does not recognise fall back to their own
-``score_matrix``.
+threads (torch ops release the GIL). It is built from the layers the model itself exposes
+(``RatingMLP.head_layers``); a model without them falls back to its own ``score_matrix``.
 
-``kernel="native"`` (or "auto") evaluates the same head with a small AVX2/FMA C kernel compiled once
-per machine and head shape (``NativeHead``: the system C compiler, loaded through ctypes, which
-releases the GIL): the first tail layer's matmul runs register-blocked with the ``maximum`` folded
-in and the output unit fused, so no activation leaves L1. "auto" falls back to the torch ops when
-there is no compiler, no AVX2/FMA, or the tail is not one hidden layer.
+A caller may plug in a faster per-user row kernel (``Scorer.row_kernel``): the batch job's compiled
+AVX2 head (``batch/native_head.py``) is one.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import logging
 import math
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Protocol
 
+import numpy as np
 import torch
 
 from model.network import RATING_MAX, RATING_MIN
@@ -45,12 +37,6 @@ PRECISIONS = ("fp32", "bf16")
 # Pairs per block: H [pairs, h0] plus the hidden activations stay within a core's L2/L3 share;
 # measured best on a 2-core AVX2 EPYC for h0=96 (1024..16384 tried, see bench/BATCH_RESULTS.md).
 DEFAULT_BLOCK_PAIRS = 4096
-KERNELS = ("torch", "native", "auto")
-
-
-def _kind(module: torch.nn.Module) -> str:
-    """Class name of an eager or TorchScript submodule."""
-    return getattr(module, "original_name", type(module).__name__)
 
 
 @dataclass
@@ -62,8 +48,8 @@ class _Layer:
 class HeadKernel:
     """The tail MLP on ``relu(P_u + P_b)`` for blocks of pairs, from weights dequantized once.
 
-    Supports a tail of ``ReLU, [Dropout], Linear, ..., ReLU, [Dropout], Linear(·, 1)`` with
-    ``nn.Linear`` or ``Int8Linear`` layers (eager or TorchScript), i.e. what ``RatingMLP`` builds.
+    The head is ``relu, linear, ..., relu, linear(·, 1)`` as ``RatingMLP.head_layers`` describes it
+    (eager or TorchScript, fp32 or int8 weights), evaluated in ``dtype``.
     """
 
     def __init__(
@@ -86,39 +72,26 @@ class HeadKernel:
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, precision: str = "fp32") -> HeadKernel | None:
-        """The kernel for ``model``'s tail, or None when the tail has a layout it does not know."""
+        """The kernel for ``model``'s head (``head_layers``), or None when the model exposes none or
+        its head is not the ``relu -> linear`` chain those layers describe (checked numerically)."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-        tail = getattr(model, "tail", None)
-        if tail is None or not hasattr(model, "global_mean"):
+        if not hasattr(model, "head_layers") or not hasattr(model, "global_mean"):
             return None
-        ops: list[str | tuple[torch.Tensor, torch.Tensor]] = []
-        for child in tail.children():
-            kind = _kind(child)
-            if kind == "ReLU":
-                ops.append("relu")
-            elif kind == "Dropout":
-                continue  # identity in eval mode
-            elif kind == "Linear":
-                bias = child.bias if child.bias is not None else torch.zeros(child.weight.shape[0])
-                ops.append((child.weight.detach().float(), bias.detach().float()))
-            elif kind == "Int8Linear":
-                # Exactly Int8Linear.forward's dequantization, done once instead of per call.
-                weight = child.weight_q.to(torch.float32) * child.scale.to(torch.float32)[:, None]
-                ops.append((weight, child.bias.detach().float()))
-            else:
-                return None
-        # Expected: relu, linear, relu, linear, ..., linear(out=1).
-        if len(ops) < 2 or len(ops) % 2 or any(op != "relu" for op in ops[0::2]) or "relu" in ops[1::2]:
+        with torch.inference_mode():
+            linears = [(w.detach().float(), b.detach().float()) for w, b in model.head_layers()]
+        if len(linears) < 2 or linears[-1][0].shape[0] != 1:
             return None
-        linears = ops[1::2]
-        last_w, last_b = linears[-1]
-        if last_w.shape[0] != 1 or len(linears) < 2:
+        exact = cls._build(model, linears, torch.float32)
+        if not exact._matches(model):
             return None
-        hidden = [_Layer(w.t().contiguous().to(dtype), b.to(dtype)) for w, b in linears[:-1]]
+        return exact if precision == "fp32" else cls._build(model, linears, torch.bfloat16)
+
+    @classmethod
+    def _build(cls, model: torch.nn.Module, linears: list, dtype: torch.dtype) -> HeadKernel:
+        (last_w, last_b), hidden = linears[-1], linears[:-1]
         return cls(
-            hidden,
+            [_Layer(w.t().contiguous().to(dtype), b.to(dtype)) for w, b in hidden],
             last_w[0].contiguous().to(dtype),
             float(last_b[0]),
             float(model.global_mean),
@@ -126,6 +99,18 @@ class HeadKernel:
             float(getattr(model, "rating_max", RATING_MAX)),
             dtype,
         )
+
+    @torch.inference_mode()
+    def _matches(self, model: torch.nn.Module) -> bool:
+        """Whether this kernel computes ``model.head`` (on a seeded random probe)."""
+        device = self.out_weight.device
+        probe = torch.randn(64, self.width, generator=torch.Generator().manual_seed(0)).to(device)
+        x = probe.relu()
+        for layer in self.hidden:
+            x = torch.addmm(layer.bias, x, layer.weight_t).relu_()
+        got = (x @ self.out_weight).add_(self.shift).clamp_(self.lo, self.hi)
+        expected = model.head(probe.to(model.global_mean.device)).float().to(device)
+        return bool(torch.allclose(got, expected, rtol=1e-4, atol=1e-4))
 
     def flops_per_pair(self, include_elementwise: bool = True) -> int:
         """FLOPs per pair: 2·in·out (+out bias) per linear; with ``include_elementwise`` also the
@@ -192,152 +177,22 @@ class HeadKernel:
         out.add_(self.shift).clamp_(self.lo, self.hi)
 
 
-# The native head: one user against many books. Books are taken in tiles of T whose first-layer
-# inputs max(P_b, -P_u) are built once in L1; each pass computes 8*NV hidden units for R books at a
-# time (R*NV accumulators + NV weight registers + 1 broadcast <= 16 AVX2 registers), then folds the
-# ReLU and the output unit into a per-book partial sum. H0, H1, NV are compile-time constants.
-_NATIVE_SOURCE = r"""
-#include <immintrin.h>
-#define R 4
-#define T 32
-#define PASS (8 * NV)
-static inline float hsum(__m256 s) {
-    __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-    q = _mm_hadd_ps(q, q); q = _mm_hadd_ps(q, q);
-    return _mm_cvtss_f32(q);
-}
-void head_rows(const float* restrict pb, long nb, const float* restrict negu, const float* restrict bias,
-               const float* restrict w1t, const float* restrict w2, float shift, float lo, float hi,
-               float* restrict out) {
-    float h[T * H0] __attribute__((aligned(32)));
-    float part[T];
-    for (long b0 = 0; b0 < nb; b0 += T) {
-        long nt = nb - b0 < T ? nb - b0 : T;
-        for (long r = 0; r < nt; r++) {
-            for (int k = 0; k < H0; k += 8)
-                _mm256_store_ps(h + r * H0 + k,
-                                _mm256_max_ps(_mm256_loadu_ps(pb + (b0 + r) * H0 + k), _mm256_loadu_ps(negu + k)));
-            part[r] = shift;
-        }
-        for (long r = nt; r < (nt + R - 1) / R * R; r++)
-            for (int k = 0; k < H0; k++) h[r * H0 + k] = 0.0f;
-        for (int o = 0; o < H1; o += PASS) {
-            __m256 vb[NV], vw[NV];
-            for (int j = 0; j < NV; j++) {
-                vb[j] = _mm256_loadu_ps(bias + o + 8 * j);
-                vw[j] = _mm256_loadu_ps(w2 + o + 8 * j);
-            }
-            for (long r = 0; r < nt; r += R) {
-                __m256 acc[R][NV];
-                for (int i = 0; i < R; i++)
-                    for (int j = 0; j < NV; j++) acc[i][j] = vb[j];
-                const float* hr = h + r * H0;
-                for (int k = 0; k < H0; k++) {
-                    __m256 w[NV];
-                    for (int j = 0; j < NV; j++) w[j] = _mm256_loadu_ps(w1t + k * H1 + o + 8 * j);
-                    for (int i = 0; i < R; i++) {
-                        __m256 x = _mm256_broadcast_ss(hr + i * H0 + k);
-                        for (int j = 0; j < NV; j++) acc[i][j] = _mm256_fmadd_ps(x, w[j], acc[i][j]);
-                    }
-                }
-                for (int i = 0; i < R && r + i < nt; i++) {
-                    __m256 s = _mm256_mul_ps(_mm256_max_ps(acc[i][0], _mm256_setzero_ps()), vw[0]);
-                    for (int j = 1; j < NV; j++)
-                        s = _mm256_fmadd_ps(_mm256_max_ps(acc[i][j], _mm256_setzero_ps()), vw[j], s);
-                    part[r + i] += hsum(s);
-                }
-            }
-        }
-        for (long r = 0; r < nt; r++) {
-            float v = part[r];
-            out[b0 + r] = v < lo ? lo : (v > hi ? hi : v);
-        }
-    }
-}
-"""
-
-
-_NATIVE: dict[tuple[int, int], NativeHead | None] = {}
-_NATIVE_LOCK = threading.Lock()
-
-
-class NativeHead:
-    """The compiled head kernel for one (h0, h1) shape, or None from ``build`` when unavailable."""
-
-    def __init__(self, lib: ctypes.CDLL):
-        self._fn = lib.head_rows
-        ptr, f32 = ctypes.c_void_p, ctypes.c_float
-        self._fn.argtypes = [ptr, ctypes.c_long, ptr, ptr, ptr, ptr, f32, f32, f32, ptr]
-        self._fn.restype = None
-
-    @classmethod
-    def build(cls, h0: int, h1: int) -> NativeHead | None:
-        """Compile (once per machine, cached on disk) and load the kernel; None when this machine or
-        shape cannot have it."""
-        key = (h0, h1)
-        with _NATIVE_LOCK:
-            if key not in _NATIVE:
-                _NATIVE[key] = cls._compile(h0, h1)
-            return _NATIVE[key]
-
-    @staticmethod
-    def _compile(h0: int, h1: int) -> NativeHead | None:
-        if h0 % 8 or h1 % 8 or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-            return None
-        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-        if compiler is None:
-            return None
-        nv = 3 if (h1 // 8) % 3 == 0 else 2 if (h1 // 8) % 2 == 0 else 1
-        flags = ["-O3", "-mavx2", "-mfma", "-shared", "-fPIC", f"-DH0={h0}", f"-DH1={h1}", f"-DNV={nv}"]
-        digest = hashlib.sha256((_NATIVE_SOURCE + " ".join(flags) + compiler).encode()).hexdigest()[:16]
-        root = Path(os.environ.get("BOOKREC_KERNEL_CACHE", Path(tempfile.gettempdir()) / "bookrec-kernels"))
-        lib = root / f"head-{digest}.so"
-        try:
-            if not lib.exists():
-                root.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryDirectory(dir=root) as tmp:
-                    src = Path(tmp) / "head.c"
-                    src.write_text(_NATIVE_SOURCE)
-                    subprocess.run(
-                        [compiler, *flags, str(src), "-o", str(Path(tmp) / "head.so")],
-                        check=True,
-                        capture_output=True,
-                        timeout=120,
-                    )
-                    os.replace(Path(tmp) / "head.so", lib)  # atomic: concurrent workers never see half a file
-            return NativeHead(ctypes.CDLL(str(lib)))
-        except (OSError, subprocess.SubprocessError) as err:
-            log.warning("native head kernel unavailable (%s); using torch ops", err)
-            return None
+class RowKernel(Protocol):
+    """A faster evaluation of ``HeadKernel.row`` + ``finish`` for one user against a book block."""
 
     def row(
         self, book_proj: torch.Tensor, neg_user: torch.Tensor, bias: torch.Tensor, kernel: HeadKernel, out: torch.Tensor
-    ) -> None:
-        """Final scores of one user against every row of ``book_proj`` (contiguous float32) into ``out``."""
-        layer = kernel.hidden[0]
-        self._fn(
-            book_proj.data_ptr(),
-            book_proj.shape[0],
-            neg_user.data_ptr(),
-            bias.data_ptr(),
-            layer.weight_t.data_ptr(),
-            kernel.out_weight.data_ptr(),
-            kernel.shift,
-            kernel.lo,
-            kernel.hi,
-            out.data_ptr(),
-        )
+    ) -> None: ...
 
 
 class Scorer:
-    """Wraps a RatingMLP (eager or TorchScript) with the catalog's book projections precomputed.
+    """Wraps a RatingMLP (eager or TorchScript) with the book set's projections precomputed.
 
     ``precision`` "fp32" equals the evaluation code to float rounding (<1e-5); "bf16" runs the tail
-    matmuls in bfloat16 (fast only where the CPU/GPU has bf16 matrix units). ``kernel`` picks the
-    all-pairs head: "torch" ops (default), "native" (the compiled AVX2 kernel, error if unavailable)
-    or "auto" (native when available). ``threads`` > 1 splits ``score_all`` over a thread pool by
-    users; pair it with ``torch.set_num_threads(1)`` so the two pools do not oversubscribe the cores.
-    ``block_pairs`` bounds the pairs in flight per thread (torch path).
+    matmuls in bfloat16 (fast only where the CPU/GPU has bf16 matrix units). ``threads`` > 1 splits
+    ``score_projected`` over a thread pool by users; pair it with ``torch.set_num_threads(1)`` so the
+    two pools do not oversubscribe the cores. ``block_pairs`` bounds the pairs in flight per thread.
+    ``row_kernel``, when set, computes each user's row of final scores instead of the torch ops.
     """
 
     def __init__(
@@ -349,10 +204,7 @@ class Scorer:
         precision: str = "fp32",
         threads: int = 1,
         block_pairs: int = DEFAULT_BLOCK_PAIRS,
-        kernel: str = "torch",
     ):
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.book_feats = book_feats.to(self.device)
@@ -365,43 +217,22 @@ class Scorer:
             if self.kernel is None and precision != "fp32":
                 raise ValueError(f"precision {precision!r} needs a RatingMLP tail; this model supports fp32 only")
             dtype = self.kernel.dtype if self.kernel else self.book_proj.dtype
-            self._book_proj = self.book_proj.to(dtype).contiguous()
+            # The book projections in the head kernel's dtype, contiguous: what row kernels read.
+            self.kernel_book_proj = self.book_proj.to(dtype).contiguous()
+        self.row_kernel: RowKernel | None = None
         self._local = threading.local()
         self._pool: ThreadPoolExecutor | None = None
-        self.native = self._native(kernel)
-        if kernel == "native" and self.native is None:
-            raise ValueError(
-                "kernel='native' is unavailable here (needs CPU fp32, one hidden tail layer, "
-                "AVX2/FMA and a C compiler); use 'auto' to fall back to torch ops"
-            )
 
-    def _native(self, kernel: str) -> NativeHead | None:
-        """The compiled head when asked for and usable, after checking it against the torch path."""
-        usable = (
-            kernel != "torch"
-            and self.kernel is not None
-            and self.device.type == "cpu"
-            and self.kernel.dtype == torch.float32
-            and len(self.kernel.hidden) == 1
+    def subset(self, rows: torch.Tensor) -> Scorer:
+        """The same model and options over the book-set positions ``rows`` only."""
+        return Scorer(
+            self.model,
+            self.book_feats[rows.to(self.device)],
+            self.device,
+            precision=self.precision,
+            threads=self.threads,
+            block_pairs=self.block_pairs,
         )
-        native = NativeHead.build(self.kernel.width, self.kernel.hidden[0].weight_t.shape[1]) if usable else None
-        if native is None or self.n_books == 0:
-            return native
-        with torch.inference_mode():  # guard against a miscompiled kernel: compare on a small sample
-            books = self._book_proj[:256].contiguous()
-            probe = torch.stack([books[0], -books[-1]])
-            neg, bias = self.kernel.user_terms(probe)
-            expected = torch.empty(2, books.shape[0])
-            bufs = self.kernel.buffers(books.shape[0], self.device)
-            got = torch.empty(2, books.shape[0])
-            for u in range(2):
-                self.kernel.row(neg[u], bias[u], books, expected[u], bufs)
-                self.kernel.finish(expected[u])
-                native.row(books, neg[u], bias[u], self.kernel, got[u])
-        if not torch.allclose(got, expected, rtol=0, atol=1e-4):
-            log.warning("native head kernel disagrees with torch ops; using torch ops")
-            return None
-        return native
 
     @property
     def n_books(self) -> int:
@@ -410,7 +241,9 @@ class Scorer:
     @torch.inference_mode()
     def rate(self, user_feats: torch.Tensor, book_feats: torch.Tensor) -> torch.Tensor:
         """Ratings of aligned pairs [N] (user_feats [N, Du], book_feats [N, Db])."""
-        return self.model(user_feats.to(self.device), book_feats.to(self.device)).float().cpu()
+        user_proj = self.project_users(user_feats)
+        index = torch.arange(user_proj.shape[0], device=self.device)
+        return self.rate_projected(user_proj, index, self.project_books(book_feats))
 
     @torch.inference_mode()
     def project_users(self, user_feats: torch.Tensor) -> torch.Tensor:
@@ -418,9 +251,20 @@ class Scorer:
         return self.model.project_users(user_feats.to(self.device))
 
     @torch.inference_mode()
+    def project_books(self, book_feats: torch.Tensor) -> torch.Tensor:
+        """First-layer projections [B, h0] of books outside the book set (new books)."""
+        return self.model.project_books(book_feats.to(self.device))
+
+    @torch.inference_mode()
+    def rate_projected(self, user_proj: torch.Tensor, pair_user: torch.Tensor, book_proj: torch.Tensor) -> torch.Tensor:
+        """Ratings [N] float32 of pairs (``user_proj[pair_user[i]]``, ``book_proj[i]``), on the CPU:
+        ``RatingMLP.forward`` = ``head(P_u + P_b)`` with each user projected once."""
+        return self.model.head(user_proj[pair_user.to(self.device)] + book_proj).float().cpu()
+
+    @torch.inference_mode()
     def rate_rows(self, user_proj: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Ratings [U, N] of each projected user against its own N book-set rows (``rows`` [U, N]):
-        the rerank of retrieved candidates, ``head(P_u + P_b)`` as in ``RatingMLP.forward``."""
+        the rerank of retrieved candidates, on the scorer's device."""
         return self.model.head(user_proj.unsqueeze(1) + self.book_proj[rows]).float()
 
     def _block_shape(self) -> tuple[int, int]:
@@ -445,12 +289,12 @@ class Scorer:
                 out[:, start : start + chunk] = self.model.score_matrix(user_proj, books)
             return out
         neg, bias = self.kernel.user_terms(user_proj)
-        users_per = 1 if self.native is not None else self._block_shape()[0]
+        users_per = 1 if self.row_kernel is not None else self._block_shape()[0]
         ranges = [(u, min(u + users_per, n_u)) for u in range(0, n_u, users_per)]
-        if self.native is not None:
+        if self.row_kernel is not None:
 
             def work(share: list[tuple[int, int]]) -> None:
-                self._native_rows(neg, bias, out, share)
+                self._kernel_rows(neg, bias, out, share)
         elif users_per == 1:
 
             def work(share: list[tuple[int, int]]) -> None:
@@ -476,19 +320,19 @@ class Scorer:
             for u, _ in share:
                 row = out[u]
                 for b in range(0, self.n_books, chunk):
-                    self.kernel.row(neg[u], bias[u], self._book_proj[b : b + chunk], row[b : b + chunk], bufs)
+                    self.kernel.row(neg[u], bias[u], self.kernel_book_proj[b : b + chunk], row[b : b + chunk], bufs)
                 self.kernel.finish(row)
 
-    def _native_rows(
+    def _kernel_rows(
         self, neg: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, share: list[tuple[int, int]]
     ) -> None:
         for u, _ in share:
-            self.native.row(self._book_proj, neg[u], bias[u], self.kernel, out[u])
+            self.row_kernel.row(self.kernel_book_proj, neg[u], bias[u], self.kernel, out[u])
 
     def _tiles(self, neg: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, share: list[tuple[int, int]]) -> None:
         with torch.inference_mode():
             for lo, hi in share:
-                self.kernel.tile(neg[lo:hi], bias[lo:hi], self._book_proj, out[lo:hi])
+                self.kernel.tile(neg[lo:hi], bias[lo:hi], self.kernel_book_proj, out[lo:hi])
                 self.kernel.finish(out[lo:hi])
 
     def _buffers(self) -> list[torch.Tensor]:
@@ -506,21 +350,36 @@ class Scorer:
         return self._pool
 
     @torch.inference_mode()
-    def score_all(self, user_feats: torch.Tensor, book_chunk: int | None = None) -> torch.Tensor:
-        """Scores [U, B] of every user against every catalog book.
-
-        ``book_chunk`` is accepted for compatibility; blocks are sized by ``block_pairs``."""
+    def score_all(self, user_feats: torch.Tensor) -> torch.Tensor:
+        """Scores [U, B] (CPU) of every user against every book of the set."""
         return self.score_projected(self.project_users(user_feats)).float().cpu()
 
     @torch.inference_mode()
     def top_k(
-        self, user_feats: torch.Tensor, k: int, exclude: list[torch.Tensor] | None = None
+        self, user_feats: torch.Tensor, k: int, exclude: list[np.ndarray] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-``k`` (scores, catalog rows) per user; ``exclude[i]`` lists rows user i must not get."""
+        """Top-``k`` (ratings, book-set rows) per user by predicted rating; ``exclude[i]`` lists the
+        rows user i must not get. Rows are -1 where fewer than ``k`` books remain."""
         scores = self.score_all(user_feats)
-        if exclude is not None:
-            for i, rows in enumerate(exclude):
-                if len(rows):
-                    scores[i, rows] = float("-inf")
-        k = min(k, scores.shape[1])
-        return torch.topk(scores, k, dim=1)
+        return top_k_excluding(scores, exclude, k)
+
+
+def exclusion_coords(
+    exclude: list[np.ndarray], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(user index, book row) of every excluded pair of a block, ``exclude[i]`` being user i's rows."""
+    users = np.repeat(np.arange(len(exclude)), [len(e) for e in exclude])
+    rows = np.concatenate([np.asarray(e, np.int64) for e in exclude]) if len(users) else np.zeros(0, np.int64)
+    return torch.from_numpy(users).to(device), torch.from_numpy(rows).to(device)
+
+
+def top_k_excluding(
+    scores: torch.Tensor, exclude: list[np.ndarray] | None, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` (values, columns) per row of ``scores`` [U, B] (modified in place) with the
+    ``exclude[i]`` columns of row i left out; columns are -1 (values -inf) where fewer remain."""
+    if exclude is not None:
+        users, rows = exclusion_coords(exclude, scores.device)
+        scores[users, rows] = -math.inf
+    values, rows = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+    return values, rows.masked_fill(torch.isinf(values), -1)

@@ -98,9 +98,8 @@ def test_scores_equal_evaluation_handler_and_scorer(all_pairs, tiny_run: Path, c
     """Parity: the evaluation code path (build_training_data + predict), the TorchServe handler's
     engine and Scorer.rate give the batch job's numbers for the same pairs, to 1e-5."""
     from handlers.engine import BookrecEngine
-    from train.dataset import build_training_data
+    from train.dataset import build_training_data, load_tables
     from train.fit import predict
-    from train.pipeline import load_tables
 
     out, _ = all_pairs
     scores = read(out).set_index(["user_id", "isbn"])["score"]
@@ -161,8 +160,7 @@ def test_top_k_is_the_evaluations_two_stage_path(tiny_run: Path, catalog: Catalo
     """Batch --mode topk, the handler's recommend and the evaluation's top-K are one code path:
     the same books in the same order with the same relevance and predicted rating, to 1e-5."""
     from handlers.engine import BookrecEngine
-    from model.checkpoint import load_scripted
-    from model.recommend import TwoStageRecommender
+    from model.artifacts import ModelFolder
     from train.topk_eval import RankingTask, model_top_k
 
     batch(tiny_run, tmp_path / "top", "--mode", "topk", "--k", "10", "--exclude-rated")
@@ -171,8 +169,7 @@ def test_top_k_is_the_evaluations_two_stage_path(tiny_run: Path, catalog: Catalo
     rows = np.arange(len(users))
     history = [catalog.rated_by(int(r)) for r in rows]
     task = RankingTask("all", rows, catalog.user_feats, history, history, history, history)
-    scorer = Scorer(load_scripted(tiny_run / "model_scripted.pt"), catalog.book_feats)
-    recommender = TwoStageRecommender.load(tiny_run, scorer)
+    recommender = ModelFolder(tiny_run).load().recommender
     evaluation = model_top_k(recommender, task, k=10)
     recs = recommender.recommend(catalog.user_feats, history, 10, history)
     assert np.array_equal(recs.rows.numpy(), evaluation)

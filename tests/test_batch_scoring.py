@@ -1,5 +1,6 @@
 """The scorer core (``model.scoring``): the fast head kernel equals the model's own forward for every
-shipped variant, whatever the block size or thread count; unknown tails fall back to the model."""
+shipped variant, whatever the block size or thread count; unknown tails fall back to the model. The
+batch job's compiled head (``batch.native_head``) equals it too."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from batch.native_head import attach
 from model.catalog import Catalog
 from model.checkpoint import load_checkpoint
 from model.network import RatingMLP
@@ -105,30 +107,30 @@ def test_flop_convention(tiny_run: Path) -> None:
 @pytest.mark.parametrize("name", ["scripted", "fp32"])
 def test_native_kernel_equals_forward(tiny_run: Path, catalog: Catalog, name: str) -> None:
     model = variants(tiny_run)[name]
-    scorer = Scorer(model, catalog.book_feats, kernel="auto", threads=2)
-    if scorer.native is None:
+    scorer = attach(Scorer(model, catalog.book_feats, threads=2), "auto")
+    if scorer.row_kernel is None:
         pytest.skip("no C compiler or no AVX2/FMA on this machine (auto runs the torch ops)")
     users = catalog.user_feats[:41]
     expected = forward_all(model, users, catalog.book_feats)
     torch.testing.assert_close(scorer.score_all(users), expected, rtol=0, atol=1e-5)
     books = catalog.book_feats[:5]  # fewer books than one tile of the kernel
-    small = Scorer(model, books, kernel="native")
+    small = attach(Scorer(model, books), "native")
     torch.testing.assert_close(small.score_all(users), forward_all(model, users, books), rtol=0, atol=1e-5)
 
 
 def test_native_kernel_refuses_what_it_cannot_do(tiny_run: Path, catalog: Catalog) -> None:
     model = variants(tiny_run)["scripted"]
     with pytest.raises(ValueError, match="unavailable"):
-        Scorer(model, catalog.book_feats, kernel="native", precision="bf16")
-    assert Scorer(model, catalog.book_feats, kernel="auto", precision="bf16").native is None
+        attach(Scorer(model, catalog.book_feats, precision="bf16"), "native")
+    assert attach(Scorer(model, catalog.book_feats, precision="bf16"), "auto").row_kernel is None
     with pytest.raises(ValueError, match="kernel must be one of"):
-        Scorer(model, catalog.book_feats, kernel="fast")
+        attach(Scorer(model, catalog.book_feats), "fast")
 
 
 def test_auto_falls_back_where_the_native_kernel_cannot_go(tiny_run: Path, catalog: Catalog) -> None:
     model = variants(tiny_run)["int8"]  # pruned tail: 12 hidden units, not a multiple of 8
-    scorer = Scorer(model, catalog.book_feats, kernel="auto")
-    assert scorer.native is None and scorer.kernel is not None
+    scorer = attach(Scorer(model, catalog.book_feats), "auto")
+    assert scorer.row_kernel is None and scorer.kernel is not None
     users = catalog.user_feats[:9]
     expected = forward_all(model, users, catalog.book_feats)
     torch.testing.assert_close(scorer.score_all(users), expected, rtol=0, atol=1e-5)

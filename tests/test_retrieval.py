@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from model.artifacts import ModelFolder
 from model.catalog import Catalog
 from model.checkpoint import load_scripted
 from model.config import RetrievalConfig
-from model.recommend import RETRIEVAL_META, RerankSettings, TwoStageRecommender
-from model.scoring import Scorer
+from model.layout import RETRIEVAL_META
+from model.recommend import RerankSettings, TwoStageRecommender
 from tests.conftest import NEW_BOOK
-from train.dataset import build_training_data
-from train.pipeline import load_tables
+from train.dataset import build_training_data, load_tables
 from train.retrieval import (
     Interactions,
     catalog_book_vectors,
@@ -91,9 +91,7 @@ def test_an_unrated_book_is_in_the_catalog_and_reaches_a_top_k(tiny_run: Path) -
     _, _, ratings = load_tables(tiny_run)
     assert NEW_BOOK not in set(ratings["isbn"])
     row = catalog.book_index[NEW_BOOK]
-    recommender = TwoStageRecommender.load(
-        tiny_run, Scorer(load_scripted(tiny_run / "model_scripted.pt"), catalog.book_feats)
-    )
+    recommender = ModelFolder(tiny_run).load().recommender
     assert not bool(recommender.towers.id_known[row])  # no id embedding: content alone
     assert torch.isfinite(recommender.book_vectors[row]).all()
 
@@ -110,8 +108,8 @@ def test_an_unrated_book_is_in_the_catalog_and_reaches_a_top_k(tiny_run: Path) -
 
 def test_rerank_orders_by_retrieval_plus_blend_times_rating(tiny_run: Path) -> None:
     catalog = Catalog.load(tiny_run)
-    scorer = Scorer(load_scripted(tiny_run / "model_scripted.pt"), catalog.book_feats)
-    base = TwoStageRecommender.load(tiny_run, scorer)
+    base = ModelFolder(tiny_run).load().recommender
+    scorer = base.scorer
     users = np.arange(20)
     history = [catalog.rated_by(int(u)) for u in users]
     cands = base.candidates(catalog.user_feats[users], history, history)
@@ -133,9 +131,7 @@ def test_candidates_in_book_slices_equal_one_pass(tiny_run: Path, monkeypatch: p
     import model.recommend as recommend
 
     catalog = Catalog.load(tiny_run)
-    recommender = TwoStageRecommender.load(
-        tiny_run, Scorer(load_scripted(tiny_run / "model_scripted.pt"), catalog.book_feats)
-    )
+    recommender = ModelFolder(tiny_run).load().recommender
     users = np.arange(20)
     history = [catalog.rated_by(int(u)) for u in users]
     one = recommender.candidates(catalog.user_feats[users], history, history, n=15)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model.catalog import Catalog
-from train.pipeline import load_tables
+from train.dataset import load_tables
 from train.topk_eval import MODEL_NAME, RATING_ONLY_NAME, cold_book_task, cold_user_task, sample_task, warm_task
 
 

@@ -17,7 +17,6 @@ from model.config import load_config
 from model.encoder import EncoderUnavailable
 from train.download import DatasetUnavailable
 
-STEPS = ("run", "data", "features", "train", "compress", "retrieval", "evaluate")
 TOOLS = ("sweep", "drift")
 
 
@@ -26,8 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in TOOLS:
         return _tool(argv[0], argv[1:])
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
+    from train.steps import STEPS, run_all, run_step
+
     parser.add_argument(
-        "step", choices=STEPS + TOOLS, help="'run' does every step in order; 'sweep' and 'drift' have their own --help"
+        "step",
+        choices=("run", *STEPS, *TOOLS),
+        help="'run' does every step in order; 'sweep' and 'drift' have their own --help",
     )
     parser.add_argument("--config", help="YAML config (missing keys take defaults)")
     parser.add_argument(
@@ -52,24 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: bad config: {err}", file=sys.stderr)
         return 2
 
-    from train import pipeline
-    from train.compress import step_compress
-    from train.evaluate import step_evaluate
-    from train.retrieval import step_retrieval
-
-    steps = {
-        "data": pipeline.step_data,
-        "features": pipeline.step_features,
-        "train": pipeline.step_train,
-        "compress": step_compress,
-        "retrieval": step_retrieval,
-        "evaluate": step_evaluate,
-    }
     try:
         if args.step == "run":
-            result = pipeline.run_all(cfg, progress=not args.quiet)
+            result = run_all(cfg, progress=not args.quiet)
         else:
-            result = steps[args.step](cfg, pipeline.prepare_run(cfg), progress=not args.quiet)
+            result = run_step(args.step, cfg, progress=not args.quiet)
     except (DatasetUnavailable, EncoderUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

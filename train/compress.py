@@ -21,19 +21,16 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from model.catalog import Catalog
+from model import layout
 from model.checkpoint import load_checkpoint, load_scripted, save_checkpoint
 from model.config import Config
 from model.network import RatingMLP, quantize_int8
-from train.dataset import TrainingData, build_training_data
+from train.dataset import TrainingData, load_training_data
 from train.fit import fit, plot_learning_curve, predict
 from train.metrics import mae, rmse
 
 log = logging.getLogger("bookrec.compress")
 
-PRUNED_FILE = "model_pruned.pt"
-INT8_FILE = "model_int8.pt"
-SCRIPTED_FILE = "model_scripted.pt"
 REPORT_SPLITS = ("val", "test", "cold_book", "cold_user")
 
 
@@ -137,12 +134,9 @@ def latencies(models: dict[str, nn.Module], data: TrainingData, batch: int, repe
 
 def step_compress(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     """Write pruned, int8 and scripted artifacts and ``compression.json`` with their costs."""
-    catalog = Catalog.load(run_dir)
-    from train.pipeline import FP32_FILE, METRICS_FILE, load_tables
-
-    _, _, ratings = load_tables(run_dir)
-    data = build_training_data(catalog, ratings, cfg.split.folds, cfg.split.seed)
-    fp32 = load_checkpoint(run_dir / FP32_FILE)
+    _, _, data = load_training_data(cfg, run_dir)
+    files = layout.MODEL_FILES
+    fp32 = load_checkpoint(run_dir / files["fp32"])
 
     pruned = prune_structured(fp32, cfg.compress.prune_amount)
     if cfg.compress.finetune_epochs > 0 and cfg.compress.prune_amount > 0:
@@ -151,20 +145,19 @@ def step_compress(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
             pruned,
             data,
             tune_cfg,
-            run_dir / METRICS_FILE,
+            run_dir / layout.METRICS_LOG,
             epochs=cfg.compress.finetune_epochs,
             progress=progress,
             stage="prune-finetune",
         )
-        epochs = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
-        plot_learning_curve(epochs, run_dir / "learning_curve.png")
+        epochs = [json.loads(line) for line in (run_dir / layout.METRICS_LOG).read_text().splitlines()]
+        plot_learning_curve(epochs, run_dir / layout.LEARNING_CURVE)
         log.info("pruned model fine-tuned: val RMSE %.4f", result.best_val_rmse)
-    save_checkpoint(pruned, run_dir / PRUNED_FILE)
+    save_checkpoint(pruned, run_dir / files["pruned"])
     quantized = quantize_int8(pruned)
-    save_checkpoint(quantized, run_dir / INT8_FILE)
+    save_checkpoint(quantized, run_dir / files["int8"])
 
     variants: dict[str, nn.Module] = {"fp32": fp32, "pruned": pruned, "int8": quantized}
-    files = {"fp32": FP32_FILE, "pruned": PRUNED_FILE, "int8": INT8_FILE}
     report: dict = {"variants": {}}
     for name, model in variants.items():
         report["variants"][name] = {
@@ -180,26 +173,26 @@ def step_compress(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
         for name in ("int8", "pruned", "fp32")
         if report["variants"][name]["val"]["rmse"] - base <= cfg.compress.max_rmse_loss
     )
-    scripted = script_model(variants[choice], run_dir / SCRIPTED_FILE)
+    scripted = script_model(variants[choice], run_dir / files["scripted"])
     variants["scripted"] = scripted
     report["variants"]["scripted"] = {
         **accuracy(scripted, data),
-        "file": SCRIPTED_FILE,
-        "bytes": (run_dir / SCRIPTED_FILE).stat().st_size,
+        "file": files["scripted"],
+        "bytes": (run_dir / files["scripted"]).stat().st_size,
         "scripted_from": choice,
     }
     timing = latencies(variants, data, cfg.compress.latency_batch, cfg.compress.latency_repeats)
     for name, entry in timing.items():
         report["variants"][name]["latency_ms"] = entry
     report["shipped"] = {
-        "file": SCRIPTED_FILE,
+        "file": files["scripted"],
         "from": choice,
         "val_rmse_loss_vs_fp32": report["variants"]["scripted"]["val"]["rmse"] - base,
     }
-    (run_dir / "compression.json").write_text(json.dumps(report, indent=2) + "\n")
+    (run_dir / layout.COMPRESSION_REPORT).write_text(json.dumps(report, indent=2) + "\n")
     log.info(
         "compression: shipped %s (%s), val RMSE loss %.4f",
-        SCRIPTED_FILE,
+        files["scripted"],
         choice,
         report["shipped"]["val_rmse_loss_vs_fp32"],
     )

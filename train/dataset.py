@@ -8,12 +8,16 @@ history (exactly what ``Catalog`` computes for serving).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 
+from model import layout
 from model.catalog import Catalog
+from model.config import Config
 from model.features import book_feature_table, user_features
 from train.split import assign_folds
 
@@ -96,3 +100,20 @@ def build_training_data(catalog: Catalog, ratings: pd.DataFrame, folds: int, see
             isbn=part["isbn"].to_numpy(),
         )
     return TrainingData(user_table, book_table, splits)
+
+
+def load_tables(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(users, books, ratings with their split) as the data step wrote them."""
+    folder = Path(run_dir) / layout.DATA_DIR
+    names = (layout.DATA_USERS, layout.DATA_BOOKS, layout.DATA_RATINGS)
+    return tuple(pq.read_table(folder / name).to_pandas() for name in names)
+
+
+def load_training_data(
+    cfg: Config, run_dir: Path, catalog: Catalog | None = None
+) -> tuple[Catalog, pd.DataFrame, TrainingData]:
+    """The run's catalog (loaded unless given), its split ratings and the training tensors built
+    from them: what every step after ``features`` starts from."""
+    catalog = catalog if catalog is not None else Catalog.load(run_dir)
+    ratings = load_tables(run_dir)[2]
+    return catalog, ratings, build_training_data(catalog, ratings, cfg.split.folds, cfg.split.seed)

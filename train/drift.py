@@ -45,6 +45,10 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from model import layout
+from model.artifacts import ModelFolder
+from model.scoring import Scorer
+
 log = logging.getLogger("bookrec.drift")
 
 HELD_OUT = ("val", "test", "cold_user", "cold_book", "cold_both")
@@ -141,9 +145,10 @@ def _norm_country(value: Any) -> str:
 
 def check_run_dir(run_dir: Path) -> None:
     """``DriftInputError`` unless ``run_dir`` has what the reference is built from."""
-    data = run_dir / "data"
-    needed = [data / "ratings.parquet", data / "users.parquet", run_dir / "catalog", run_dir / "model_scripted.pt"]
+    data = run_dir / layout.DATA_DIR
+    needed = [data / layout.DATA_RATINGS, data / layout.DATA_USERS]
     missing = [str(p) for p in needed if not p.exists()]
+    missing += [str(run_dir / name) for name in ModelFolder(run_dir).missing(serving=True)]
     if missing:
         raise DriftInputError(f"--run {run_dir} is not a complete training run folder; missing: {', '.join(missing)}")
 
@@ -152,31 +157,25 @@ def load_reference(run_dir: Path) -> dict[str, Any]:
     """Held-out ratings of the run with their users' age and country, and the model's predictions
     on the warm ones (val + test)."""
     check_run_dir(run_dir)
-    data = run_dir / "data"
-    ratings = pq.read_table(data / "ratings.parquet", columns=["user_id", "isbn", "rating", "split"]).to_pandas()
+    data = run_dir / layout.DATA_DIR
+    ratings = pq.read_table(data / layout.DATA_RATINGS, columns=["user_id", "isbn", "rating", "split"]).to_pandas()
     held = ratings[ratings["split"].isin(HELD_OUT)].reset_index(drop=True)
-    users = pq.read_table(data / "users.parquet", columns=["user_id", "country", "age"]).to_pandas()
+    users = pq.read_table(data / layout.DATA_USERS, columns=["user_id", "country", "age"]).to_pandas()
     held = held.merge(users, on="user_id", how="left")
     return {"held_out": held, "predictions": reference_predictions(run_dir, held)}
 
 
 def reference_predictions(run_dir: Path, held: pd.DataFrame) -> np.ndarray:
     """The shipped model's ratings of the warm held-out pairs, with the features serving uses."""
-    import torch
-
-    from model.catalog import Catalog
-    from model.checkpoint import load_scripted
-
     warm = held[held["split"].isin(("val", "test"))]
-    catalog = Catalog.load(run_dir)
-    model = load_scripted(run_dir / "model_scripted.pt")
+    catalog = ModelFolder(run_dir).load_catalog()
+    scorer = Scorer(ModelFolder(run_dir).load_rating_model(), catalog.book_feats)
     out = []
-    with torch.inference_mode():
-        for start in range(0, len(warm), 16384):
-            part = warm.iloc[start : start + 16384]
-            u = catalog.user_feats[catalog.user_rows(part["user_id"].tolist())]
-            b = catalog.book_feats[catalog.book_rows(part["isbn"].tolist())]
-            out.append(model(u, b).float().numpy())
+    for start in range(0, len(warm), 16384):
+        part = warm.iloc[start : start + 16384]
+        u = catalog.user_feats[catalog.user_rows(part["user_id"].tolist())]
+        b = catalog.book_feats[catalog.book_rows(part["isbn"].tolist())]
+        out.append(scorer.rate(u, b).numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
@@ -236,9 +235,8 @@ def embedding_results(
     """Book text embeddings of the traffic against the held-out books', along the reference's
     first principal components (new books' texts re-embedded with the run's encoder)."""
     from model.catalog import embedding_matrix
-    from model.encoder import load_saved_encoder
 
-    books = pq.read_table(run_dir / "catalog" / "books.parquet", columns=["isbn", "embedding"])
+    books = pq.read_table(run_dir / layout.catalog_path(layout.BOOKS_FILE), columns=["isbn", "embedding"])
     emb = embedding_matrix(books["embedding"])
     index = {isbn: i for i, isbn in enumerate(books["isbn"].to_pylist())}
     ref = emb[[index[i] for i in held["isbn"] if i in index]]
@@ -246,7 +244,7 @@ def embedding_results(
     texts = [t for row in traffic.get("new_book_texts", pd.Series(dtype=object)).dropna() for t in row]
     parts = [emb[[index[i] for i in isbns if i in index]]]
     if texts:
-        parts.append(load_saved_encoder(run_dir / "encoder").embed(texts))
+        parts.append(ModelFolder(run_dir).load_encoder().embed(texts))
     got = np.concatenate(parts) if parts else np.zeros((0, emb.shape[1]), np.float32)
     mean = ref.mean(axis=0)
     _, _, vt = np.linalg.svd(ref[:20000] - mean, full_matrices=False)

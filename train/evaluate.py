@@ -11,14 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.catalog import Catalog
-from model.checkpoint import load_checkpoint, load_scripted
+from model import layout
+from model.artifacts import ModelFolder
 from model.config import Config
-from model.recommend import TwoStageRecommender
-from model.scoring import Scorer
 from train.baselines import SVD_GRID, BiasBaseline, GlobalMean, SurpriseSVD, tune
-from train.compress import INT8_FILE, PRUNED_FILE, SCRIPTED_FILE
-from train.dataset import TrainingData, build_training_data
+from train.dataset import TrainingData, load_training_data
 from train.fit import predict
 from train.metrics import mae, ndcg_at_k, rmse
 from train.run_info import machine
@@ -74,21 +71,18 @@ def evaluate_baselines(data: TrainingData, cfg: Config) -> dict[str, dict]:
     return out
 
 
-def load_variants(run_dir: Path) -> dict[str, torch.nn.Module]:
-    """Every model artifact the run wrote, the scripted one through ``torch.jit.load`` alone."""
-    from train.pipeline import FP32_FILE
+# Each rating-model variant's row in the table.
+VARIANT_NAMES = {
+    "fp32": "MLP fp32",
+    "pruned": "MLP pruned",
+    "int8": "MLP pruned+int8",
+    "scripted": "MLP TorchScript (shipped)",
+}
 
-    out = {}
-    for name, file in (
-        ("MLP fp32", FP32_FILE),
-        ("MLP pruned", PRUNED_FILE),
-        ("MLP pruned+int8", INT8_FILE),
-    ):
-        if (run_dir / file).exists():
-            out[name] = load_checkpoint(run_dir / file)
-    if (run_dir / SCRIPTED_FILE).exists():
-        out["MLP TorchScript (shipped)"] = load_scripted(run_dir / SCRIPTED_FILE)
-    return out
+
+def load_variants(run_dir: Path) -> dict[str, torch.nn.Module]:
+    """Every rating-model variant the run wrote, by its name in the table."""
+    return {VARIANT_NAMES[v]: model for v, model in ModelFolder(run_dir).rating_models().items()}
 
 
 def markdown_table(results: dict[str, dict], k: int) -> str:
@@ -131,12 +125,9 @@ def plot_results(results: dict[str, dict], path: Path) -> None:
 
 def step_evaluate(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     """Print and write ``evaluation.json`` / ``evaluation.md`` for the run."""
-    from train.pipeline import load_tables
-
     start = time.perf_counter()
-    catalog = Catalog.load(run_dir)
-    _, _, ratings = load_tables(run_dir)
-    data = build_training_data(catalog, ratings, cfg.split.folds, cfg.split.seed)
+    loaded = ModelFolder(run_dir).load()
+    catalog, ratings, data = load_training_data(cfg, run_dir, loaded.catalog)
     results = evaluate_baselines(data, cfg)
     for name, model in load_variants(run_dir).items():
         results[name] = {
@@ -148,7 +139,7 @@ def step_evaluate(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
             )
             for s in TEST_SPLITS
         }
-    features = json.loads((run_dir / "features.json").read_text())
+    features = json.loads((run_dir / layout.FEATURES_REPORT).read_text())
     meta = {
         "encoder": features["encoder"],
         "pooling": features["pooling"],
@@ -158,7 +149,7 @@ def step_evaluate(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     }
     table = markdown_table(results, cfg.eval.ndcg_k)
     topk = evaluate_top_k(
-        TwoStageRecommender.load(run_dir, Scorer(load_scripted(run_dir / SCRIPTED_FILE), catalog.book_feats)),
+        loaded.recommender,
         catalog,
         ratings,
         cfg.eval.cold_user_reveal,
@@ -171,14 +162,14 @@ def step_evaluate(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     meta["seconds"] = round(time.perf_counter() - start, 1)
     meta["catalog"] = {"books": len(catalog.books), "users": len(catalog.users)}
     payload = {"meta": meta, "results": results, "topk": topk}
-    (run_dir / "evaluation.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (run_dir / layout.EVALUATION_REPORT).write_text(json.dumps(payload, indent=2) + "\n")
     md = (
         f"Encoder: {meta['encoder']} ({meta['pooling']} pooling). Machine: {meta['machine']}.\n\n"
         f"Rating prediction (RMSE / MAE, lower is better):\n\n{table}\n\n"
         f"Top-K recommendation ({len(catalog.books)} books in the catalog):\n\n{topk_markdown(topk)}\n"
     )
-    (run_dir / "evaluation.md").write_text(md)
+    (run_dir / layout.EVALUATION_TABLE).write_text(md)
     plot_results(results, run_dir / "evaluation.png")
     plot_top_k(topk, run_dir / "topk.png")
     print(md)
-    return {"table": "evaluation.md", **meta}
+    return {"table": layout.EVALUATION_TABLE, **meta}

@@ -59,13 +59,6 @@ class EarlyStopping:
         self.model.eval()
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when present."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 @torch.no_grad()
 def predict(
     model: nn.Module,

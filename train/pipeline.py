@@ -1,13 +1,13 @@
-"""The training job, step by step: data -> features -> train -> compress -> retrieval -> evaluate.
+"""The first training steps: data (ingest, clean, split), features (embed, catalog), train (MLP).
 
-Each step reads what the previous one wrote into the run folder, so steps can be rerun alone.
+Each step reads what the previous one wrote into the run folder, so steps can be rerun alone;
+``train/steps.py`` lists every step in order.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,31 +16,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from model import schemas
-from model.catalog import Catalog, write_catalog
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model import layout, schemas
+from model.artifacts import code_identity, resolve_device
+from model.catalog import write_catalog
+from model.checkpoint import save_checkpoint
 from model.config import Config
 from model.encoder import TextEncoder, load_encoder, load_saved_encoder
 from model.features import FeatureSpec
 from model.network import RatingMLP
 from model.text import book_texts, user_texts
-from train import tracking
-from train.dataset import build_training_data
+from train.dataset import load_tables, load_training_data
 from train.download import DatasetUnavailable, resolve_data_dir
 from train.embed import EmbeddingCache
 from train.finetune import fine_tune
-from train.fit import fit, plot_learning_curve, resolve_device
+from train.fit import fit, plot_learning_curve
 from train.ingest import read_bookcrossing
 from train.run_info import data_fingerprint, machine, versions
 from train.sample import write_sample
 from train.split import assign_splits
 
 log = logging.getLogger("bookrec.pipeline")
-
-DATA_DIR = "data"
-ENCODER_DIR = "encoder"
-FP32_FILE = "model_fp32.pt"
-METRICS_FILE = "metrics.jsonl"
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -82,14 +77,14 @@ def step_data(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     source = locate_data(cfg, run_dir)
     raw = read_bookcrossing(source, progress=progress)
     ratings = assign_splits(raw.ratings, cfg.split)
-    out = run_dir / DATA_DIR
+    out = run_dir / layout.DATA_DIR
     out.mkdir(parents=True, exist_ok=True)
-    _write_parquet(raw.users, schemas.USERS, out / "users.parquet")
-    _write_parquet(raw.books, schemas.BOOKS, out / "books.parquet")
-    _write_parquet(ratings, schemas.RATINGS_SPLIT, out / "ratings.parquet")
-    _write_json(out / "ingest_report.json", raw.report.to_dict())
+    _write_parquet(raw.users, schemas.USERS, out / layout.DATA_USERS)
+    _write_parquet(raw.books, schemas.BOOKS, out / layout.DATA_BOOKS)
+    _write_parquet(ratings, schemas.RATINGS_SPLIT, out / layout.DATA_RATINGS)
+    _write_json(out / layout.INGEST_REPORT, raw.report.to_dict())
     fingerprint = data_fingerprint(source, {"users": raw.users, "books": raw.books, "ratings": ratings})
-    _write_json(run_dir / "fingerprint.json", fingerprint)
+    _write_json(run_dir / layout.FINGERPRINT_FILE, fingerprint)
     summary = {
         "source": str(source),
         "layout": raw.report.layout,
@@ -98,11 +93,6 @@ def step_data(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     log.info("data: %s", summary)
     print(raw.report.summary())
     return summary
-
-
-def load_tables(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    folder = run_dir / DATA_DIR
-    return tuple(pq.read_table(folder / f"{name}.parquet").to_pandas() for name in ("users", "books", "ratings"))
 
 
 def training_history(ratings: pd.DataFrame) -> pd.DataFrame:
@@ -131,7 +121,7 @@ def step_features(cfg: Config, run_dir: Path, progress: bool = True, encoder: Te
     cache = EmbeddingCache(Path(cfg.encoder.cache_dir))
     book_emb, book_stats = cache.embed(encoder, btexts, cfg.encoder.batch_size, progress)
     user_emb, user_stats = cache.embed(encoder, utexts, cfg.encoder.batch_size, progress)
-    encoder.save(run_dir / ENCODER_DIR)
+    encoder.save(run_dir / layout.ENCODER_DIR)
 
     train = ratings[ratings["split"] == "train"]
     spec = FeatureSpec(
@@ -139,7 +129,7 @@ def step_features(cfg: Config, run_dir: Path, progress: bool = True, encoder: Te
         global_mean=float(train["rating"].mean()),
         shrinkage=cfg.model.shrinkage,
     )
-    write_catalog(run_dir / "catalog", books, book_emb, users, user_emb, training_history(ratings), spec)
+    write_catalog(run_dir, books, book_emb, users, user_emb, training_history(ratings), spec)
     summary = {
         "encoder": encoder.source,
         "pooling": encoder.pooling,
@@ -148,7 +138,7 @@ def step_features(cfg: Config, run_dir: Path, progress: bool = True, encoder: Te
         "book_embedding": book_stats,
         "user_embedding": user_stats,
     }
-    _write_json(run_dir / "features.json", summary)
+    _write_json(run_dir / layout.FEATURES_REPORT, summary)
     log.info("features: %s", summary)
     return summary
 
@@ -169,31 +159,28 @@ def step_train(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     np.random.seed(cfg.train.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    _, _, ratings = load_tables(run_dir)
     device = resolve_device(cfg.train.device)
     summary: dict = {"device": str(device)}
     if cfg.train.fine_tune_encoder:
-        summary["fine_tune"] = fine_tune_stage(cfg, run_dir, ratings, device, progress)
-    catalog = Catalog.load(run_dir)
-    data = build_training_data(catalog, ratings, cfg.split.folds, cfg.split.seed)
+        summary["fine_tune"] = fine_tune_stage(cfg, run_dir, device, progress)
+    catalog, _, data = load_training_data(cfg, run_dir)
     model = new_model(cfg, catalog.spec)
     model.set_standardisation(data.user_table, data.book_table)
     model.to(device)
-    log_path = run_dir / METRICS_FILE
+    log_path = run_dir / layout.METRICS_LOG
     log_path.unlink(missing_ok=True)
     result = fit(model, data, cfg.train, log_path, progress=progress)
-    save_checkpoint(model.cpu(), run_dir / FP32_FILE)
-    plot_learning_curve(result.epochs, run_dir / "learning_curve.png")
+    save_checkpoint(model.cpu(), run_dir / layout.MODEL_FILES["fp32"])
+    plot_learning_curve(result.epochs, run_dir / layout.LEARNING_CURVE)
     summary.update(best_epoch=result.best_epoch, best_val_rmse=result.best_val_rmse, seconds=round(result.seconds, 1))
-    _write_json(run_dir / "train.json", summary)
+    _write_json(run_dir / layout.TRAIN_REPORT, summary)
     return summary
 
 
-def fine_tune_stage(cfg: Config, run_dir: Path, ratings: pd.DataFrame, device: torch.device, progress: bool) -> dict:
+def fine_tune_stage(cfg: Config, run_dir: Path, device: torch.device, progress: bool) -> dict:
     """Fine-tune the encoder with a throwaway MLP, then rewrite encoder and catalog with it."""
-    catalog = Catalog.load(run_dir)
-    data = build_training_data(catalog, ratings, cfg.split.folds, cfg.split.seed)
-    encoder = load_saved_encoder(run_dir / ENCODER_DIR)
+    catalog, _, data = load_training_data(cfg, run_dir)
+    encoder = load_saved_encoder(run_dir / layout.ENCODER_DIR)
     encoder.model.to(device)
     model = new_model(cfg, catalog.spec)
     model.set_standardisation(data.user_table, data.book_table)
@@ -205,48 +192,9 @@ def fine_tune_stage(cfg: Config, run_dir: Path, ratings: pd.DataFrame, device: t
 
 
 def prepare_run(cfg: Config) -> Path:
-    """Create the run folder with the config, versions and machine beside it."""
+    """Create the run folder with the config, versions, machine and code identity beside it."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "config.yaml")
-    _write_json(run_dir / "versions.json", {**versions(), "machine": machine()})
+    cfg.save(run_dir / layout.CONFIG_FILE)
+    _write_json(run_dir / layout.VERSIONS_FILE, {**versions(), "machine": machine(), "code": code_identity()})
     return run_dir
-
-
-def run_all(cfg: Config, progress: bool = True) -> dict:
-    """Every step in order; returns each step's summary and its wall time."""
-    from train.compress import step_compress
-    from train.evaluate import step_evaluate
-    from train.retrieval import step_retrieval
-
-    run_dir = prepare_run(cfg)
-    tracker = tracking.start_training_run(cfg, run_dir)  # None unless train.wandb
-    out = {}
-    for name, step in (
-        ("data", step_data),
-        ("features", step_features),
-        ("train", step_train),
-        ("compress", step_compress),
-        ("retrieval", step_retrieval),
-        ("evaluate", step_evaluate),
-    ):
-        start = time.perf_counter()
-        out[name] = step(cfg, run_dir, progress)
-        out[f"{name}_seconds"] = round(time.perf_counter() - start, 1)
-        log.info("step %s done in %.1f s", name, out[f"{name}_seconds"])
-    _write_json(
-        run_dir / "timings.json",
-        {k: v for k, v in out.items() if k.endswith("_seconds")},
-    )
-    tracking.finish_training_run(tracker, run_dir)
-    return out
-
-
-__all__ = [
-    "load_checkpoint",
-    "new_model",
-    "run_all",
-    "step_data",
-    "step_features",
-    "step_train",
-]

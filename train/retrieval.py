@@ -22,16 +22,15 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from model import layout
+from model.artifacts import ModelFolder, resolve_device
 from model.catalog import Catalog
-from model.checkpoint import load_scripted
 from model.config import Config, RetrievalConfig
 from model.features import book_own_stats
-from model.recommend import BOOK_VECTORS, RETRIEVAL_FILE, RETRIEVAL_META, RerankSettings, TwoStageRecommender
+from model.recommend import RerankSettings, embed_book_set
 from model.retrieval import TwoTower
-from model.scoring import Scorer
-from train.compress import SCRIPTED_FILE
-from train.dataset import TrainingData, build_training_data
-from train.fit import EarlyStopping, resolve_device
+from train.dataset import TrainingData, load_training_data
+from train.fit import EarlyStopping
 from train.topk_eval import choose_blend, warm_task
 
 log = logging.getLogger("bookrec.retrieval")
@@ -111,24 +110,9 @@ def new_retrieval_model(catalog: Catalog, cfg: RetrievalConfig) -> TwoTower:
     )
 
 
-def catalog_book_vectors(model: TwoTower, catalog: Catalog, batch: int = 65536) -> torch.Tensor:
+def catalog_book_vectors(model: TwoTower, catalog: Catalog) -> torch.Tensor:
     """Unit vectors [B, dim] of every catalog book (what the catalog ships precomputed)."""
-    device = model.temperature.device
-    rows = torch.arange(len(catalog.books))
-    authors, publishers = catalog.groups["author"][0], catalog.groups["publisher"][0]
-    out = []
-    with torch.inference_mode():
-        for s in range(0, len(rows), batch):
-            sl = slice(s, s + batch)
-            out.append(
-                model.embed_books(
-                    catalog.book_feats[sl].to(device),
-                    rows[sl].to(device),
-                    authors[sl].to(device),
-                    publishers[sl].to(device),
-                ).cpu()
-            )
-    return torch.cat(out) if out else torch.zeros(0, model.dim)
+    return embed_book_set(model, catalog, catalog.book_feats, torch.arange(len(catalog.books)))
 
 
 def validation_recall(
@@ -342,28 +326,23 @@ def fit_retrieval(
 def step_retrieval(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     """Train the towers, ship them scripted with the catalog's book vectors, and choose the rerank
     blend on validation with the shipped rating model."""
-    from train.pipeline import load_tables
-
     torch.manual_seed(cfg.retrieval.seed)
-    catalog = Catalog.load(run_dir)
-    _, _, ratings = load_tables(run_dir)
-    data = build_training_data(catalog, ratings, cfg.split.folds, cfg.split.seed)
+    catalog, ratings, data = load_training_data(cfg, run_dir)
     device = resolve_device(cfg.train.device)
     model = new_retrieval_model(catalog, cfg.retrieval).to(device)
     result = fit_retrieval(model, catalog, data, cfg.retrieval, progress)
     model.cpu()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.jit.script(model).save(str(run_dir / RETRIEVAL_FILE))
-    towers = load_scripted(run_dir / RETRIEVAL_FILE)
-    np.save(run_dir / BOOK_VECTORS, catalog_book_vectors(towers, catalog).numpy())
-
-    scorer = Scorer(load_scripted(run_dir / SCRIPTED_FILE), catalog.book_feats)
-    settings = RerankSettings(candidates=cfg.retrieval.candidates)
-    RerankSettings.save(settings, run_dir / RETRIEVAL_META)
-    recommender = TwoStageRecommender.load(run_dir, scorer)
+        torch.jit.script(model).save(str(run_dir / layout.RETRIEVAL_FILE))
+    folder = ModelFolder(run_dir)
+    np.save(run_dir / layout.BOOK_VECTORS, catalog_book_vectors(folder.load_towers(), catalog).numpy())
+    RerankSettings(candidates=cfg.retrieval.candidates).save(run_dir / layout.RETRIEVAL_META)
     blend, blend_table = choose_blend(
-        recommender, warm_task(catalog, ratings, "val"), cfg.retrieval.blend_grid, min_gain=cfg.retrieval.blend_min_gain
+        folder.load().recommender,
+        warm_task(catalog, ratings, "val"),
+        cfg.retrieval.blend_grid,
+        min_gain=cfg.retrieval.blend_min_gain,
     )
     summary = {
         "best_epoch": result.best_epoch,
@@ -373,6 +352,6 @@ def step_retrieval(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
         "val_recall@10_by_blend": blend_table,
         "device": str(device),
     }
-    RerankSettings(cfg.retrieval.candidates, blend).save(run_dir / RETRIEVAL_META, **summary)
+    RerankSettings(cfg.retrieval.candidates, blend).save(run_dir / layout.RETRIEVAL_META, **summary)
     log.info("retrieval: best epoch %d, blend %g (val recall@10 by blend %s)", result.best_epoch, blend, blend_table)
     return {"blend": blend, **{k: v for k, v in summary.items() if k != "epochs"}}

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from model.artifacts import file_sha256
+
 PACKAGES = (
     "torch",
     "transformers",
@@ -20,14 +22,6 @@ PACKAGES = (
     "scikit-surprise",
     "ftfy",
 )
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def frame_sha256(frame: pd.DataFrame) -> str:

@@ -32,6 +32,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from model import layout
 from model.catalog import Catalog
 from model.config import Config, load_config
 from train import tracking
@@ -92,10 +93,10 @@ def search_space(cfg: Config) -> dict[str, tuple]:
 
 def _same_features(cfg: Config, run_dir: Path) -> bool:
     """Whether ``run_dir`` holds data + features made with ``cfg``'s data, split and encoder settings."""
-    saved = run_dir / "config.yaml"
-    if not (saved.is_file() and (run_dir / "data" / "ratings.parquet").is_file()):
+    saved = run_dir / layout.CONFIG_FILE
+    if not (saved.is_file() and (run_dir / layout.DATA_DIR / layout.DATA_RATINGS).is_file()):
         return False
-    if not (run_dir / "catalog" / "feature_spec.json").is_file():
+    if not (run_dir / layout.catalog_path(layout.SPEC_FILE)).is_file():
         return False
     old = yaml.safe_load(saved.read_text()) or {}
     new = cfg.to_dict()
@@ -119,7 +120,8 @@ def prepare_features(cfg: Config, progress: bool = True) -> Path:
 
 def train_trial(cfg: Config, catalog: Catalog, data: Any, epochs: int | None) -> dict[str, Any]:
     """Train one MLP with ``cfg``; its best validation RMSE, best epoch and time."""
-    from train.fit import fit, resolve_device
+    from model.artifacts import resolve_device
+    from train.fit import fit
     from train.pipeline import new_model
 
     torch.manual_seed(cfg.train.seed)
@@ -147,8 +149,7 @@ def run_sweep(
     """Run ``trials`` trials (the first is ``cfg`` itself) and write the sweep's files."""
     import optuna
 
-    from train.dataset import build_training_data
-    from train.pipeline import load_tables
+    from train.dataset import load_training_data
 
     if trials < 1:
         raise ValueError(f"--trials must be at least 1, got {trials}")
@@ -158,9 +159,7 @@ def run_sweep(
     run_dir = prepare_features(cfg, progress)
     out = Path(out) if out is not None else run_dir / "sweep"
     out.mkdir(parents=True, exist_ok=True)
-    _, _, ratings = load_tables(run_dir)
-    catalog = Catalog.load(run_dir)
-    data = build_training_data(catalog, ratings, cfg.split.folds, cfg.split.seed)
+    catalog, _, data = load_training_data(cfg, run_dir)
     log.info("sweep: features ready in %.1f s; %d trials", time.perf_counter() - start, trials)
 
     group = f"sweep-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"

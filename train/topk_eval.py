@@ -167,20 +167,13 @@ def model_top_k(
     return out
 
 
-@torch.inference_mode()
 def rating_only_top_k(recommender: TwoStageRecommender, task: RankingTask, k: int = DEPTH) -> np.ndarray:
     """[U, k] by predicted rating alone over the whole book set (how ``recommend`` ranked before)."""
-    scorer = recommender.scorer
     out = np.full((len(task), k), -1, np.int64)
     for s in range(0, len(task), USER_BLOCK):
         sl = slice(s, s + USER_BLOCK)
-        scores = scorer.score_all(task.feats[sl])
-        rows = np.repeat(np.arange(scores.shape[0]), [len(e) for e in task.exclude[sl]])
-        if len(rows):
-            scores[torch.from_numpy(rows), torch.from_numpy(np.concatenate(task.exclude[sl]))] = -np.inf
-        top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
-        rows = top.indices.masked_fill(torch.isinf(top.values), -1)
-        out[s : s + scores.shape[0], : rows.shape[1]] = rows.numpy()
+        _, rows = recommender.scorer.top_k(task.feats[sl], k, task.exclude[sl])
+        out[s : s + rows.shape[0], : rows.shape[1]] = rows.numpy()
     return out
 
 

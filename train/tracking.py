@@ -18,20 +18,22 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from model import layout
 from model.config import Config
 
 log = logging.getLogger("bookrec.tracking")
 
 MODEL_ARTIFACT = "bookrec-model"
 # What the model artifact carries (those present): the shipped model and what describes it.
+SHIPPED_MODEL = layout.MODEL_FILES[layout.SHIPPED_VARIANT]
 ARTIFACT_FILES = (
-    "model_scripted.pt",
-    "config.yaml",
-    "evaluation.json",
-    "evaluation.md",
-    "compression.json",
-    "train.json",
-    "fingerprint.json",
+    SHIPPED_MODEL,
+    layout.CONFIG_FILE,
+    layout.EVALUATION_REPORT,
+    layout.EVALUATION_TABLE,
+    layout.COMPRESSION_REPORT,
+    layout.TRAIN_REPORT,
+    layout.FINGERPRINT_FILE,
 )
 
 
@@ -96,7 +98,7 @@ def finish_training_run(run: Any, run_dir: Path) -> None:
         return
     wandb = _wandb()
     run_dir = Path(run_dir)
-    evaluation = run_dir / "evaluation.json"
+    evaluation = run_dir / layout.EVALUATION_REPORT
     if evaluation.is_file():
         results = json.loads(evaluation.read_text())["results"]
         for split, table in evaluation_tables(results).items():
@@ -105,7 +107,7 @@ def finish_training_run(run: Any, run_dir: Path) -> None:
         for split, values in shipped.items():
             for metric, value in values.items():
                 run.summary[f"shipped/{split}/{metric}"] = value
-    for image in ("learning_curve.png", "evaluation.png"):
+    for image in (layout.LEARNING_CURVE, "evaluation.png"):
         if (run_dir / image).is_file():
             run.log({image.removesuffix(".png"): wandb.Image(str(run_dir / image))})
     log_model_artifact(run, run_dir)
@@ -131,12 +133,12 @@ def log_model_artifact(run: Any, run_dir: Path) -> None:
     """The shipped model and what describes it, as the ``bookrec-model`` artifact of ``run``."""
     wandb = _wandb()
     files = [run_dir / name for name in ARTIFACT_FILES if (run_dir / name).is_file()]
-    if not any(f.name == "model_scripted.pt" for f in files):
-        log.warning("no model_scripted.pt in %s: no model artifact logged", run_dir)
+    if not any(f.name == SHIPPED_MODEL for f in files):
+        log.warning("no %s in %s: no model artifact logged", SHIPPED_MODEL, run_dir)
         return
     meta: dict[str, Any] = {}
-    if (run_dir / "train.json").is_file():
-        meta["train"] = json.loads((run_dir / "train.json").read_text())
+    if (run_dir / layout.TRAIN_REPORT).is_file():
+        meta["train"] = json.loads((run_dir / layout.TRAIN_REPORT).read_text())
     artifact = wandb.Artifact(MODEL_ARTIFACT, type="model", metadata=meta)
     for path in files:
         artifact.add_file(str(path), name=path.name)

@@ -1,0 +1,204 @@
+"""One owner of a model folder: a training run folder or an unpacked ``.mar`` (same layout).
+
+``ModelFolder`` checks that a folder is complete, loads each model variant onto a device, and reads
+the metadata; ``ModelFolder.load`` returns a ``LoadedModel`` (catalog, rating scorer, two-stage
+recommender and, for serving, the encoder). Training, the archive builder, the handler and the batch
+job all go through it, so a file name or a loading rule changes in one place (``model/layout.py``
+holds the names).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model import layout
+from model.catalog import Catalog
+from model.checkpoint import load_checkpoint, load_scripted
+from model.encoder import TextEncoder, load_saved_encoder
+from model.recommend import RerankSettings, TwoStageRecommender, embed_book_set
+from model.scoring import Scorer
+
+VARIANTS = tuple(layout.MODEL_FILES)
+# The code that turns a user or a book into features and features into scores: this package.
+FEATURE_CODE_DIR = Path(__file__).resolve().parent
+
+
+class IncompleteModelFolder(ValueError):
+    """The folder lacks files a model folder must hold."""
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """A torch device; "auto" is CUDA when present, else the CPU."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def feature_code_sha256(folder: Path = FEATURE_CODE_DIR) -> str:
+    """One hash of the shared model code (``model/*.py``, names and contents): two folders with the
+    same hash compute the same features and scores from the same files."""
+    h = hashlib.sha256()
+    for path in sorted(Path(folder).glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def code_identity(folder: Path = FEATURE_CODE_DIR) -> dict[str, Any]:
+    """The git commit of the checkout (None outside git), whether it had local changes, and the
+    feature code's hash: saved with every run and archive, so a model names the code it ran with."""
+    commit = dirty = None
+    try:
+
+        def git(*args: str) -> str:
+            return subprocess.run(
+                ["git", *args], cwd=folder, capture_output=True, text=True, check=True, timeout=10
+            ).stdout.strip()
+
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"git_commit": commit, "git_dirty": dirty, "feature_code_sha256": feature_code_sha256(folder)}
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """A folder laid out as ``model/layout.py`` says."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    # ------------------------------------------------------------------------------ completeness
+    def missing(self, variant: str = layout.SHIPPED_VARIANT, *, serving: bool = False) -> list[str]:
+        """Files scoring with ``variant`` needs that the folder lacks (with ``serving``, also the encoder)."""
+        if variant not in layout.MODEL_FILES:
+            raise ValueError(f"model variant must be one of {VARIANTS}, got {variant!r}")
+        needed = (layout.MODEL_FILES[variant], *layout.SCORING_FILES, *(layout.SERVING_FILES if serving else ()))
+        return [name for name in needed if not (self.path / name).is_file()]
+
+    def check(self, variant: str = layout.SHIPPED_VARIANT, *, serving: bool = False, shown: str | None = None) -> None:
+        """Raise ``IncompleteModelFolder`` naming every missing file."""
+        missing = self.missing(variant, serving=serving)
+        if missing:
+            raise IncompleteModelFolder(
+                f"{shown or self.path}: not a complete training run folder or bookrec.mar; missing {', '.join(missing)}"
+            )
+
+    # ----------------------------------------------------------------------------------- loading
+    def load_rating_model(self, variant: str = layout.SHIPPED_VARIANT, device: str | torch.device = "cpu"):
+        """The rating MLP in eval mode: TorchScript through ``torch.jit.load`` alone, the eager
+        variants (fp32, pruned, int8) from their checkpoints."""
+        path = self.path / layout.MODEL_FILES[variant]
+        if variant == layout.SHIPPED_VARIANT:
+            return load_scripted(path, device)
+        return load_checkpoint(path, map_location=device).to(device).eval()
+
+    def rating_models(self) -> dict[str, torch.nn.Module]:
+        """Every rating-model variant the folder holds, by variant name, on the CPU."""
+        return {v: self.load_rating_model(v) for v in VARIANTS if (self.path / layout.MODEL_FILES[v]).is_file()}
+
+    def load_catalog(self) -> Catalog:
+        return Catalog.load(self.path)
+
+    def load_encoder(self, device: str | torch.device = "cpu") -> TextEncoder:
+        encoder = load_saved_encoder(self.path / layout.ENCODER_DIR)
+        encoder.model.to(device)
+        return encoder
+
+    def load_towers(self, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
+        return load_scripted(self.path / layout.RETRIEVAL_FILE, device)
+
+    def book_vectors(self) -> torch.Tensor:
+        """The towers' unit vector [B, dim] of every catalog book, in catalog row order."""
+        return torch.from_numpy(np.load(self.path / layout.BOOK_VECTORS))
+
+    def rerank_settings(self) -> RerankSettings:
+        return RerankSettings.load(self.path / layout.RETRIEVAL_META)
+
+    def read_json(self, name: str) -> Any:
+        """A JSON file of the folder, None when absent."""
+        path = self.path / name
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def metadata(self) -> dict[str, Any]:
+        """The archive's metadata (``metadata.json``); empty for a run folder."""
+        return self.read_json(layout.METADATA_FILE) or {}
+
+    def load(
+        self,
+        device: str | torch.device = "cpu",
+        *,
+        variant: str = layout.SHIPPED_VARIANT,
+        rating_model: torch.nn.Module | None = None,
+        encoder: bool = False,
+        **scorer_options: Any,
+    ) -> LoadedModel:
+        """Everything that scores, on ``device``: catalog, rating scorer over every catalog book,
+        recommender and (with ``encoder``) the text encoder. ``rating_model`` is used instead of
+        loading ``variant`` when the caller already holds it (TorchServe loads the serialized file)."""
+        device = resolve_device(device)
+        catalog = self.load_catalog()
+        model = rating_model if rating_model is not None else self.load_rating_model(variant, device)
+        scorer = Scorer(model, catalog.book_feats, device, **scorer_options)
+        return LoadedModel(
+            self,
+            catalog,
+            scorer,
+            TwoStageRecommender(self.load_towers(device), self.book_vectors(), scorer, self.rerank_settings()),
+            self.load_encoder(device) if encoder else None,
+        )
+
+    def recommender_for(
+        self, scorer: Scorer, catalog: Catalog, book_rows: torch.Tensor, *, from_features: bool = False
+    ) -> TwoStageRecommender:
+        """The two-stage recommender over the book set of a rating ``scorer``, whose books are the
+        catalog rows ``book_rows`` (-1: outside the catalog). The catalog's shipped vectors are used,
+        or, with ``from_features`` (the set's features came from elsewhere), the towers embed the
+        scorer's features."""
+        towers = self.load_towers(scorer.device)
+        if from_features:
+            vectors = embed_book_set(towers, catalog, scorer.book_feats, book_rows)
+        else:
+            vectors = self.book_vectors()[book_rows]
+        return TwoStageRecommender(towers, vectors, scorer, self.rerank_settings())
+
+
+@dataclass
+class LoadedModel:
+    """A model folder loaded for scoring: what the engine, the batch job and the evaluation share."""
+
+    folder: ModelFolder
+    catalog: Catalog
+    scorer: Scorer
+    recommender: TwoStageRecommender | None  # None where only ratings are asked for (batch "all" mode)
+    encoder: TextEncoder | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.metadata:
+            self.metadata = self.folder.metadata()
+
+    @property
+    def device(self) -> torch.device:
+        return self.scorer.device

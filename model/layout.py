@@ -1,0 +1,76 @@
+"""The model folder's layout: every file name of a training run folder and of a ``.mar``, once.
+
+A run folder and an unpacked ``bookrec.mar`` share one layout (the archive copies what serving and
+batch need), so these names are the contract between training, the archive, the handler and the
+batch job. ``model/artifacts.py`` reads and checks folders laid out this way.
+"""
+
+from __future__ import annotations
+
+# The rating MLP, one file per variant; "scripted" is the one that ships.
+MODEL_FILES = {
+    "fp32": "model_fp32.pt",
+    "pruned": "model_pruned.pt",
+    "int8": "model_int8.pt",
+    "scripted": "model_scripted.pt",
+}
+SHIPPED_VARIANT = "scripted"
+
+# The retrieval towers (TorchScript), their rerank settings, and one unit vector per catalog book.
+RETRIEVAL_FILE = "retrieval_scripted.pt"
+RETRIEVAL_META = "retrieval.json"
+BOOK_VECTORS = "book_vectors.npy"
+
+# The text encoder (weights, tokenizer, encoder.json) and its own description.
+ENCODER_DIR = "encoder"
+ENCODER_META = "encoder.json"
+ENCODER_CONFIG = "config.json"
+
+# Known books and users with their text embeddings, the training history and the feature spec.
+CATALOG_DIR = "catalog"
+BOOKS_FILE = "books.parquet"
+USERS_FILE = "users.parquet"
+HISTORY_FILE = "history.parquet"
+SPEC_FILE = "feature_spec.json"
+CATALOG_FILES = (BOOKS_FILE, USERS_FILE, HISTORY_FILE, SPEC_FILE)
+
+# What the run was made from and what it measured.
+CONFIG_FILE = "config.yaml"
+VERSIONS_FILE = "versions.json"
+FINGERPRINT_FILE = "fingerprint.json"
+FEATURES_REPORT = "features.json"
+TRAIN_REPORT = "train.json"
+COMPRESSION_REPORT = "compression.json"
+RETRIEVAL_REPORT = RETRIEVAL_META
+EVALUATION_REPORT = "evaluation.json"
+EVALUATION_TABLE = "evaluation.md"
+TIMINGS_FILE = "timings.json"
+METRICS_LOG = "metrics.jsonl"
+LEARNING_CURVE = "learning_curve.png"
+
+# Run folder only: the cleaned, split input tables (not shipped).
+DATA_DIR = "data"
+DATA_USERS = "users.parquet"
+DATA_BOOKS = "books.parquet"
+DATA_RATINGS = "ratings.parquet"
+INGEST_REPORT = "ingest_report.json"
+
+# Archive only: what ``serving/archive.py`` adds (the .mar's own manifest is TorchServe's).
+METADATA_FILE = "metadata.json"
+MODEL_CONFIG = "model-config.yaml"
+
+
+def catalog_path(name: str) -> str:
+    """A catalog file's path relative to the folder root."""
+    return f"{CATALOG_DIR}/{name}"
+
+
+def encoder_path(name: str) -> str:
+    """An encoder file's path relative to the folder root."""
+    return f"{ENCODER_DIR}/{name}"
+
+
+# What scoring needs in any model folder (run folder or .mar), besides the rating model variant.
+SCORING_FILES = (RETRIEVAL_FILE, RETRIEVAL_META, BOOK_VECTORS, *(catalog_path(f) for f in CATALOG_FILES))
+# What serving needs on top: new users and books are embedded with the run's own encoder.
+SERVING_FILES = (encoder_path(ENCODER_META), encoder_path(ENCODER_CONFIG))

@@ -1,0 +1,54 @@
+"""The training job's steps, in order: data -> features -> train -> compress -> retrieval -> evaluate.
+
+The one list of steps: ``python -m train STEP`` runs one, ``python -m train run`` (``run_all``)
+runs them all, and dvc.yaml has a stage per step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from model import layout
+from model.config import Config
+from train import tracking
+from train.compress import step_compress
+from train.evaluate import step_evaluate
+from train.pipeline import prepare_run, step_data, step_features, step_train
+from train.retrieval import step_retrieval
+
+log = logging.getLogger("bookrec.pipeline")
+
+Step = Callable[[Config, Path, bool], dict]
+STEPS: dict[str, Step] = {
+    "data": step_data,
+    "features": step_features,
+    "train": step_train,
+    "compress": step_compress,
+    "retrieval": step_retrieval,
+    "evaluate": step_evaluate,
+}
+
+
+def run_step(name: str, cfg: Config, progress: bool = True) -> dict:
+    """One step on the configured run folder."""
+    return STEPS[name](cfg, prepare_run(cfg), progress)
+
+
+def run_all(cfg: Config, progress: bool = True) -> dict:
+    """Every step in order; returns each step's summary and its wall time."""
+    run_dir = prepare_run(cfg)
+    tracker = tracking.start_training_run(cfg, run_dir)  # None unless train.wandb
+    out = {}
+    for name, step in STEPS.items():
+        start = time.perf_counter()
+        out[name] = step(cfg, run_dir, progress)
+        out[f"{name}_seconds"] = round(time.perf_counter() - start, 1)
+        log.info("step %s done in %.1f s", name, out[f"{name}_seconds"])
+    timings = {k: v for k, v in out.items() if k.endswith("_seconds")}
+    (run_dir / layout.TIMINGS_FILE).write_text(json.dumps(timings, indent=2) + "\n")
+    tracking.finish_training_run(tracker, run_dir)
+    return out
