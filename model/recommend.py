@@ -4,7 +4,9 @@ One class serves the handler's ``recommend``, the batch job's ``--mode topk`` an
 so the three give the same lists. For a block of users:
 
 1. user vectors from the retrieval towers (feature vector + the bag of books they read);
-2. logits against every book vector of the book set (one matmul), read books masked, top-N;
+2. logits against every book vector of the book set (one matmul), read books masked, top-N; in
+   bfloat16 where the hardware runs it natively, with a margin of extra candidates rescored
+   exactly in fp32, so the order is the fp32 order of the rounded vectors;
 3. the rating MLP's predicted rating of those N pairs (the Scorer's precomputed book projections);
 4. relevance = retrieval logit + ``blend`` x predicted rating, with ``blend`` chosen on validation;
    the top-k by relevance are the answer, each with its predicted rating.
@@ -26,6 +28,23 @@ from model.scoring import Scorer, exclusion_coords
 
 # Most retrieval logits held at once (users x books slice): 2^24 floats = 64 MB.
 LOGIT_BLOCK = 1 << 24
+# Extra candidates the bf16 pass keeps (at least this many, or as many as asked) for the fp32 rescore:
+# bf16 logits are rounded to ~0.4%, so near-ties may swap, never by dozens of places.
+RESCORE_MARGIN = 32
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def vector_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The retrieval matmul's dtype: "auto" is bf16 where oneDNN (CPU) or CUDA runs bf16 matmuls."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"retrieval precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        if device.type == "cuda":
+            native = torch.cuda.is_bf16_supported()
+        else:
+            native = device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        precision = "bf16" if native else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 @dataclass
@@ -52,14 +71,16 @@ class RerankSettings:
 
     candidates: int = 200
     blend: float = 0.0
+    precision: str = "auto"  # of the retrieval matmul (``vector_dtype``)
 
     def save(self, path: Path, **extra: object) -> None:
-        path.write_text(json.dumps({"candidates": self.candidates, "blend": self.blend, **extra}, indent=2) + "\n")
+        own = {"candidates": self.candidates, "blend": self.blend, "precision": self.precision}
+        path.write_text(json.dumps({**own, **extra}, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> RerankSettings:
         meta = json.loads(path.read_text())
-        return cls(candidates=int(meta["candidates"]), blend=float(meta["blend"]))
+        return cls(int(meta["candidates"]), float(meta["blend"]), str(meta.get("precision", "auto")))
 
 
 def embed_book_set(
@@ -93,7 +114,8 @@ class TwoStageRecommender:
             raise ValueError(f"{book_vectors.shape[0]} book vectors for a book set of {scorer.n_books}")
         self.device = scorer.device
         self.towers = towers.to(self.device).eval()
-        self.book_vectors = book_vectors.to(self.device).contiguous()
+        self.dtype = vector_dtype(settings.precision, self.device)
+        self.book_vectors = book_vectors.to(self.device, self.dtype).contiguous()
         self.temperature = float(self.towers.temperature)
         self.scorer = scorer
         self.settings = settings
@@ -146,7 +168,27 @@ class TwoStageRecommender:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-``n`` logits and book-set positions per user, excluded books at -inf. The book set is
         scored in slices of at most ``LOGIT_BLOCK`` logits per call, each slice's top-n merged into
-        the running one, so memory stays bounded whatever the catalog size and the user block."""
+        the running one, so memory stays bounded whatever the catalog size and the user block.
+        In bf16 a margin of extra candidates is kept and rescored in fp32 (``_rescore``)."""
+        users = users / self.temperature
+        keep = n if self.dtype == torch.float32 else min(self.n_books, n + max(n, RESCORE_MARGIN))
+        top, rows = self._top_pass(users.to(self.dtype), exclude, keep)
+        if self.dtype == torch.float32:
+            return top, rows
+        return self._rescore(users, top, rows, n)
+
+    def _rescore(
+        self, users: torch.Tensor, top: torch.Tensor, rows: torch.Tensor, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-``n`` of the kept candidates by fp32 logits of the stored vectors."""
+        exact = torch.bmm(self.book_vectors[rows].float(), users.unsqueeze(2)).squeeze(2)
+        exact = exact.masked_fill(torch.isinf(top), -math.inf)
+        top, pick = torch.topk(exact, min(n, exact.shape[1]), dim=1)
+        return top, rows.gather(1, pick)
+
+    def _top_pass(
+        self, users: torch.Tensor, exclude: list[np.ndarray] | None, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         n_users, n_books = users.shape[0], self.n_books
         ex_user = ex_book = None
         if exclude is not None and any(len(e) for e in exclude):
@@ -155,7 +197,6 @@ class TwoStageRecommender:
             empty = torch.zeros(n_users, 0, device=self.device)
             return empty, empty.long()
         step = min(n_books, max(n, LOGIT_BLOCK // max(n_users, 1)))
-        users = users / self.temperature
         # One buffer for every slice: a fresh 64 MB tensor per slice costs its page faults each time.
         buffer = torch.empty(n_users * step, dtype=users.dtype, device=self.device)
         top = rows = None

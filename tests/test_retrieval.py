@@ -142,7 +142,36 @@ def test_candidates_in_book_slices_equal_one_pass(tiny_run: Path, monkeypatch: p
     for rows, read in zip(sliced.rows.numpy(), history, strict=True):
         assert not set(rows) & set(read)
     # the reference: every logit at once, read books at -inf
-    logits = recommender.user_vectors(catalog.user_feats[users], history) @ recommender.book_vectors.t()
+    logits = recommender.user_vectors(catalog.user_feats[users], history) @ recommender.book_vectors.float().t()
     for n, read in enumerate(history):
         logits[n, torch.from_numpy(read)] = -float("inf")
     assert torch.allclose(sliced.retrieval, torch.topk(logits / recommender.temperature, 15, dim=1).values, atol=1e-4)
+
+
+def test_bf16_retrieval_keeps_the_fp32_lists(tiny_run: Path) -> None:
+    """The bf16 pass with its fp32 rescore returns the fp32 top-k of the same (rounded) vectors, and
+    almost exactly the full-precision lists; unknown precisions are refused."""
+    import dataclasses
+
+    base = ModelFolder(tiny_run).load().recommender
+    catalog = ModelFolder(tiny_run).load_catalog()
+    vectors = ModelFolder(tiny_run).book_vectors()
+
+    def variant(precision: str, vecs: torch.Tensor) -> TwoStageRecommender:
+        settings = dataclasses.replace(base.settings, precision=precision)
+        return TwoStageRecommender(base.towers, vecs, base.scorer, settings)
+
+    low, exact = variant("bf16", vectors), variant("fp32", vectors)
+    rounded = variant("fp32", vectors.bfloat16().float())
+    assert low.book_vectors.dtype == torch.bfloat16 and exact.book_vectors.dtype == torch.float32
+    users = np.arange(len(catalog.users))
+    history = [catalog.rated_by(int(u)) for u in users]
+    got = low.recommend(catalog.user_feats, history, 10, history)
+    same = rounded.recommend(catalog.user_feats, history, 10, history)
+    assert torch.equal(got.rows, same.rows)
+    assert torch.allclose(got.relevance, same.relevance, atol=1e-4)
+    full = exact.recommend(catalog.user_feats, history, 10, history).rows
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got.rows.tolist(), full.tolist(), strict=True)])
+    assert overlap >= 0.95, overlap
+    with pytest.raises(ValueError, match="precision"):
+        variant("fp8", vectors)

@@ -337,7 +337,7 @@ def step_retrieval(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
         torch.jit.script(model).save(str(run_dir / layout.RETRIEVAL_FILE))
     folder = ModelFolder(run_dir)
     np.save(run_dir / layout.BOOK_VECTORS, catalog_book_vectors(folder.load_towers(), catalog).numpy())
-    RerankSettings(candidates=cfg.retrieval.candidates).save(run_dir / layout.RETRIEVAL_META)
+    RerankSettings(cfg.retrieval.candidates, precision=cfg.retrieval.precision).save(run_dir / layout.RETRIEVAL_META)
     blend, blend_table = choose_blend(
         folder.load().recommender,
         warm_task(catalog, ratings, "val"),
@@ -352,6 +352,7 @@ def step_retrieval(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
         "val_recall@10_by_blend": blend_table,
         "device": str(device),
     }
-    RerankSettings(cfg.retrieval.candidates, blend).save(run_dir / layout.RETRIEVAL_META, **summary)
+    settings = RerankSettings(cfg.retrieval.candidates, blend, cfg.retrieval.precision)
+    settings.save(run_dir / layout.RETRIEVAL_META, **summary)
     log.info("retrieval: best epoch %d, blend %g (val recall@10 by blend %s)", result.best_epoch, blend, blend_table)
     return {"blend": blend, **{k: v for k, v in summary.items() if k != "epochs"}}
