@@ -13,7 +13,8 @@ The archive holds everything the handler reads, laid out like a run folder so th
     catalog/                 books (ISBN, title, author, year, publisher + text embeddings),
                              users (+ embeddings), training history, feature_spec.json
     model/, handlers/        the project's code, so the worker imports it without an install
-    model-config.yaml        batchSize, maxBatchDelay, min/maxWorkers, responseTimeout, handler limits
+    model-config.yaml        batchSize, maxBatchDelay, min/maxWorkers, responseTimeout, and the handler
+                             section: request limits and ``profile`` (per-stage handler timings)
     metadata.json            training config, metrics, data fingerprint, versions, file hashes
 
 No requirements file is shipped: the worker installs nothing and downloads nothing.
@@ -69,9 +70,13 @@ def default_workers() -> int:
 
 
 def model_config(
-    batch_size: int, max_batch_delay: int, workers: int, response_timeout: int, limits: Limits
+    batch_size: int, max_batch_delay: int, workers: int, response_timeout: int, limits: Limits, profile: bool = True
 ) -> dict[str, Any]:
-    """The archive's model-config.yaml (TorchServe's per-model settings plus a ``handler`` section)."""
+    """The archive's model-config.yaml (TorchServe's per-model settings plus a ``handler`` section).
+
+    ``handler.profile`` turns on TorchServe's ``@timed`` stage timers: ``ts_handler_preprocess``,
+    ``ts_handler_inference`` and ``ts_handler_postprocess`` (ms per batch) on the metrics endpoint.
+    """
     return {
         "minWorkers": workers,
         "maxWorkers": workers,
@@ -79,7 +84,7 @@ def model_config(
         "maxBatchDelay": max_batch_delay,
         "responseTimeout": response_timeout,
         "startupTimeout": 120,
-        "handler": asdict(limits),
+        "handler": {"profile": profile, **asdict(limits)},
     }
 
 
@@ -143,6 +148,7 @@ def build_archive(
     response_timeout: int = 60,
     limits: Limits | None = None,
     archive_format: str = "default",
+    profile: bool = True,
 ) -> Path:
     """Write ``out/bookrec.mar`` (or ``out/bookrec/`` with ``archive_format='no-archive'``)."""
     run_dir, out = Path(run_dir).resolve(), Path(out).resolve()
@@ -164,7 +170,9 @@ def build_archive(
         config_file = tmp_dir / "model-config.yaml"
         config_file.write_text(
             yaml.safe_dump(
-                model_config(batch_size, max_batch_delay, workers or default_workers(), response_timeout, limits),
+                model_config(
+                    batch_size, max_batch_delay, workers or default_workers(), response_timeout, limits, profile
+                ),
                 sort_keys=False,
             )
         )
@@ -213,6 +221,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--workers", type=int, default=None, help="min/maxWorkers (default: cores // 2, at least 1)")
     parser.add_argument("--response-timeout", type=int, default=60, help="seconds before a worker is restarted")
+    parser.add_argument(
+        "--profile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="per-stage handler timings (ts_handler_*) on the metrics endpoint",
+    )
     defaults = Limits()
     parser.add_argument("--max-books", type=int, default=defaults.max_books)
     parser.add_argument("--max-ratings", type=int, default=defaults.max_ratings)
@@ -229,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         workers=args.workers,
         response_timeout=args.response_timeout,
         limits=limits,
+        profile=args.profile,
     )
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
