@@ -1,6 +1,6 @@
 """Find the model files a batch job scores with: a training run folder or a TorchServe ``.mar``.
 
-Both hold the same files (``handlers/archive.py`` lays the archive out like a run folder):
+Both hold the same files (``serving/archive.py`` lays the archive out like a run folder):
 ``model_scripted.pt``, the retrieval towers and ``catalog/`` (books, users, history, feature spec,
 book vectors). The path may be local
 or on any Beam filesystem (``gs://...``); remote models are copied to a local cache once per

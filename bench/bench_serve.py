@@ -204,9 +204,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
 
-    from handlers.archive import build_archive
-    from handlers.local_server import LocalServer
     from model.catalog import Catalog
+    from serving.archive import build_archive
+    from serving.local_server import LocalServer
 
     if args.threads:
         os.environ["BOOKREC_TORCH_THREADS"] = str(args.threads)

@@ -23,9 +23,9 @@ import pytest
 import torch
 import yaml
 
-from handlers.archive import build_archive
 from handlers.schema import Limits, UserSpec, main, request_schema
 from model.ranges import AGE_MAX, AGE_MIN, RATING_MAX, RATING_MIN, YEAR_MAX, YEAR_MIN
+from serving.archive import build_archive
 
 from .conftest import TEST_BATCH_DELAY_MS
 
@@ -569,7 +569,7 @@ def test_parity_with_the_evaluation_code(loaded: tuple[Any, Any], tiny_run: Path
 
 
 def test_the_inference_key_is_read_only_once_written_whole(tmp_path: Path) -> None:
-    from handlers.healthcheck import inference_key
+    from serving.healthcheck import inference_key
 
     key_file = tmp_path / "key_file.json"
     assert inference_key(key_file) is None  # not there yet (or token authorization disabled)

@@ -22,7 +22,7 @@ import pytest
 import requests
 
 from handlers.engine import BookrecEngine
-from handlers.local_server import LocalServer, read_properties
+from serving.local_server import LocalServer, read_properties
 from tests.conftest import TEST_BATCH_DELAY_MS
 from tests.test_handler import (
     bad_requests,

@@ -1,6 +1,6 @@
 """Pack a training run folder into a TorchServe archive (``model-store/bookrec.mar``).
 
-    python -m handlers.archive --run-dir runs/bookcrossing --out model-store
+    python -m serving.archive --run-dir runs/bookcrossing --out model-store
 
 The archive holds everything the handler reads, laid out like a run folder so the same
 ``Catalog.load`` / ``load_saved_encoder`` code loads it:
