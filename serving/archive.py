@@ -8,11 +8,12 @@ The archive holds everything the handler reads, laid out like a run folder so th
     model_scripted.pt        TorchScript MLP (the serialized file)
     retrieval_scripted.pt    TorchScript retrieval towers; retrieval.json: rerank settings;
                              book_vectors.npy: the towers' vector of every catalog book
-    bookrec_handler.py       the handler (TorchServe's entry point)
+    bookrec_handler.py       the handler (TorchServe's entry point), from handlers/
     encoder/                 BERT-tiny weights, config, tokenizer, encoder.json
     catalog/                 books (ISBN, title, author, year, publisher + text embeddings),
                              users (+ embeddings), training history, feature_spec.json
-    model/, handlers/        the project's code, so the worker imports it without an install
+    model/, handlers/        the project's code, so the worker imports it without an install: every
+                             module of model/, and of handlers/ the WORKER_FILES (an allow-list)
     model-config.yaml        batchSize, maxBatchDelay, min/maxWorkers, responseTimeout, and the handler
                              section: request limits and ``profile`` (per-stage handler timings)
     metadata.json            training config, metrics, data fingerprint, versions, file hashes
@@ -42,9 +43,10 @@ from train.run_info import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_NAME = "bookrec"
-HANDLER_FILE = "bookrec_handler.py"
-CODE_PACKAGES = ("model", "handlers")
-BUILD_ONLY = {"archive.py", "local_server.py", "healthcheck.py"}  # build and test tooling, not needed by the worker
+HANDLER_FILE = "bookrec_handler.py"  # handlers/ file TorchServe loads; the archiver puts it at the root
+# The handlers/ modules the worker imports, by name: a new one ships only once listed here.
+WORKER_FILES = ("__init__.py", "drift_sample.py", "engine.py", "schema.py", "serving_metrics.py", "stages.py")
+SHARED_PACKAGE = "model"  # shipped whole: every .py file of the package
 REQUIRED = (
     "model_scripted.pt",
     "encoder/encoder.json",
@@ -92,13 +94,15 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _copy_code(package: str, dest: Path) -> None:
-    """Only the package's Python sources (no caches, no tests)."""
-    src = REPO / package
-    (dest / package).mkdir(parents=True)
-    for file in sorted(src.glob("*.py")):
-        if file.name not in BUILD_ONLY:
-            shutil.copy2(file, dest / package / file.name)
+def _copy_code(dest: Path) -> None:
+    """The worker's Python sources: all of ``model/``, the ``WORKER_FILES`` of ``handlers/``."""
+    for package, files in (
+        (SHARED_PACKAGE, sorted(p.name for p in (REPO / SHARED_PACKAGE).glob("*.py"))),
+        ("handlers", WORKER_FILES),
+    ):
+        (dest / package).mkdir(parents=True)
+        for name in files:
+            shutil.copy2(REPO / package / name, dest / package / name)
 
 
 def metadata(run_dir: Path, payload: Path, version: str) -> dict[str, Any]:
@@ -165,8 +169,7 @@ def build_archive(
         shutil.copytree(run_dir / "catalog", payload / "catalog")
         for name in (RETRIEVAL_FILE, RETRIEVAL_META, BOOK_VECTORS):
             shutil.copy2(run_dir / name, payload / name)
-        for package in CODE_PACKAGES:
-            _copy_code(package, payload)
+        _copy_code(payload)
         config_file = tmp_dir / "model-config.yaml"
         config_file.write_text(
             yaml.safe_dump(
@@ -178,6 +181,7 @@ def build_archive(
         )
         meta = metadata(run_dir, payload, version)
         meta["files"]["model_scripted.pt"] = file_sha256(run_dir / "model_scripted.pt")
+        meta["files"][HANDLER_FILE] = file_sha256(REPO / "handlers" / HANDLER_FILE)
         (payload / "metadata.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
         cmd = [
             sys.executable,
@@ -190,7 +194,7 @@ def build_archive(
             "--serialized-file",
             str(run_dir / "model_scripted.pt"),
             "--handler",
-            str(payload / "handlers" / HANDLER_FILE),
+            str(REPO / "handlers" / HANDLER_FILE),
             "--extra-files",
             str(payload),
             "--config-file",

@@ -25,7 +25,7 @@ import yaml
 
 from handlers.schema import Limits, UserSpec, main, request_schema
 from model.ranges import AGE_MAX, AGE_MIN, RATING_MAX, RATING_MIN, YEAR_MAX, YEAR_MIN
-from serving.archive import build_archive
+from serving.archive import HANDLER_FILE, WORKER_FILES, build_archive
 
 from .conftest import TEST_BATCH_DELAY_MS
 
@@ -137,6 +137,40 @@ def test_archive_holds_everything_the_worker_needs(tiny_store: Path, model_dir: 
     # Book metadata and embeddings travel in the catalog.
     books = pq.read_table(model_dir / "catalog" / "books.parquet")
     assert {"isbn", "title", "author", "year", "publisher", "embedding"} <= set(books.column_names)
+
+
+def test_archive_ships_the_allow_listed_worker_code_and_no_tools(tiny_store: Path) -> None:
+    """Python in the .mar: the handler at the root, handlers/ by its allow-list, model/ whole;
+    nothing of serving/ (the archive builder, local server, health check and examples)."""
+    names = zipfile.ZipFile(tiny_store / "bookrec.mar").namelist()
+    want = {HANDLER_FILE} | {f"handlers/{name}" for name in WORKER_FILES}
+    want |= {f"model/{file.name}" for file in (REPO / "model").glob("*.py")}
+    assert {n for n in names if n.endswith(".py")} == want
+    tools = {file.name for file in (REPO / "serving").glob("*.py")} - {"__init__.py"}
+    assert tools and not any(n.startswith("serving/") or Path(n).name in tools for n in names)
+    # handlers/ holds worker code only (tools belong in serving/): each of its modules ships.
+    assert {file.name for file in (REPO / "handlers").glob("*.py")} == {HANDLER_FILE, *WORKER_FILES}
+
+
+def test_worker_code_imports_no_training_batch_or_tool_code() -> None:
+    """handlers/ runs in the worker, from the archive: it may import model/ and its own shipped
+    modules, never train/, batch/ or serving/ (not in the archive)."""
+    import ast
+
+    shipped = {HANDLER_FILE, *WORKER_FILES}
+    for path in sorted((REPO / "handlers").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                modules = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            for module in modules:
+                parts = module.split(".")
+                assert parts[0] not in ("train", "batch", "serving"), f"{path.name} imports {module}"
+                if parts[0] == "handlers" and len(parts) == 2 and (REPO / "handlers" / f"{parts[1]}.py").is_file():
+                    assert f"{parts[1]}.py" in shipped, f"{path.name} imports {module}, which is not shipped"
 
 
 def test_archive_rejects_an_incomplete_run(tmp_path: Path) -> None:
