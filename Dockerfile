@@ -48,7 +48,7 @@ WORKDIR /home/model-server
 
 COPY --chown=model-server:model-server model-store/bookrec.mar model-store/bookrec.mar
 COPY --chown=model-server:model-server handlers/log4j2.xml log4j2.xml
-COPY --chown=model-server:model-server handlers/healthcheck.py healthcheck.py
+COPY --chown=model-server:model-server serving/healthcheck.py healthcheck.py
 COPY --chown=model-server:model-server config.properties config.properties.repo
 
 # The repository's config with only what a container needs changed: inference and metrics listen on

@@ -26,7 +26,7 @@ demo: $(STAMP) ## end to end on the embedded default: train, archive, serve + ex
 	$(PYTHON) -m train run --config configs/demo.yaml
 	$(MAKE) --no-print-directory archive CONFIG=configs/demo.yaml
 	$(MAKE) --no-print-directory serve
-	$(PYTHON) -m handlers.examples --run-dir $(call run_of,configs/demo.yaml); status=$$?; \
+	$(PYTHON) -m serving.examples --run-dir $(call run_of,configs/demo.yaml); status=$$?; \
 		$(MAKE) --no-print-directory stop; exit $$status
 	$(MAKE) --no-print-directory batch CONFIG=configs/demo.yaml
 	@echo "demo done: run folder $(call run_of,configs/demo.yaml), archive $(MODEL_STORE)/bookrec.mar, scores in $(call run_of,configs/demo.yaml)/batch-scores"
@@ -41,7 +41,7 @@ evaluate: $(STAMP) ## print and write the evaluation table of the run
 	$(PYTHON) -m train evaluate --config $(CONFIG)
 
 archive: $(STAMP) ## pack the run into $(MODEL_STORE)/bookrec.mar
-	$(PYTHON) -m handlers.archive --run-dir $(RUN) --out $(MODEL_STORE)
+	$(PYTHON) -m serving.archive --run-dir $(RUN) --out $(MODEL_STORE)
 
 serve: $(STAMP) ## start TorchServe with bookrec.mar (config.properties); request sample in logs/ for make drift
 	BOOKREC_DRIFT_LOG=$(CURDIR)/logs/drift-sample.jsonl \

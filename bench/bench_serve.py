@@ -66,16 +66,28 @@ def summary(latencies: list[float], wall: float) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------------- in-process
 def load_handler(model_dir: Path) -> tuple[Any, Any]:
+    import ts
     import yaml
     from ts.context import Context
+    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
     sys.path.insert(0, str(model_dir))
     import bookrec_handler
 
     manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
     config = yaml.safe_load((model_dir / "model-config.yaml").read_text())
+    # BaseHandler.handle reports HandlerTime (and @timed the stages) to TorchServe's metrics cache.
+    metrics = MetricsCacheYamlImpl(Path(ts.__file__).parent / "configs" / "metrics.yaml")
+    metrics.initialize_cache()
     context = Context(
-        "bookrec", str(model_dir), manifest, config["batchSize"], None, "0.12.0", model_yaml_config=config
+        "bookrec",
+        str(model_dir),
+        manifest,
+        config["batchSize"],
+        None,
+        "0.12.0",
+        metrics=metrics,
+        model_yaml_config=config,
     )
     handler = bookrec_handler.BookrecHandler()
     handler.initialize(context)
@@ -86,6 +98,7 @@ def call_in_process(handler: Any, context: Any, bodies: list[bytes]) -> None:
     from ts.context import RequestProcessor
 
     context.request_processor = [RequestProcessor({}) for _ in bodies]
+    context.request_ids = context.metrics.request_ids = {i: f"bench-{i}" for i in range(len(bodies))}
     handler.handle([{"body": b} for b in bodies], context)
     for i in range(len(bodies)):
         status = context.get_response_status(i)[0]
@@ -191,9 +204,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
 
-    from handlers.archive import build_archive
-    from handlers.local_server import LocalServer
     from model.catalog import Catalog
+    from serving.archive import build_archive
+    from serving.local_server import LocalServer
 
     if args.threads:
         os.environ["BOOKREC_TORCH_THREADS"] = str(args.threads)

@@ -1,1 +1,1 @@
-"""TorchServe serving of bookrec: archive builder, handler, request schema and serving engine."""
+"""The TorchServe worker code of bookrec: handler, request schema, engine, serving metrics, drift sample."""

@@ -3,6 +3,12 @@
 TorchServe imports this file as a top-level module from the unpacked archive, whose root also holds
 the project's ``model/`` and ``handlers/`` packages (shipped as extra files), so nothing needs the
 project installed. It must define exactly one class: TorchServe instantiates the only class here.
+
+``BaseHandler`` does the rest, as for TorchServe's own handlers: ``initialize`` picks the device and
+loads the archive's TorchScript MLP; ``handle`` answers describe requests, runs the three stages
+below, emits ``HandlerTime`` and honours ``ENABLE_TORCH_PROFILER``. With ``handler: {profile: true}``
+in model-config.yaml (the archive builder's default), ``@timed`` reports each stage's milliseconds
+as ``ts_handler_preprocess`` / ``ts_handler_inference`` / ``ts_handler_postprocess``.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import logging
 import os
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +27,14 @@ warnings.filterwarnings("ignore", message=r".*TorchScript.*")
 warnings.filterwarnings("ignore", message=r".*torch\.jit.*")
 
 import torch  # noqa: E402
+from ts.handler_utils.timer import timed  # noqa: E402
 from ts.torch_handler.base_handler import BaseHandler  # noqa: E402
 
 from handlers import serving_metrics  # noqa: E402
 from handlers.drift_sample import DriftSampler  # noqa: E402
 from handlers.engine import BookrecEngine  # noqa: E402
 from handlers.schema import Limits  # noqa: E402
+from handlers.stages import Batch  # noqa: E402
 
 log = logging.getLogger("bookrec.handler")
 
@@ -42,24 +51,18 @@ class BookrecHandler(BaseHandler):
         self.drift: DriftSampler | None = None
 
     def initialize(self, context: Any) -> None:
-        """Load catalog, encoder and MLP onto ``cuda:<gpu_id>`` (CPU without CUDA), then warm up."""
-        self.context = context
-        self.manifest = context.manifest
-        props = context.system_properties
-        gpu_id = props.get("gpu_id")
-        if torch.cuda.is_available() and gpu_id is not None:
-            self.map_location = "cuda"
-            self.device = torch.device(f"cuda:{gpu_id}")
-            torch.cuda.set_device(self.device)
-        else:
-            self.map_location = "cpu"
-            self.device = torch.device("cpu")
+        """BaseHandler loads the MLP onto ``cuda:<gpu_id>`` (CPU without CUDA); then the catalog and
+        encoder join it, and the engine warms up."""
+        start = time.perf_counter()
         config = getattr(context, "model_yaml_config", None) or {}
         settings = config.get("handler") or {}
         threads = _torch_threads(settings, config)
         torch.set_num_threads(threads)
-        start = time.perf_counter()
-        self.engine = BookrecEngine(Path(props["model_dir"]), self.device, Limits.from_config(settings))
+        super().initialize(context)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # the current device, for @timed's CUDA events
+        model_dir = Path(context.system_properties["model_dir"])
+        self.engine = BookrecEngine(model_dir, self.device, Limits.from_config(settings), rating_model=self.model)
         self.engine.warm_up()
         self.drift = DriftSampler.from_env(self.engine.catalog.users)
         log.info("drift sample: %s", self.drift.path if self.drift else "off")
@@ -72,30 +75,32 @@ class BookrecHandler(BaseHandler):
             len(self.engine.catalog.users),
             time.perf_counter() - start,
         )
-        self.initialized = True
 
-    def handle(self, data: list[dict[str, Any]], context: Any) -> list[str]:
-        """One JSON answer per request, in order; each bad request gets its own 4xx status."""
-        start = time.perf_counter()
-        self.context = context
-        if self._is_describe():
-            return [json.dumps(self.describe_handle())]
+    @timed
+    def preprocess(self, data: list[dict[str, Any]]) -> Batch:
+        """Parse and validate every request of the batch; a bad one is refused on its own."""
         bodies = [_body(row) for row in data]
-        results = self.engine.run(bodies)
+        return Batch(bodies, self.engine.validate(bodies))
+
+    @timed
+    def inference(self, data: Batch, *args: Any, **kwargs: Any) -> Batch:
+        """Score the valid requests as one batch (one by one should the batch fail)."""
+        return replace(data, results=self.engine.answer(data.parsed))
+
+    @timed
+    def postprocess(self, data: Batch) -> list[str]:
+        """One JSON answer per request, in order, with its own status; then metrics and drift sample."""
         out = []
-        for idx, (status, payload) in enumerate(results):
-            context.set_response_status(status, REASONS.get(status, ""), idx=idx)
-            context.set_response_content_type(idx, "application/json")
+        for idx, (status, payload) in enumerate(data.results):
+            self.context.set_response_status(status, REASONS.get(status, ""), idx=idx)
+            self.context.set_response_content_type(idx, "application/json")
             # Lets callers (and the batching test) see how many requests shared this model call.
-            context.set_response_header(idx, BATCH_HEADER, str(len(data)))
+            self.context.set_response_header(idx, BATCH_HEADER, str(len(data.bodies)))
             out.append(json.dumps(payload, allow_nan=False))
-        metrics = getattr(context, "metrics", None)
-        if metrics is not None:
-            counts = serving_metrics.tally(bodies, results)
-            serving_metrics.emit(metrics, counts, serving_metrics.stage_timings(self.engine, results))
-            metrics.add_time("HandlerTime", round((time.perf_counter() - start) * 1000, 2), None, "ms")
+        counts = serving_metrics.tally(data.bodies, data.results)
+        serving_metrics.emit(self.context.metrics, counts, serving_metrics.stage_timings(self.engine, data.results))
         if self.drift is not None:
-            self.drift.record(bodies, results)
+            self.drift.record(data.bodies, data.results)
         return out
 
     def describe_handle(self) -> dict[str, Any]:

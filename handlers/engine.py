@@ -42,6 +42,7 @@ class BookrecEngine:
         model_dir: Path,
         device: torch.device | str = "cpu",
         limits: Limits | None = None,
+        *,
         rating_model: torch.nn.Module | None = None,
     ):
         """``rating_model``: the folder's shipped model when the caller already loaded it."""
@@ -71,23 +72,31 @@ class BookrecEngine:
             known_user=self.catalog.user_index.__contains__,
         )
 
-    def run(self, bodies: list[Any]) -> list[Result]:
-        """(HTTP status, JSON body) per request, in order; valid requests are scored as one batch.
+    def validate(self, bodies: list[Any]) -> list[Request | Result]:
+        """Per body, in order: the validated ``Request``, or the (status, error body) refusing it.
 
-        A bad request gets its own 4xx and does not disturb the others. Should the batched scoring
+        A validator bug is a 500 for that body alone: it must not take the worker down.
+        """
+        out: list[Request | Result] = []
+        for i, body in enumerate(bodies):
+            try:
+                out.append(self.parse(body))
+            except RequestError as err:
+                out.append((err.status, err.body()))
+            except Exception:
+                log.exception("request %d: unexpected validation failure", i)
+                out.append(_internal_error())
+        return out
+
+    def answer(self, parsed: list[Request | Result]) -> list[Result]:
+        """(HTTP status, JSON body) per entry of ``validate``; the valid requests are scored as one batch.
+
+        A refused request keeps its 4xx and does not disturb the others. Should the batched scoring
         itself fail, each request is retried alone so one pathological request cannot fail its
         neighbours; what still fails gets a 500.
         """
-        results: list[Result | None] = [None] * len(bodies)
-        valid: list[tuple[int, Request]] = []
-        for i, body in enumerate(bodies):
-            try:
-                valid.append((i, self.parse(body)))
-            except RequestError as err:
-                results[i] = (err.status, err.body())
-            except Exception:  # a validator bug must not take the worker down
-                log.exception("request %d: unexpected validation failure", i)
-                results[i] = _internal_error()
+        results: list[Result | None] = [p if isinstance(p, tuple) else None for p in parsed]
+        valid = [(i, p) for i, p in enumerate(parsed) if not isinstance(p, tuple)]
         if valid:
             try:
                 for i, answer in zip((i for i, _ in valid), self.score([r for _, r in valid]), strict=True):
@@ -101,6 +110,10 @@ class BookrecEngine:
                         log.exception("request %d: scoring failed", i)
                         results[i] = _internal_error()
         return [r if r is not None else _internal_error() for r in results]
+
+    def run(self, bodies: list[Any]) -> list[Result]:
+        """(HTTP status, JSON body) per request, in order: ``answer(validate(bodies))``."""
+        return self.answer(self.validate(bodies))
 
     # ------------------------------------------------------------------------------------ scoring
     def score(self, requests: list[Request]) -> list[dict[str, Any]]:

@@ -89,7 +89,7 @@ TEST_BATCH_DELAY_MS = 50
 @pytest.fixture(scope="session")
 def tiny_store(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model store holding bookrec.mar built from the tiny run."""
-    from handlers.archive import build_archive
+    from serving.archive import build_archive
 
     store = tmp_path_factory.mktemp("model-store")
     build_archive(tiny_run, store, workers=1, batch_size=32, max_batch_delay=TEST_BATCH_DELAY_MS)

@@ -239,7 +239,7 @@ def test_refuses_to_replace_a_folder_it_did_not_write(tiny_run: Path, tmp_path: 
 
 
 def test_mar_archive_scores_like_the_run_folder(all_pairs, tiny_run: Path, tmp_path: Path) -> None:
-    from handlers.archive import build_archive
+    from serving.archive import build_archive
 
     mar = build_archive(tiny_run, tmp_path / "store", workers=1)
     users = tmp_path / "users.txt"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -22,13 +23,24 @@ import pytest
 import torch
 import yaml
 
-from handlers.archive import build_archive
 from handlers.schema import Limits, UserSpec, main, request_schema
 from model.ranges import AGE_MAX, AGE_MIN, RATING_MAX, RATING_MIN, YEAR_MAX, YEAR_MIN
+from serving.archive import HANDLER_FILE, WORKER_FILES, build_archive
 
 from .conftest import TEST_BATCH_DELAY_MS
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def metrics_cache() -> Any:
+    """TorchServe's metrics cache as the worker builds it (its default metrics.yaml)."""
+    import ts
+    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+    cache = MetricsCacheYamlImpl(Path(ts.__file__).parent / "configs" / "metrics.yaml")
+    cache.initialize_cache()
+    cache.model_name = "bookrec"
+    return cache
 
 
 def make_context(model_dir: Path, gpu: int | None = None) -> Any:
@@ -37,7 +49,16 @@ def make_context(model_dir: Path, gpu: int | None = None) -> Any:
 
     manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
     config = yaml.safe_load((model_dir / manifest["model"]["configFile"]).read_text())
-    return Context("bookrec", str(model_dir), manifest, config["batchSize"], gpu, "0.12.0", model_yaml_config=config)
+    return Context(
+        "bookrec",
+        str(model_dir),
+        manifest,
+        config["batchSize"],
+        gpu,
+        "0.12.0",
+        metrics=metrics_cache(),
+        model_yaml_config=config,
+    )
 
 
 def load_handler(model_dir: Path, gpu: int | None = None) -> tuple[Any, Any]:
@@ -57,6 +78,8 @@ def call(handler: Any, context: Any, bodies: list[Any], headers: dict | None = N
     from ts.context import RequestProcessor
 
     context.request_processor = [RequestProcessor(dict(headers or {})) for _ in bodies]
+    context.request_ids = {i: f"request-{i}" for i in range(len(bodies))}  # as TorchServe's Service.predict
+    context.metrics.request_ids = context.request_ids
     out = handler.handle([{"body": b} for b in bodies], context)
     assert len(out) == len(bodies)
     return [(context.get_response_status(i)[0], json.loads(o)) for i, o in enumerate(out)]
@@ -116,6 +139,40 @@ def test_archive_holds_everything_the_worker_needs(tiny_store: Path, model_dir: 
     assert {"isbn", "title", "author", "year", "publisher", "embedding"} <= set(books.column_names)
 
 
+def test_archive_ships_the_allow_listed_worker_code_and_no_tools(tiny_store: Path) -> None:
+    """Python in the .mar: the handler at the root, handlers/ by its allow-list, model/ whole;
+    nothing of serving/ (the archive builder, local server, health check and examples)."""
+    names = zipfile.ZipFile(tiny_store / "bookrec.mar").namelist()
+    want = {HANDLER_FILE} | {f"handlers/{name}" for name in WORKER_FILES}
+    want |= {f"model/{file.name}" for file in (REPO / "model").glob("*.py")}
+    assert {n for n in names if n.endswith(".py")} == want
+    tools = {file.name for file in (REPO / "serving").glob("*.py")} - {"__init__.py"}
+    assert tools and not any(n.startswith("serving/") or Path(n).name in tools for n in names)
+    # handlers/ holds worker code only (tools belong in serving/): each of its modules ships.
+    assert {file.name for file in (REPO / "handlers").glob("*.py")} == {HANDLER_FILE, *WORKER_FILES}
+
+
+def test_worker_code_imports_no_training_batch_or_tool_code() -> None:
+    """handlers/ runs in the worker, from the archive: it may import model/ and its own shipped
+    modules, never train/, batch/ or serving/ (not in the archive)."""
+    import ast
+
+    shipped = {HANDLER_FILE, *WORKER_FILES}
+    for path in sorted((REPO / "handlers").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                modules = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            for module in modules:
+                parts = module.split(".")
+                assert parts[0] not in ("train", "batch", "serving"), f"{path.name} imports {module}"
+                if parts[0] == "handlers" and len(parts) == 2 and (REPO / "handlers" / f"{parts[1]}.py").is_file():
+                    assert f"{parts[1]}.py" in shipped, f"{path.name} imports {module}, which is not shipped"
+
+
 def test_archive_rejects_an_incomplete_run(tmp_path: Path) -> None:
     (tmp_path / "run").mkdir()
     with pytest.raises(FileNotFoundError, match=r"model_scripted\.pt"):
@@ -130,15 +187,19 @@ socket.socket.connect = refuse
 socket.create_connection = refuse
 model_dir, user = sys.argv[1], int(sys.argv[2])
 sys.path.insert(0, model_dir)
-import yaml
+import os, yaml, ts
 from ts.context import Context, RequestProcessor
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 import bookrec_handler, handlers, model
 manifest = json.load(open(model_dir + "/MAR-INF/MANIFEST.json"))
 config = yaml.safe_load(open(model_dir + "/model-config.yaml"))
-context = Context("bookrec", model_dir, manifest, 32, None, "0.12.0", model_yaml_config=config)
+metrics = MetricsCacheYamlImpl(os.path.join(os.path.dirname(ts.__file__), "configs", "metrics.yaml"))
+metrics.initialize_cache()
+context = Context("bookrec", model_dir, manifest, 32, None, "0.12.0", metrics=metrics, model_yaml_config=config)
 handler = bookrec_handler.BookrecHandler()
 handler.initialize(context)
 context.request_processor = [RequestProcessor({})]
+context.request_ids = metrics.request_ids = {0: "standalone"}
 body = json.dumps({"action": "recommend", "user": {"user_id": user}, "k": 3}).encode()
 [answer] = handler.handle([{"body": body}], context)
 print(json.dumps({"files": [model.__file__, handlers.__file__, bookrec_handler.__file__],
@@ -174,6 +235,15 @@ def test_loads_on_cpu_when_no_gpu_is_assigned(loaded: tuple[Any, Any]) -> None:
     assert handler.initialized
     assert handler.device == torch.device("cpu") == handler.engine.device
     assert not handler.engine.scorer.book_proj.is_cuda
+    # The MLP BaseHandler loaded from the archive's serialized file is the one the engine scores with.
+    assert handler.model is handler.engine.scorer.model
+
+
+def test_the_handler_file_defines_one_class_as_torchserve_requires(loaded: tuple[Any, Any]) -> None:
+    from ts.utils.util import list_classes_from_module
+
+    handler = type(loaded[0])
+    assert list_classes_from_module(sys.modules[handler.__module__]) == [handler]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -181,6 +251,7 @@ def test_loads_on_the_gpu_it_is_given_and_scores_like_cpu(model_dir: Path, sampl
     cpu, cpu_ctx = load_handler(model_dir, gpu=None)
     gpu, gpu_ctx = load_handler(model_dir, gpu=0)
     assert str(gpu.device) == "cuda:0" and gpu.engine.scorer.book_proj.is_cuda
+    assert gpu.model is gpu.engine.scorer.model
     body = {"action": "rate", "user": {"user_id": samples["user"]}, "books": samples["isbns"][:20]}
     [(s1, a)], [(s2, b)] = call(cpu, cpu_ctx, [body]), call(gpu, gpu_ctx, [body])
     assert s1 == s2 == 200
@@ -272,8 +343,9 @@ def test_describe_returns_the_archive_metadata(loaded: tuple[Any, Any]) -> None:
     from ts.context import RequestProcessor
 
     context.request_processor = [RequestProcessor({"describe": "True"})]
-    [out] = handler.handle([{"body": b""}], context)
-    meta = json.loads(out)
+    [meta] = handler.handle([{"body": b""}], context)
+    # BaseHandler.handle returns describe_handle's dict; the worker JSON-encodes it for the frontend.
+    assert isinstance(meta, dict) and json.loads(json.dumps(meta)) == meta
     assert meta["model_version"] == "1.0" and meta["books"] == len(handler.engine.catalog.books)
     assert meta["limits"] == vars(Limits())
     assert "MLP TorchScript (shipped)" in meta["metrics"]
@@ -453,6 +525,30 @@ def test_configured_limits_are_enforced(loaded: tuple[Any, Any], samples: dict) 
     assert [s for s, _ in engine.run([rate, recommend])] == [200, 200]
 
 
+def test_limits_from_the_config_ignore_other_handler_keys_and_refuse_bad_values() -> None:
+    """The archive's ``handler:`` section also holds ``profile`` and may hold ``torch_threads``."""
+    assert Limits.from_config({"profile": True, "torch_threads": 2, "max_k": 5}) == Limits(max_k=5)
+    assert Limits.from_config(None) == Limits()
+    with pytest.raises(ValueError):
+        Limits.from_config({"profile": True, "max_books": "many"})
+
+
+def test_each_stage_is_timed_when_the_archive_profiles(
+    loaded: tuple[Any, Any], samples: dict, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``handler: {profile: true}`` (the archive's default) makes TorchServe's ``@timed`` report the
+    three stages; BaseHandler.handle reports HandlerTime. The worker prints these lines, which the
+    frontend turns into Prometheus metrics (checked against a real server in test_serve.py)."""
+    handler, context = loaded
+    assert context.model_yaml_config["handler"]["profile"] is True
+    body = {"action": "rate", "user": {"user_id": samples["user"]}, "books": samples["isbns"][:2]}
+    with caplog.at_level("INFO", logger="ts.metrics.caching_metric"):
+        assert [s for s, _ in call(handler, context, [body, {"action": "nope"}])] == [200, 400]
+    names = {m.split(".")[0] for m in re.findall(r"\[METRICS\](\S+):", caplog.text)}
+    assert {"ts_handler_preprocess", "ts_handler_inference", "ts_handler_postprocess", "HandlerTime"} <= names
+    assert "Failed" not in caplog.text, caplog.text
+
+
 # -------------------------------------------------------------------------------------- parity
 def evaluation_pairs(run_dir: Path) -> tuple[Any, np.ndarray]:
     """Test-split and cold-split pairs with the evaluation code's predictions for them."""
@@ -507,7 +603,7 @@ def test_parity_with_the_evaluation_code(loaded: tuple[Any, Any], tiny_run: Path
 
 
 def test_the_inference_key_is_read_only_once_written_whole(tmp_path: Path) -> None:
-    from handlers.healthcheck import inference_key
+    from serving.healthcheck import inference_key
 
     key_file = tmp_path / "key_file.json"
     assert inference_key(key_file) is None  # not there yet (or token authorization disabled)

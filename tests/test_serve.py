@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import pytest
 import requests
 
 from handlers.engine import BookrecEngine
-from handlers.local_server import LocalServer, read_properties
+from serving.local_server import LocalServer, read_properties
 from tests.conftest import TEST_BATCH_DELAY_MS
 from tests.test_handler import (
     bad_requests,
@@ -237,6 +238,33 @@ def test_prometheus_metrics_count_requests_and_latency(server: LocalServer) -> N
     assert _metric(server, "ts_inference_latency_microseconds", text) > 0
     assert _metric(server, "ts_queue_latency_microseconds", text) > 0
     assert re.search(r"^Requests4XX\{.*\} [1-9]", text, re.M)
+
+
+def test_prometheus_metrics_time_each_handler_stage(server: LocalServer) -> None:
+    """TorchServe's ``@timed`` stage timers (on: the archive's ``handler: {profile: true}``) and
+    BaseHandler's HandlerTime reach /metrics: the worker prints them, the frontend exports them
+    (``model_metrics_auto_detect=true``) shortly after the answers."""
+    for _ in range(3):
+        assert post(server, {"action": "recommend", "user": {"country": "chile"}, "k": 2}).status_code == 200
+    names = ("ts_handler_preprocess", "ts_handler_inference", "ts_handler_postprocess", "HandlerTime")
+    deadline = time.monotonic() + 60
+    while True:
+        text = requests.get(f"{server.metrics_url}/metrics", timeout=10).text
+        values = {name: _model_metric(text, name) for name in names}
+        if all(v > 0 for v in values.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert all(v > 0 for v in values.values()), values
+    # Gauges: each holds the milliseconds of the last batch the worker reported.
+    for name in names:
+        assert re.search(rf"^# TYPE {name} gauge$", text, re.M), name
+
+
+def _model_metric(text: str, name: str) -> float:
+    """The bookrec worker's value of a metric the frontend auto-detected (labels ModelName, Level,
+    Hostname); 0 when absent."""
+    match = re.search(rf'^{name}\{{.*ModelName="bookrec".*\}} ([0-9.eE+-]+)$', text, re.M)
+    return float(match.group(1)) if match else 0.0
 
 
 def _metric(srv: LocalServer, name: str, text: str | None = None) -> float:

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import requests
 
-from handlers.local_server import LocalServer, free_port, read_properties, write_properties
+from serving.local_server import LocalServer, free_port, read_properties, write_properties
 from tests.conftest import REPO
 
 SERVE = "torchserve --start --models bookrec.mar"

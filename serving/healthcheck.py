@@ -1,6 +1,6 @@
 """Health check of a running bookrec TorchServe: ``/ping`` with the inference token, stdlib only.
 
-    python -m handlers.healthcheck --url http://127.0.0.1:8080 --key-file key_file.json
+    python -m serving.healthcheck --url http://127.0.0.1:8080 --key-file key_file.json
 
 Exit status 0 when TorchServe answers ``{"status": "Healthy"}``, 1 otherwise (the Docker
 HEALTHCHECK runs it). With token authorization on, ``/ping`` needs the inference key, which

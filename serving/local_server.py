@@ -25,7 +25,7 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "config.properties"
 
-LOG_CONFIG = Path(__file__).with_name("log4j2.xml")  # the production logging config, logs under LOG_LOCATION
+LOG_CONFIG = REPO / "handlers" / "log4j2.xml"  # the production logging config, logs under LOG_LOCATION
 
 
 def free_port() -> int:

@@ -1,6 +1,6 @@
 """Pack a training run folder into a TorchServe archive (``model-store/bookrec.mar``).
 
-    python -m handlers.archive --run-dir runs/bookcrossing --out model-store
+    python -m serving.archive --run-dir runs/bookcrossing --out model-store
 
 The archive holds everything the handler reads, laid out like a run folder so the same
 ``Catalog.load`` / ``load_saved_encoder`` code loads it:
@@ -8,12 +8,14 @@ The archive holds everything the handler reads, laid out like a run folder so th
     model_scripted.pt        TorchScript MLP (the serialized file)
     retrieval_scripted.pt    TorchScript retrieval towers; retrieval.json: rerank settings;
                              book_vectors.npy: the towers' vector of every catalog book
-    bookrec_handler.py       the handler (TorchServe's entry point)
+    bookrec_handler.py       the handler (TorchServe's entry point), from handlers/
     encoder/                 BERT-tiny weights, config, tokenizer, encoder.json
     catalog/                 books (ISBN, title, author, year, publisher + text embeddings),
                              users (+ embeddings), training history, feature_spec.json
-    model/, handlers/        the project's code, so the worker imports it without an install
-    model-config.yaml        batchSize, maxBatchDelay, min/maxWorkers, responseTimeout, handler limits
+    model/, handlers/        the project's code, so the worker imports it without an install: every
+                             module of model/, and of handlers/ the WORKER_FILES (an allow-list)
+    model-config.yaml        batchSize, maxBatchDelay, min/maxWorkers, responseTimeout, and the handler
+                             section: request limits and ``profile`` (per-stage handler timings)
     metadata.json            training config, metrics, data fingerprint, versions, file hashes
 
 No requirements file is shipped: the worker installs nothing and downloads nothing.
@@ -41,9 +43,10 @@ from model.layout import BOOK_VECTORS, RETRIEVAL_FILE, RETRIEVAL_META
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_NAME = "bookrec"
-HANDLER_FILE = "bookrec_handler.py"
-CODE_PACKAGES = ("model", "handlers")
-BUILD_ONLY = {"archive.py", "local_server.py", "healthcheck.py"}  # build and test tooling, not needed by the worker
+HANDLER_FILE = "bookrec_handler.py"  # handlers/ file TorchServe loads; the archiver puts it at the root
+# The handlers/ modules the worker imports, by name: a new one ships only once listed here.
+WORKER_FILES = ("__init__.py", "drift_sample.py", "engine.py", "schema.py", "serving_metrics.py", "stages.py")
+SHARED_PACKAGE = "model"  # shipped whole: every .py file of the package
 REQUIRED = (
     "model_scripted.pt",
     "encoder/encoder.json",
@@ -69,9 +72,13 @@ def default_workers() -> int:
 
 
 def model_config(
-    batch_size: int, max_batch_delay: int, workers: int, response_timeout: int, limits: Limits
+    batch_size: int, max_batch_delay: int, workers: int, response_timeout: int, limits: Limits, profile: bool = True
 ) -> dict[str, Any]:
-    """The archive's model-config.yaml (TorchServe's per-model settings plus a ``handler`` section)."""
+    """The archive's model-config.yaml (TorchServe's per-model settings plus a ``handler`` section).
+
+    ``handler.profile`` turns on TorchServe's ``@timed`` stage timers: ``ts_handler_preprocess``,
+    ``ts_handler_inference`` and ``ts_handler_postprocess`` (ms per batch) on the metrics endpoint.
+    """
     return {
         "minWorkers": workers,
         "maxWorkers": workers,
@@ -79,7 +86,7 @@ def model_config(
         "maxBatchDelay": max_batch_delay,
         "responseTimeout": response_timeout,
         "startupTimeout": 120,
-        "handler": asdict(limits),
+        "handler": {"profile": profile, **asdict(limits)},
     }
 
 
@@ -87,13 +94,15 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _copy_code(package: str, dest: Path) -> None:
-    """Only the package's Python sources (no caches, no tests)."""
-    src = REPO / package
-    (dest / package).mkdir(parents=True)
-    for file in sorted(src.glob("*.py")):
-        if file.name not in BUILD_ONLY:
-            shutil.copy2(file, dest / package / file.name)
+def _copy_code(dest: Path) -> None:
+    """The worker's Python sources: all of ``model/``, the ``WORKER_FILES`` of ``handlers/``."""
+    for package, files in (
+        (SHARED_PACKAGE, sorted(p.name for p in (REPO / SHARED_PACKAGE).glob("*.py"))),
+        ("handlers", WORKER_FILES),
+    ):
+        (dest / package).mkdir(parents=True)
+        for name in files:
+            shutil.copy2(REPO / package / name, dest / package / name)
 
 
 def metadata(run_dir: Path, payload: Path, version: str) -> dict[str, Any]:
@@ -143,6 +152,7 @@ def build_archive(
     response_timeout: int = 60,
     limits: Limits | None = None,
     archive_format: str = "default",
+    profile: bool = True,
 ) -> Path:
     """Write ``out/bookrec.mar`` (or ``out/bookrec/`` with ``archive_format='no-archive'``)."""
     run_dir, out = Path(run_dir).resolve(), Path(out).resolve()
@@ -159,17 +169,19 @@ def build_archive(
         shutil.copytree(run_dir / "catalog", payload / "catalog")
         for name in (RETRIEVAL_FILE, RETRIEVAL_META, BOOK_VECTORS):
             shutil.copy2(run_dir / name, payload / name)
-        for package in CODE_PACKAGES:
-            _copy_code(package, payload)
+        _copy_code(payload)
         config_file = tmp_dir / "model-config.yaml"
         config_file.write_text(
             yaml.safe_dump(
-                model_config(batch_size, max_batch_delay, workers or default_workers(), response_timeout, limits),
+                model_config(
+                    batch_size, max_batch_delay, workers or default_workers(), response_timeout, limits, profile
+                ),
                 sort_keys=False,
             )
         )
         meta = metadata(run_dir, payload, version)
         meta["files"]["model_scripted.pt"] = file_sha256(run_dir / "model_scripted.pt")
+        meta["files"][HANDLER_FILE] = file_sha256(REPO / "handlers" / HANDLER_FILE)
         (payload / "metadata.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
         cmd = [
             sys.executable,
@@ -182,7 +194,7 @@ def build_archive(
             "--serialized-file",
             str(run_dir / "model_scripted.pt"),
             "--handler",
-            str(payload / "handlers" / HANDLER_FILE),
+            str(REPO / "handlers" / HANDLER_FILE),
             "--extra-files",
             str(payload),
             "--config-file",
@@ -213,6 +225,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--workers", type=int, default=None, help="min/maxWorkers (default: cores // 2, at least 1)")
     parser.add_argument("--response-timeout", type=int, default=60, help="seconds before a worker is restarted")
+    parser.add_argument(
+        "--profile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="per-stage handler timings (ts_handler_*) on the metrics endpoint",
+    )
     defaults = Limits()
     parser.add_argument("--max-books", type=int, default=defaults.max_books)
     parser.add_argument("--max-ratings", type=int, default=defaults.max_ratings)
@@ -229,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         workers=args.workers,
         response_timeout=args.response_timeout,
         limits=limits,
+        profile=args.profile,
     )
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 

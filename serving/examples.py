@@ -1,6 +1,6 @@
 """A few example calls against a running bookrec TorchServe (what ``make demo`` shows).
 
-``python -m handlers.examples --run-dir runs/demo`` waits for the worker, then rates, recommends and
+``python -m serving.examples --run-dir runs/demo`` waits for the worker, then rates, recommends and
 sends one bad request, printing each answer. Users and ISBNs are taken from the run's catalog.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import requests
 
-from handlers.healthcheck import inference_key
+from serving.healthcheck import inference_key
 
 
 def wait_ready(url: str, headers: dict[str, str], timeout: float) -> None:
