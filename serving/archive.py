@@ -16,9 +16,13 @@ The archive holds everything the handler reads, laid out like a run folder so th
                              module of model/, and of handlers/ the WORKER_FILES (an allow-list)
     model-config.yaml        batchSize, maxBatchDelay, min/maxWorkers, responseTimeout, and the handler
                              section: request limits and ``profile`` (per-stage handler timings)
-    metadata.json            training config, metrics, data fingerprint, versions, file hashes
+    metadata.json            training config, metrics, data fingerprint, versions, file hashes, and
+                             the code: git commit and feature-code hash at training and at archiving
 
-No requirements file is shipped: the worker installs nothing and downloads nothing.
+No requirements file is shipped: the worker installs nothing and downloads nothing. The archive
+ships the checked-out ``model/`` code; it refuses a run trained with different ``model/`` code
+(its feature-code hash differs) unless ``--allow-code-change``, since that code computes the
+features and scores the model was trained on.
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ from typing import Any
 import yaml
 
 from handlers.schema import Limits
-from model.artifacts import file_sha256
-from model.layout import BOOK_VECTORS, RETRIEVAL_FILE, RETRIEVAL_META
+from model import layout
+from model.artifacts import ModelFolder, code_identity, file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_NAME = "bookrec"
@@ -47,21 +51,20 @@ HANDLER_FILE = "bookrec_handler.py"  # handlers/ file TorchServe loads; the arch
 # The handlers/ modules the worker imports, by name: a new one ships only once listed here.
 WORKER_FILES = ("__init__.py", "drift_sample.py", "engine.py", "schema.py", "serving_metrics.py", "stages.py")
 SHARED_PACKAGE = "model"  # shipped whole: every .py file of the package
-REQUIRED = (
-    "model_scripted.pt",
-    "encoder/encoder.json",
-    "encoder/config.json",
-    "catalog/books.parquet",
-    "catalog/users.parquet",
-    "catalog/history.parquet",
-    "catalog/feature_spec.json",
-    BOOK_VECTORS,
-    RETRIEVAL_FILE,
-    RETRIEVAL_META,
-    "config.yaml",
-)
+SERIALIZED = layout.MODEL_FILES[layout.SHIPPED_VARIANT]
 # Copied into metadata.json when present (a run without them still archives).
-RUN_INFO = ("fingerprint", "versions", "evaluation", "compression", "train", "features")
+RUN_INFO = {
+    "fingerprint": layout.FINGERPRINT_FILE,
+    "versions": layout.VERSIONS_FILE,
+    "evaluation": layout.EVALUATION_REPORT,
+    "compression": layout.COMPRESSION_REPORT,
+    "train": layout.TRAIN_REPORT,
+    "features": layout.FEATURES_REPORT,
+}
+
+
+class CodeChanged(RuntimeError):
+    """The checked-out model/ code is not the code the run was trained with."""
 
 
 def default_workers() -> int:
@@ -90,10 +93,6 @@ def model_config(
     }
 
 
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def _copy_code(dest: Path) -> None:
     """The worker's Python sources: all of ``model/``, the ``WORKER_FILES`` of ``handlers/``."""
     for package, files in (
@@ -105,23 +104,43 @@ def _copy_code(dest: Path) -> None:
             shutil.copy2(REPO / package / name, dest / package / name)
 
 
-def metadata(run_dir: Path, payload: Path, version: str) -> dict[str, Any]:
-    """Training config, metrics, data fingerprint, versions and a hash of every shipped file."""
+def code_record(folder: ModelFolder, allow_change: bool = False) -> dict[str, Any]:
+    """The code the run was trained with (from ``versions.json``) and the code being shipped; raises
+    ``CodeChanged`` when their feature-code hashes differ, unless ``allow_change``."""
+    trained = (folder.read_json(layout.VERSIONS_FILE) or {}).get("code")
+    shipped = code_identity()
+    trained_hash = (trained or {}).get("feature_code_sha256")
+    if trained_hash and trained_hash != shipped["feature_code_sha256"] and not allow_change:
+        raise CodeChanged(
+            f"{folder.path} was trained with other model/ code (feature-code hash {trained_hash[:12]}, "
+            f"commit {trained.get('git_commit')}) than the checkout ships ({shipped['feature_code_sha256'][:12]}, "
+            f"commit {shipped['git_commit']}): retrain, check out that commit, or pass --allow-code-change"
+        )
+    return {
+        "trained_with": trained,
+        "archived_with": shipped,
+        "same_feature_code": trained_hash == shipped["feature_code_sha256"],
+    }
+
+
+def metadata(folder: ModelFolder, payload: Path, version: str, code: dict[str, Any]) -> dict[str, Any]:
+    """Training config, metrics, data fingerprint, versions, code and a hash of every shipped file."""
     import torch
     import transformers
 
-    info = {name: _read_json(run_dir / f"{name}.json") for name in RUN_INFO}
+    info = {name: folder.read_json(file) for name, file in RUN_INFO.items()}
     evaluation = info.pop("evaluation") or {}
     return {
         "model_name": MODEL_NAME,
         "version": version,
         "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
-        "run_dir": str(run_dir),
-        "config": yaml.safe_load((run_dir / "config.yaml").read_text()),
-        "encoder": _read_json(run_dir / "encoder" / "encoder.json"),
+        "run_dir": str(folder.path),
+        "config": yaml.safe_load((folder / layout.CONFIG_FILE).read_text()),
+        "encoder": folder.read_json(layout.encoder_path(layout.ENCODER_META)),
         "metrics": evaluation.get("results", {}),
         "evaluation_meta": evaluation.get("meta", {}),
         **info,
+        "code": code,
         "serving_versions": {
             "python": sys.version.split()[0],
             "torch": torch.__version__,
@@ -153,24 +172,28 @@ def build_archive(
     limits: Limits | None = None,
     archive_format: str = "default",
     profile: bool = True,
+    allow_code_change: bool = False,
 ) -> Path:
     """Write ``out/bookrec.mar`` (or ``out/bookrec/`` with ``archive_format='no-archive'``)."""
     run_dir, out = Path(run_dir).resolve(), Path(out).resolve()
-    missing = [name for name in REQUIRED if not (run_dir / name).exists()]
+    folder = ModelFolder(run_dir)
+    missing = folder.missing(serving=True)
+    missing += [name for name in (layout.CONFIG_FILE,) if not (run_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{run_dir} is not a complete training run; missing: {', '.join(missing)}")
+    code = code_record(folder, allow_code_change)
     out.mkdir(parents=True, exist_ok=True)
     limits = limits or Limits()
     with tempfile.TemporaryDirectory(prefix="bookrec-archive-") as tmp:
         tmp_dir = Path(tmp)
         payload = tmp_dir / "payload"  # its *contents* land at the archive root (--extra-files)
         payload.mkdir()
-        shutil.copytree(run_dir / "encoder", payload / "encoder")
-        shutil.copytree(run_dir / "catalog", payload / "catalog")
-        for name in (RETRIEVAL_FILE, RETRIEVAL_META, BOOK_VECTORS):
+        for name in (layout.ENCODER_DIR, layout.CATALOG_DIR):
+            shutil.copytree(run_dir / name, payload / name)
+        for name in (layout.RETRIEVAL_FILE, layout.RETRIEVAL_META, layout.BOOK_VECTORS):
             shutil.copy2(run_dir / name, payload / name)
         _copy_code(payload)
-        config_file = tmp_dir / "model-config.yaml"
+        config_file = tmp_dir / layout.MODEL_CONFIG
         config_file.write_text(
             yaml.safe_dump(
                 model_config(
@@ -179,10 +202,10 @@ def build_archive(
                 sort_keys=False,
             )
         )
-        meta = metadata(run_dir, payload, version)
-        meta["files"]["model_scripted.pt"] = file_sha256(run_dir / "model_scripted.pt")
+        meta = metadata(folder, payload, version, code)
+        meta["files"][SERIALIZED] = file_sha256(run_dir / SERIALIZED)
         meta["files"][HANDLER_FILE] = file_sha256(REPO / "handlers" / HANDLER_FILE)
-        (payload / "metadata.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        (payload / layout.METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         cmd = [
             sys.executable,
             "-m",
@@ -192,7 +215,7 @@ def build_archive(
             "--version",
             version,
             "--serialized-file",
-            str(run_dir / "model_scripted.pt"),
+            str(run_dir / SERIALIZED),
             "--handler",
             str(REPO / "handlers" / HANDLER_FILE),
             "--extra-files",
@@ -231,6 +254,11 @@ def main(argv: list[str] | None = None) -> None:
         default=True,
         help="per-stage handler timings (ts_handler_*) on the metrics endpoint",
     )
+    parser.add_argument(
+        "--allow-code-change",
+        action="store_true",
+        help="archive even though the run was trained with other model/ code than the checkout's",
+    )
     defaults = Limits()
     parser.add_argument("--max-books", type=int, default=defaults.max_books)
     parser.add_argument("--max-ratings", type=int, default=defaults.max_ratings)
@@ -248,6 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         response_timeout=args.response_timeout,
         limits=limits,
         profile=args.profile,
+        allow_code_change=args.allow_code_change,
     )
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import requests
 
+from model import layout
 from serving.healthcheck import inference_key
 
 
@@ -42,7 +43,7 @@ def read_key(key_file: Path, deadline: float) -> str:
 
 def examples(run_dir: Path) -> list[tuple[str, dict]]:
     """Titled request bodies using a known user and known books of the run."""
-    history = pq.read_table(run_dir / "catalog" / "history.parquet").to_pandas()
+    history = pq.read_table(run_dir / layout.catalog_path(layout.HISTORY_FILE)).to_pandas()
     user_id = int(history["user_id"].value_counts().index[0])
     isbns = history["isbn"].value_counts().index[:3].tolist()
     new_user = {"city": "lyon", "country": "france", "age": 31, "ratings": [{"isbn": isbns[0], "rating": 9}]}

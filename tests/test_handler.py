@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -24,8 +25,9 @@ import torch
 import yaml
 
 from handlers.schema import Limits, UserSpec, main, request_schema
+from model.artifacts import code_identity
 from model.ranges import AGE_MAX, AGE_MIN, RATING_MAX, RATING_MIN, YEAR_MAX, YEAR_MIN
-from serving.archive import HANDLER_FILE, WORKER_FILES, build_archive
+from serving.archive import HANDLER_FILE, WORKER_FILES, CodeChanged, build_archive
 
 from .conftest import TEST_BATCH_DELAY_MS
 
@@ -134,6 +136,12 @@ def test_archive_holds_everything_the_worker_needs(tiny_store: Path, model_dir: 
     assert meta["fingerprint"] == json.loads((tiny_run / "fingerprint.json").read_text())
     assert meta["versions"]["torch"] and meta["serving_versions"]["torchserve"]
     assert "MLP TorchScript (shipped)" in meta["metrics"]
+    # The code: what the run was trained with (versions.json) and what the archive ships.
+    shipped_code = code_identity()
+    assert meta["code"]["archived_with"]["feature_code_sha256"] == shipped_code["feature_code_sha256"]
+    assert meta["code"]["trained_with"]["feature_code_sha256"] == shipped_code["feature_code_sha256"]
+    assert meta["code"]["same_feature_code"] is True
+    assert meta["code"]["archived_with"]["git_commit"] == shipped_code["git_commit"]
     # Book metadata and embeddings travel in the catalog.
     books = pq.read_table(model_dir / "catalog" / "books.parquet")
     assert {"isbn", "title", "author", "year", "publisher", "embedding"} <= set(books.column_names)
@@ -171,6 +179,22 @@ def test_worker_code_imports_no_training_batch_or_tool_code() -> None:
                 assert parts[0] not in ("train", "batch", "serving"), f"{path.name} imports {module}"
                 if parts[0] == "handlers" and len(parts) == 2 and (REPO / "handlers" / f"{parts[1]}.py").is_file():
                     assert f"{parts[1]}.py" in shipped, f"{path.name} imports {module}, which is not shipped"
+
+
+def test_archive_refuses_a_run_trained_with_other_model_code(tiny_run: Path, tmp_path: Path) -> None:
+    """A run whose recorded feature-code hash is not the checkout's is refused, naming both, unless
+    the change is allowed; the metadata then says the code differs."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    versions = json.loads((run / "versions.json").read_text())
+    versions["code"] = {**versions["code"], "feature_code_sha256": "0" * 64, "git_commit": "abc123"}
+    (run / "versions.json").write_text(json.dumps(versions))
+    with pytest.raises(CodeChanged, match=r"000000000000.*abc123.*--allow-code-change"):
+        build_archive(run, tmp_path / "store")
+    path = build_archive(run, tmp_path / "store", archive_format="no-archive", allow_code_change=True)
+    meta = json.loads((path / "metadata.json").read_text())
+    assert meta["code"]["same_feature_code"] is False
+    assert meta["code"]["trained_with"]["git_commit"] == "abc123"
 
 
 def test_archive_rejects_an_incomplete_run(tmp_path: Path) -> None:
