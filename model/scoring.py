@@ -19,6 +19,7 @@ AVX2 head (``batch/native_head.py``) is one.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -32,6 +33,20 @@ import torch
 from model.network import RATING_MAX, RATING_MIN
 
 log = logging.getLogger("bookrec.scoring")
+
+
+def _inference(fn):
+    """``torch.inference_mode`` unless already in it: the serving path calls several scorer methods
+    per request from inside inference mode, and entering it again costs a few microseconds each."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if torch.is_inference_mode_enabled():
+            return fn(*args, **kwargs)
+        with torch.inference_mode():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 PRECISIONS = ("fp32", "bf16")
 # Pairs per block: H [pairs, h0] plus the hidden activations stay within a core's L2/L3 share;
@@ -238,30 +253,30 @@ class Scorer:
     def n_books(self) -> int:
         return int(self.book_proj.shape[0])
 
-    @torch.inference_mode()
+    @_inference
     def rate(self, user_feats: torch.Tensor, book_feats: torch.Tensor) -> torch.Tensor:
         """Ratings of aligned pairs [N] (user_feats [N, Du], book_feats [N, Db])."""
         user_proj = self.project_users(user_feats)
         index = torch.arange(user_proj.shape[0], device=self.device)
         return self.rate_projected(user_proj, index, self.project_books(book_feats))
 
-    @torch.inference_mode()
+    @_inference
     def project_users(self, user_feats: torch.Tensor) -> torch.Tensor:
         """First-layer user projections [U, h0] (the model's own code, as in evaluation)."""
         return self.model.project_users(user_feats.to(self.device))
 
-    @torch.inference_mode()
+    @_inference
     def project_books(self, book_feats: torch.Tensor) -> torch.Tensor:
         """First-layer projections [B, h0] of books outside the book set (new books)."""
         return self.model.project_books(book_feats.to(self.device))
 
-    @torch.inference_mode()
+    @_inference
     def rate_projected(self, user_proj: torch.Tensor, pair_user: torch.Tensor, book_proj: torch.Tensor) -> torch.Tensor:
         """Ratings [N] float32 of pairs (``user_proj[pair_user[i]]``, ``book_proj[i]``), on the CPU:
         ``RatingMLP.forward`` = ``head(P_u + P_b)`` with each user projected once."""
         return self.model.head(user_proj[pair_user.to(self.device)] + book_proj).float().cpu()
 
-    @torch.inference_mode()
+    @_inference
     def rate_rows(self, user_proj: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Ratings [U, N] of each projected user against its own N book-set rows (``rows`` [U, N]):
         the rerank of retrieved candidates, on the scorer's device."""
@@ -274,7 +289,7 @@ class Scorer:
             return self.block_pairs // n_b, n_b
         return 1, min(self.block_pairs, n_b)
 
-    @torch.inference_mode()
+    @_inference
     def score_projected(self, user_proj: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Scores [U, B] float32 (on the scorer's device) of projected users against every book."""
         n_u = user_proj.shape[0]
@@ -349,12 +364,12 @@ class Scorer:
             self._pool = ThreadPoolExecutor(self.threads, "scorer", initializer=torch.set_num_threads, initargs=(n,))
         return self._pool
 
-    @torch.inference_mode()
+    @_inference
     def score_all(self, user_feats: torch.Tensor) -> torch.Tensor:
         """Scores [U, B] (CPU) of every user against every book of the set."""
         return self.score_projected(self.project_users(user_feats)).float().cpu()
 
-    @torch.inference_mode()
+    @_inference
     def top_k(
         self, user_feats: torch.Tensor, k: int, exclude: list[np.ndarray] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
