@@ -112,7 +112,7 @@ class BookrecHandler(BaseHandler):
             "books": len(self.engine.catalog.books),
             "users": len(self.engine.catalog.users),
             "limits": vars(self.engine.limits),
-            **{key: meta.get(key) for key in ("created_utc", "encoder", "metrics", "fingerprint", "versions")},
+            **{key: meta.get(key) for key in ("created_utc", "encoder", "metrics", "fingerprint", "versions", "code")},
         }
 
 
