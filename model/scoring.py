@@ -48,6 +48,7 @@ def _inference(fn):
 
     return wrapper
 
+
 PRECISIONS = ("fp32", "bf16")
 # Pairs per block: H [pairs, h0] plus the hidden activations stay within a core's L2/L3 share;
 # measured best on a 2-core AVX2 EPYC for h0=96 (1024..16384 tried, see bench/BATCH_RESULTS.md).
