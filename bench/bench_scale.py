@@ -275,6 +275,8 @@ def phase_topk(size: float, folder: Path, args: argparse.Namespace) -> dict:
         str(folder / "run"),
         "--users",
         str(args.topk_users),
+        "--exhaustive-users",
+        str(args.exhaustive_users),
         "--out",
         str(probe),
     ]
@@ -502,6 +504,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-set", nargs="*", default=[], help="extra --set overrides for the training run")
     parser.add_argument("--calls", type=int, default=200, help="timed requests per latency scenario")
     parser.add_argument("--topk-users", type=int, default=20000, help="users of the in-process top-k probe")
+    parser.add_argument(
+        "--exhaustive-users", type=int, default=200, help="users whose top-k is checked against every book rated"
+    )
     parser.add_argument("--allpairs-users", type=int, default=400, help="users of the all-pairs job")
     parser.add_argument("--clean-run", action="store_true", help="delete each size's run folder when done")
     parser.add_argument("--report", action="store_true", help="only write SCALE.md and scale.png from the cache")

@@ -161,26 +161,26 @@ class ModelFolder:
         catalog = self.load_catalog()
         model = rating_model if rating_model is not None else self.load_rating_model(variant, device)
         scorer = Scorer(model, catalog.book_feats, device, **scorer_options)
-        return LoadedModel(
-            self,
-            catalog,
-            scorer,
-            TwoStageRecommender(self.load_towers(device), self.book_vectors(), scorer, self.rerank_settings()),
-            self.load_encoder(device) if encoder else None,
-        )
+        recommender = self.recommender_for(scorer, catalog)
+        return LoadedModel(self, catalog, scorer, recommender, self.load_encoder(device) if encoder else None)
 
     def recommender_for(
-        self, scorer: Scorer, catalog: Catalog, book_rows: torch.Tensor, *, from_features: bool = False
+        self,
+        scorer: Scorer,
+        catalog: Catalog,
+        book_rows: torch.Tensor | None = None,
+        *,
+        from_features: bool = False,
     ) -> TwoStageRecommender:
         """The two-stage recommender over the book set of a rating ``scorer``, whose books are the
-        catalog rows ``book_rows`` (-1: outside the catalog). The catalog's shipped vectors are used,
-        or, with ``from_features`` (the set's features came from elsewhere), the towers embed the
-        scorer's features."""
+        catalog rows ``book_rows`` (-1: outside the catalog; None: the whole catalog in order). The
+        catalog's shipped vectors are used, or, with ``from_features`` (the set's features came from
+        elsewhere), the towers embed the scorer's features."""
         towers = self.load_towers(scorer.device)
         if from_features:
             vectors = embed_book_set(towers, catalog, scorer.book_feats, book_rows)
         else:
-            vectors = self.book_vectors()[book_rows]
+            vectors = self.book_vectors() if book_rows is None else self.book_vectors()[book_rows]
         return TwoStageRecommender(towers, vectors, scorer, self.rerank_settings())
 
 

@@ -180,8 +180,14 @@ class TwoStageRecommender:
     def _rescore(
         self, users: torch.Tensor, top: torch.Tensor, rows: torch.Tensor, n: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The top-``n`` of the kept candidates by fp32 logits of the stored vectors."""
-        exact = torch.bmm(self.book_vectors[rows].float(), users.unsqueeze(2)).squeeze(2)
+        """The top-``n`` of the kept candidates by fp32 logits of the stored vectors, gathered for at
+        most ``LOGIT_BLOCK`` vector elements at a time (a long candidate list must not copy the book set
+        per user)."""
+        exact = torch.empty(top.shape, dtype=torch.float32, device=self.device)
+        step = max(1, LOGIT_BLOCK // max(rows.shape[1] * users.shape[1], 1))
+        for begin in range(0, rows.shape[0], step):
+            sl = slice(begin, begin + step)
+            exact[sl] = torch.bmm(self.book_vectors[rows[sl]].float(), users[sl].unsqueeze(2)).squeeze(2)
         exact = exact.masked_fill(torch.isinf(top), -math.inf)
         top, pick = torch.topk(exact, min(n, exact.shape[1]), dim=1)
         return top, rows.gather(1, pick)
