@@ -26,7 +26,7 @@ from batch.io import _local, is_local
 from batch.model_source import model_dims, resolve
 from batch.native_head import attach
 from model import layout
-from model.artifacts import LoadedModel, ModelFolder, resolve_device
+from model.artifacts import LoadedModel, ModelFolder, release_unused_memory, resolve_device
 from model.catalog import Catalog
 from model.scoring import DEFAULT_BLOCK_PAIRS, Scorer
 
@@ -167,6 +167,7 @@ class ScoringContext:
             external = books.source != "catalog"
             recommender = folder.recommender_for(self.scorer, catalog, catalog_rows, from_features=external)
         self.model = LoadedModel(folder, catalog, self.scorer, recommender)
+        release_unused_memory()
         self.k = min(spec.k, self.n_books)
         self._exclusion = self._exclusion_index(catalog, isbns) if spec.exclude_rated else None
         self._tiled = np.zeros(0, np.int32)

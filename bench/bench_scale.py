@@ -307,6 +307,8 @@ def phase_serve(size: float, folder: Path, args: argparse.Namespace) -> dict:
         sys.executable, "bench/bench_serve.py", "--run-dir", str(folder / "run"), "--concurrency", "1",
         "--scenarios", "recommend_10", "rate_1", "--requests", str(args.calls), "--recommend-requests", str(args.calls),
         "--out", str(out),
+        # The size's run may predate a model/ edit of the same session: its costs do not change.
+        "--allow-code-change",
     ]  # fmt: skip
     res = run_child(cmd, folder / "serve.log")
     report = json.loads(out.read_text())
@@ -314,6 +316,7 @@ def phase_serve(size: float, folder: Path, args: argparse.Namespace) -> dict:
         "wall_s": res["wall_s"],
         "results": {s: rows["1"] for s, rows in report["results"].items()},
         "load_average_after": report["load_average_after"],
+        "worker_rss_mb_after": report.get("worker_rss_mb_after"),
     }
 
 

@@ -27,6 +27,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -202,6 +204,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (BOOKREC_TORCH_THREADS)")
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--allow-code-change", action="store_true", help="archive a run trained with other model/ code (timing only)"
+    )
     args = parser.parse_args()
 
     from model.catalog import Catalog
@@ -213,7 +218,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bookrec-bench-") as tmp:
         tmp_dir = Path(tmp)
         options = {k: v for k, v in (("max_batch_delay", args.max_batch_delay), ("batch_size", args.batch_size)) if v}
-        archive = build_archive(args.run_dir, tmp_dir / "store", **options)
+        archive = build_archive(args.run_dir, tmp_dir / "store", allow_code_change=args.allow_code_change, **options)
         model_dir = tmp_dir / "unpacked"
         with zipfile.ZipFile(archive) as zf:
             zf.extractall(model_dir)
@@ -242,6 +247,7 @@ def main() -> None:
                     )
                     print(f"torchserve {s} c={c}: {results[s][c]['torchserve']}", flush=True)
             config = json.loads(json.dumps(__import__("yaml").safe_load((model_dir / "model-config.yaml").read_text())))
+            worker_rss_mb = [round(psutil.Process(w["pid"]).memory_info().rss / 2**20) for w in server.workers()]
     from train.run_info import machine
 
     load = os.getloadavg()
@@ -250,6 +256,7 @@ def main() -> None:
         "load_average_after": [round(x, 2) for x in load],
         "torch_threads_per_worker": threads,
         "model_config": config,
+        "worker_rss_mb_after": worker_rss_mb,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "results": results,
     }

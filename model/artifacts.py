@@ -9,6 +9,8 @@ holds the names).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import subprocess
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from model import layout
@@ -40,6 +43,16 @@ def resolve_device(name: str | torch.device) -> torch.device:
     if str(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def release_unused_memory() -> None:
+    """Hand the memory freed by loading back to the OS: Arrow's pool keeps what reading the catalog's
+    Parquet freed, and glibc keeps freed heap pages; at full size the two held ~0.7 GB of a worker."""
+    pa.default_memory_pool().release_unused()
+    libc = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+    if trim is not None:  # glibc only
+        trim(0)
 
 
 def file_sha256(path: Path) -> str:
@@ -162,7 +175,9 @@ class ModelFolder:
         model = rating_model if rating_model is not None else self.load_rating_model(variant, device)
         scorer = Scorer(model, catalog.book_feats, device, **scorer_options)
         recommender = self.recommender_for(scorer, catalog)
-        return LoadedModel(self, catalog, scorer, recommender, self.load_encoder(device) if encoder else None)
+        loaded = LoadedModel(self, catalog, scorer, recommender, self.load_encoder(device) if encoder else None)
+        release_unused_memory()
+        return loaded
 
     def recommender_for(
         self,
