@@ -134,9 +134,11 @@ def validation_recall(
     hits, total = 0.0, 0
     order = np.argsort(vu, kind="stable")
     vbounds = np.searchsorted(vu[order], np.arange(n_users + 1))
+    # Users per block: at most 2^24 logits at once (1,024 users x 271k books would be 1.1 GB).
+    step = max(1, min(1024, (1 << 24) // max(len(catalog.books), 1)))
     with torch.inference_mode():
-        for s in range(0, len(users), 1024):
-            block = users[s : s + 1024]
+        for s in range(0, len(users), step):
+            block = users[s : s + step]
             hist = [inter.book[inter.indptr[u] : inter.indptr[u + 1]] for u in block]
             flat = torch.from_numpy(np.concatenate(hist)) if hist else torch.zeros(0, dtype=torch.long)
             offsets = torch.from_numpy(np.concatenate([[0], np.cumsum([len(h) for h in hist])[:-1]]))
