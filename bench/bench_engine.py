@@ -16,6 +16,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,6 +32,18 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def request_makers(engine: BookrecEngine, seed: int = 0) -> dict[str, Callable[[], dict]]:
+    """Per scenario, a function making one request body: recommend (k=10) for a random known user,
+    rate of one random (known user, known book) pair."""
+    rng = random.Random(seed)
+    users = engine.catalog.users["user_id"].tolist()
+    isbns = engine.catalog.books["isbn"].tolist()
+    return {
+        "recommend_10": lambda: {"action": "recommend", "user": {"user_id": rng.choice(users)}, "k": 10},
+        "rate_1": lambda: {"action": "rate", "user": {"user_id": rng.choice(users)}, "books": [rng.choice(isbns)]},
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, default=REPO / "runs" / "bookcrossing")
@@ -42,13 +55,7 @@ def main(argv: list[str] | None = None) -> None:
 
     engine = BookrecEngine(args.run, device=args.device)
     engine.warm_up()
-    rng = random.Random(0)
-    users = engine.catalog.users["user_id"].tolist()
-    isbns = engine.catalog.books["isbn"].tolist()
-    bodies = {
-        "recommend_10": lambda: {"action": "recommend", "user": {"user_id": rng.choice(users)}, "k": 10},
-        "rate_1": lambda: {"action": "rate", "user": {"user_id": rng.choice(users)}, "books": [rng.choice(isbns)]},
-    }
+    bodies = request_makers(engine)
     results = []
     for name, body in bodies.items():
         for batch in args.batches:
@@ -73,7 +80,12 @@ def main(argv: list[str] | None = None) -> None:
             )
             print(json.dumps(results[-1]), flush=True)
     device = torch.cuda.get_device_name(0) if engine.device.type == "cuda" else "cpu"
-    payload = {"device": device, "threads": torch.get_num_threads(), "books": len(isbns), "results": results}
+    payload = {
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "books": len(engine.catalog.books),
+        "results": results,
+    }
     if args.out:
         args.out.write_text(json.dumps(payload, indent=2) + "\n")
 

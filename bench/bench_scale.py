@@ -193,11 +193,11 @@ def phase_train(size: float, folder: Path, args: argparse.Namespace) -> dict:
 
 
 ENGINE_PROBE = r"""
-import json, random, statistics, sys, time
+import json, statistics, sys, time
 import psutil, torch
 sys.path.insert(0, sys.argv[1])
 torch.set_num_threads(1)
-from bench.bench_engine import percentile
+from bench.bench_engine import percentile, request_makers
 from handlers.engine import BookrecEngine
 proc = psutil.Process()
 before = proc.memory_info().rss
@@ -206,13 +206,7 @@ engine = BookrecEngine(sys.argv[2])
 load_s = time.perf_counter() - t
 loaded_rss = proc.memory_info().rss
 engine.warm_up()
-rng = random.Random(0)
-users = engine.catalog.users["user_id"].tolist()
-isbns = engine.catalog.books["isbn"].tolist()
-bodies = {
-    "recommend_10": lambda: {"action": "recommend", "user": {"user_id": rng.choice(users)}, "k": 10},
-    "rate_1": lambda: {"action": "rate", "user": {"user_id": rng.choice(users)}, "books": [rng.choice(isbns)]},
-}
+bodies = request_makers(engine)
 out = {"load_s": round(load_s, 2), "rss_after_load_mb": round(loaded_rss / 2**20),
        "rss_before_load_mb": round(before / 2**20), "threads": torch.get_num_threads()}
 for name, body in bodies.items():

@@ -38,7 +38,7 @@ from train.split import assign_splits
 log = logging.getLogger("bookrec.pipeline")
 
 
-def _write_json(path: Path, payload: dict) -> None:
+def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
 
@@ -82,9 +82,9 @@ def step_data(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     _write_parquet(raw.users, schemas.USERS, out / layout.DATA_USERS)
     _write_parquet(raw.books, schemas.BOOKS, out / layout.DATA_BOOKS)
     _write_parquet(ratings, schemas.RATINGS_SPLIT, out / layout.DATA_RATINGS)
-    _write_json(out / layout.INGEST_REPORT, raw.report.to_dict())
+    write_json(out / layout.INGEST_REPORT, raw.report.to_dict())
     fingerprint = data_fingerprint(source, {"users": raw.users, "books": raw.books, "ratings": ratings})
-    _write_json(run_dir / layout.FINGERPRINT_FILE, fingerprint)
+    write_json(run_dir / layout.FINGERPRINT_FILE, fingerprint)
     summary = {
         "source": str(source),
         "layout": raw.report.layout,
@@ -138,7 +138,7 @@ def step_features(cfg: Config, run_dir: Path, progress: bool = True, encoder: Te
         "book_embedding": book_stats,
         "user_embedding": user_stats,
     }
-    _write_json(run_dir / layout.FEATURES_REPORT, summary)
+    write_json(run_dir / layout.FEATURES_REPORT, summary)
     log.info("features: %s", summary)
     return summary
 
@@ -173,7 +173,7 @@ def step_train(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     save_checkpoint(model.cpu(), run_dir / layout.MODEL_FILES["fp32"])
     plot_learning_curve(result.epochs, run_dir / layout.LEARNING_CURVE)
     summary.update(best_epoch=result.best_epoch, best_val_rmse=result.best_val_rmse, seconds=round(result.seconds, 1))
-    _write_json(run_dir / layout.TRAIN_REPORT, summary)
+    write_json(run_dir / layout.TRAIN_REPORT, summary)
     return summary
 
 
@@ -196,5 +196,5 @@ def prepare_run(cfg: Config) -> Path:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / layout.CONFIG_FILE)
-    _write_json(run_dir / layout.VERSIONS_FILE, {**versions(), "machine": machine(), "code": code_identity()})
+    write_json(run_dir / layout.VERSIONS_FILE, {**versions(), "machine": machine(), "code": code_identity()})
     return run_dir

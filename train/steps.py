@@ -6,7 +6,6 @@ runs them all, and dvc.yaml has a stage per step.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from model.config import Config
 from train import tracking
 from train.compress import step_compress
 from train.evaluate import step_evaluate
-from train.pipeline import prepare_run, step_data, step_features, step_train
+from train.pipeline import prepare_run, step_data, step_features, step_train, write_json
 from train.retrieval import step_retrieval
 
 log = logging.getLogger("bookrec.pipeline")
@@ -48,7 +47,6 @@ def run_all(cfg: Config, progress: bool = True) -> dict:
         out[name] = step(cfg, run_dir, progress)
         out[f"{name}_seconds"] = round(time.perf_counter() - start, 1)
         log.info("step %s done in %.1f s", name, out[f"{name}_seconds"])
-    timings = {k: v for k, v in out.items() if k.endswith("_seconds")}
-    (run_dir / layout.TIMINGS_FILE).write_text(json.dumps(timings, indent=2) + "\n")
+    write_json(run_dir / layout.TIMINGS_FILE, {k: v for k, v in out.items() if k.endswith("_seconds")})
     tracking.finish_training_run(tracker, run_dir)
     return out
