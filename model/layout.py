@@ -48,6 +48,12 @@ TIMINGS_FILE = "timings.json"
 METRICS_LOG = "metrics.jsonl"
 LEARNING_CURVE = "learning_curve.png"
 
+# Run folder only: the distilled student (when encoder.name is "distilled") and its report; the
+# shipped encoder is the copy under ENCODER_DIR.
+DISTILL_DIR = "distill"
+DISTILL_STUDENT = "student"
+DISTILL_REPORT = "distill.json"
+
 # Run folder only: the cleaned, split input tables (not shipped).
 DATA_DIR = "data"
 DATA_USERS = "users.parquet"

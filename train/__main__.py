@@ -1,4 +1,4 @@
-"""Command line: ``python -m train {run,data,features,train,compress,retrieval,evaluate} --config FILE``.
+"""Command line: ``python -m train {run,data,distill,features,train,compress,retrieval,evaluate} --config FILE``.
 
 Two more commands with their own flags: ``python -m train sweep --config FILE --trials N``
 (hyper-parameter sweep, ``train/sweep.py``) and ``python -m train drift --run RUN --requests LOG``

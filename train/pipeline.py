@@ -21,11 +21,12 @@ from model.artifacts import code_identity, resolve_device
 from model.catalog import write_catalog
 from model.checkpoint import save_checkpoint
 from model.config import Config
-from model.encoder import TextEncoder, load_encoder, load_saved_encoder
+from model.encoder import TextEncoder, load_saved_encoder
 from model.features import FeatureSpec
 from model.network import RatingMLP
 from model.text import book_texts, user_texts
 from train.dataset import load_tables, load_training_data
+from train.distill.step import configured_encoder
 from train.download import DatasetUnavailable, resolve_data_dir
 from train.embed import EmbeddingCache
 from train.finetune import fine_tune
@@ -117,7 +118,7 @@ def step_features(cfg: Config, run_dir: Path, progress: bool = True, encoder: Te
     btexts, utexts = book_texts(books), user_texts(users)
 
     if encoder is None:
-        encoder = load_encoder(cfg.encoder, corpus=btexts + utexts)
+        encoder = configured_encoder(cfg, run_dir, corpus=btexts + utexts)
     cache = EmbeddingCache(Path(cfg.encoder.cache_dir))
     book_emb, book_stats = cache.embed(encoder, btexts, cfg.encoder.batch_size, progress)
     user_emb, user_stats = cache.embed(encoder, utexts, cfg.encoder.batch_size, progress)

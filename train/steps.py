@@ -1,4 +1,6 @@
-"""The training job's steps, in order: data -> features -> train -> compress -> retrieval -> evaluate.
+"""The training job's steps, in order: data -> distill -> features -> train -> compress -> retrieval -> evaluate.
+
+``distill`` does work only when ``encoder.name`` is ``distilled``.
 
 The one list of steps: ``python -m train STEP`` runs one, ``python -m train run`` (``run_all``)
 runs them all, and dvc.yaml has a stage per step.
@@ -15,6 +17,7 @@ from model import layout
 from model.config import Config
 from train import tracking
 from train.compress import step_compress
+from train.distill.step import step_distill
 from train.evaluate import step_evaluate
 from train.pipeline import prepare_run, step_data, step_features, step_train, write_json
 from train.retrieval import step_retrieval
@@ -24,6 +27,7 @@ log = logging.getLogger("bookrec.pipeline")
 Step = Callable[[Config, Path, bool], dict]
 STEPS: dict[str, Step] = {
     "data": step_data,
+    "distill": step_distill,
     "features": step_features,
     "train": step_train,
     "compress": step_compress,
