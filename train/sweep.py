@@ -46,7 +46,7 @@ DROPOUT = (0.0, 0.5)
 FIRST_WIDTH = (64, 128, 256, 512)
 LAYERS = (1, 2, 3)
 # Config sections that decide the data and features a sweep reuses.
-FEATURE_SECTIONS = ("data", "split", "encoder")
+FEATURE_SECTIONS = ("data", "split", "encoder", "distill")
 
 
 def hidden_sizes(first: int, layers: int) -> list[int]:
@@ -107,6 +107,7 @@ def _same_features(cfg: Config, run_dir: Path) -> bool:
 def prepare_features(cfg: Config, progress: bool = True) -> Path:
     """The run folder with data and features for ``cfg``: reused when they match, else made."""
     from train import pipeline
+    from train.distill.step import step_distill
 
     run_dir = Path(cfg.run_dir)
     if _same_features(cfg, run_dir):
@@ -114,6 +115,7 @@ def prepare_features(cfg: Config, progress: bool = True) -> Path:
         return run_dir
     run_dir = pipeline.prepare_run(cfg)
     pipeline.step_data(cfg, run_dir, progress)
+    step_distill(cfg, run_dir, progress)  # a no-op unless the encoder is a distilled student
     pipeline.step_features(cfg, run_dir, progress)
     return run_dir
 
