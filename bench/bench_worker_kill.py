@@ -104,6 +104,15 @@ class Monitor:
             time.sleep(0.2)
 
 
+def all_ready(server: LocalServer, workers: int, timeout: float = 300.0) -> None:
+    """Until every worker is READY (``LocalServer.start`` returns at the first)."""
+    deadline = time.monotonic() + timeout
+    while sum(w["status"] == "READY" for w in server.workers()) < workers:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not all {workers} workers READY after {timeout:.0f} s\n{server.log_tail()}")
+        time.sleep(0.5)
+
+
 def kill_a_worker(server: LocalServer, monitor: Monitor) -> None:
     """SIGKILL the first READY worker, which must be a child of our own server's process group."""
     worker = next(w for w in server.workers() if w["status"] == "READY")
@@ -234,6 +243,7 @@ def main() -> None:
             policy = RetryPolicy() if retry else NO_RETRY
             load_before = os.getloadavg()[0]
             with LocalServer(stores[workers], tmp_dir / f"server-{name}") as server:
+                all_ready(server, workers)
                 samples, monitor, wall = drive(server, bodies, policy, args.concurrency, args.duration, args.kill_at)
                 time.sleep(1)  # async logging: let the replacement's "ready" line reach the file
                 inits = load_times(server)

@@ -115,3 +115,18 @@ def test_the_health_check_needs_the_management_key(server: LocalServer, tmp_path
     assert not ok and "management API answered 400" in detail
     ok, _ = healthcheck.healthy(server.inference_url, tmp_path / "key_file.json", 10, management_url=None)
     assert ok  # /ping alone, as before
+
+
+def test_two_workers_by_default_where_the_memory_allows() -> None:
+    """One crash then leaves a worker serving; memory (1.75 GiB a worker, half the RAM) and the
+    core count bound it."""
+    from serving.archive import WORKER_MEMORY, default_workers
+
+    gib = 2**30
+    assert default_workers(cores=2, memory=24 * gib) == 2
+    assert default_workers(cores=1, memory=24 * gib) == 2
+    assert default_workers(cores=16, memory=128 * gib) == 8
+    assert default_workers(cores=16, memory=8 * gib) == 2  # 4 GiB for workers: two of 1.75 GiB
+    assert default_workers(cores=2, memory=3 * gib) == 1  # a second worker would not fit
+    assert default_workers(cores=2, memory=WORKER_MEMORY) == 1
+    assert default_workers() >= 1
