@@ -60,6 +60,17 @@ def test_a_bad_request_is_answered_once_with_its_field(server: LocalServer) -> N
     assert requests_total(server) == before + 1  # the server saw it once
 
 
+def test_the_client_command_line(server: LocalServer, capsys: pytest.CaptureFixture[str]) -> None:
+    from serving import client as client_cli
+
+    argv = ["--url", server.inference_url, "--key-file", str(server.workdir / "key_file.json")]
+    assert client_cli.main([*argv, "-d", json.dumps(BODY)]) == 0
+    assert len(json.loads(capsys.readouterr().out)["recommendations"]) == 2
+    assert client_cli.main([*argv, "-d", '{"action": "recommend", "user": {"country": "usa"}, "k": 0}']) == 1
+    out = capsys.readouterr()
+    assert json.loads(out.out)["error"]["field"] == "k" and "HTTP 400 after 1 attempt(s)" in out.err
+
+
 def test_the_client_retries_a_request_its_worker_died_with(server: LocalServer) -> None:
     """Freeze the worker (SIGSTOP) so two requests are surely in flight on it, then SIGKILL it:
     TorchServe answers both "Worker died."; the client without retries gets that answer, the
