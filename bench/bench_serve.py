@@ -228,6 +228,9 @@ def main() -> None:
     parser.add_argument("--recommend-requests", type=int, default=200, help="the same for recommend (slower)")
     parser.add_argument("--max-batch-delay", type=int, default=None, help="archive maxBatchDelay (ms)")
     parser.add_argument("--batch-size", type=int, default=None, help="archive batchSize")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="archive workers (1: the in-process comparison is one handler)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (BOOKREC_TORCH_THREADS)")
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -245,7 +248,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bookrec-bench-") as tmp:
         tmp_dir = Path(tmp)
         options = {k: v for k, v in (("max_batch_delay", args.max_batch_delay), ("batch_size", args.batch_size)) if v}
-        archive = build_archive(args.run_dir, tmp_dir / "store", allow_code_change=args.allow_code_change, **options)
+        archive = build_archive(
+            args.run_dir, tmp_dir / "store", workers=args.workers, allow_code_change=args.allow_code_change, **options
+        )
         model_dir = tmp_dir / "unpacked"
         with zipfile.ZipFile(archive) as zf:
             zf.extractall(model_dir)

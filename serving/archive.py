@@ -67,11 +67,20 @@ class CodeChanged(RuntimeError):
     """The checked-out model/ code is not the code the run was trained with."""
 
 
-def default_workers() -> int:
+# A worker's resident memory serving the full Book-Crossing model (BENCHMARKS.md, "Scale": 1.71 GiB).
+WORKER_MEMORY = int(1.75 * 2**30)
+
+
+def default_workers(cores: int | None = None, memory: int | None = None) -> int:
     """Workers for this machine: one per two cores (each worker gets the other core as intra-op
-    thread and the Java frontend needs some CPU too), at least one."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // 2)
+    thread and the Java frontend needs some CPU too), but two at least, so that a crashed worker
+    leaves one serving while TorchServe replaces it; no more than half the RAM holds at
+    ``WORKER_MEMORY`` each, and one at least."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if memory is None:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(1, min(max(2, cores // 2), memory // 2 // WORKER_MEMORY))
 
 
 def model_config(
@@ -246,7 +255,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--max-batch-delay", type=int, default=1, help="TorchServe maxBatchDelay (ms); a lone request waits this long"
     )
-    parser.add_argument("--workers", type=int, default=None, help="min/maxWorkers (default: cores // 2, at least 1)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="min/maxWorkers (default: cores // 2 but at least 2; fewer when half the RAM can't hold them)",
+    )
     parser.add_argument("--response-timeout", type=int, default=60, help="seconds before a worker is restarted")
     parser.add_argument(
         "--profile",

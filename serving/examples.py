@@ -1,7 +1,9 @@
 """A few example calls against a running bookrec TorchServe (what ``make demo`` shows).
 
 ``python -m serving.examples --run-dir runs/demo`` waits for the worker, then rates, recommends and
-sends one bad request, printing each answer. Users and ISBNs are taken from the run's catalog.
+sends one bad request, printing each answer. Users and ISBNs are taken from the run's catalog. The
+calls go through ``serving.client``, which sends a call again when a worker crash lost it (the bad
+request is not repeated: a 4xx is final).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pyarrow.parquet as pq
 import requests
 
 from model import layout
+from serving.client import BookrecClient
 from serving.healthcheck import inference_key
 
 
@@ -78,12 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     headers = {"Authorization": f"Bearer {key}"}
     wait_ready(args.url, headers, max(1.0, deadline - time.monotonic()))
     ok = True
-    for title, body in examples(args.run_dir):
-        answer = requests.post(f"{args.url}/predictions/bookrec", json=body, headers=headers, timeout=30)
-        endpoint = f"{args.url}/predictions/bookrec"
-        print(f"\n### {title}\n$ curl -H 'Authorization: Bearer ...' -d '{json.dumps(body)}' {endpoint}")
-        print(f"HTTP {answer.status_code}\n{json.dumps(answer.json(), indent=2)[:1500]}")
-        ok &= (answer.status_code == 200) == ("bad request" not in title)
+    with BookrecClient(args.url, key, timeout=30) as client:
+        for title, body in examples(args.run_dir):
+            answer = client.predict(body)
+            retried = f" after {answer.attempts} attempts ({'; '.join(answer.retries)})" if answer.retries else ""
+            print(f"\n### {title}\n$ curl -H 'Authorization: Bearer ...' -d '{json.dumps(body)}' {client.endpoint}")
+            print(f"HTTP {answer.status_code}{retried}\n{json.dumps(answer.json(), indent=2)[:1500]}")
+            ok &= (answer.status_code == 200) == ("bad request" not in title)
     return 0 if ok else 1
 
 
