@@ -56,8 +56,11 @@ FROM runtime
 COPY --from=venv /opt/venv /opt/venv
 
 # Non-root: TorchServe writes key_file.json and logs/ into its working directory. (uid 1000 is
-# taken by "ubuntu" in Ubuntu 24.04 based images.)
-RUN useradd --create-home --home-dir /home/model-server --uid 10001 --shell /usr/sbin/nologin model-server
+# taken by "ubuntu" in Ubuntu 24.04 based images.) logs/ exists in the image, owned by the user, so
+# that a volume mounted there (docker run -v bookrec-logs:/home/model-server/logs) is writable:
+# Docker creates a missing mount point owned by root.
+RUN useradd --create-home --home-dir /home/model-server --uid 10001 --shell /usr/sbin/nologin model-server \
+    && install -d -o model-server -g model-server /home/model-server/logs
 WORKDIR /home/model-server
 
 COPY --chown=model-server:model-server model-store/bookrec.mar model-store/bookrec.mar

@@ -115,6 +115,18 @@ pull() {
     esac
 }
 
+# A failed debootstrap can leave /proc or /sys mounted inside the tree: unmount before deleting.
+base_work=""
+remove_base_work() {
+    [[ -n "$base_work" ]] || return 0
+    local m
+    for m in proc sys dev/pts; do
+        if mountpoint -q "$base_work/rootfs/$m" 2>/dev/null; then umount -l "$base_work/rootfs/$m" || true; fi
+    done
+    rm -rf --one-file-system "$base_work"
+    base_work=""
+}
+
 # A debian:<suite>-slim look-alike from Debian's packages: minbase, the slim image's dpkg
 # path-excludes (no docs, man pages or locales), the official image's apt sources, no apt caches.
 make_local_base() {
@@ -124,8 +136,8 @@ make_local_base() {
     [[ "$EUID" == 0 || "$dry_run" == 1 ]] || die "debootstrap needs root to make the base $base"
     work=$(mktemp -d "${TMPDIR:-/var/tmp}/bookrec-base.XXXXXX")
     root=$work/rootfs
-    # A failed debootstrap can leave /proc or /sys mounted inside the tree: unmount before deleting.
-    trap 'for m in proc sys dev/pts; do mountpoint -q "'"$root"'/$m" 2>/dev/null && umount -l "'"$root"'/$m"; done; rm -rf --one-file-system "'"$work"'"' EXIT
+    base_work=$work
+    trap remove_base_work EXIT
     run debootstrap --variant=minbase "$suite" "$root" "$mirror"
     if [[ "$dry_run" == 0 ]]; then
         mkdir -p "$root/etc/dpkg/dpkg.cfg.d"
@@ -162,14 +174,15 @@ make_local_base() {
             run buildah commit --rm "$ctr" "$local_tag"
             ;;
     esac
-    rm -rf --one-file-system "$work"
+    remove_base_work
     trap - EXIT
 }
 
 if [[ "$local_base" != always ]] && { image_present "$base" || { [[ "$dry_run" == 0 ]] && pull "$base"; }; }; then
     echo "base: $base"
 elif [[ "$local_base" == never ]]; then
-    [[ "$dry_run" == 1 ]] && pull "$base" || die "the base $base is neither present nor pullable (--local-base never)"
+    [[ "$dry_run" == 1 ]] || die "the base $base is neither present nor pullable (--local-base never)"
+    pull "$base"
 else
     [[ "$base" =~ ^(docker\.io/)?(library/)?debian:([a-z]+)(-slim)?$ ]] \
         || bad_arg "cannot make $base locally: only debian:<suite>[-slim] bases can be made with debootstrap"
