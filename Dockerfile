@@ -2,22 +2,21 @@
 #
 # Build the archive first, then the image (CPU by default):
 #   make archive RUN=runs/bookcrossing
-#   docker build -t bookrec-serve .
+#   make image                        # = serving/build_image.sh: docker build, or buildah without a Docker engine
+#   docker build -t bookrec-serve .   # the same with Docker directly
 # CUDA base instead (the handler then loads onto cuda:<gpu_id> that TorchServe assigns):
 #   docker build -t bookrec-serve:cuda \
 #     --build-arg BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 \
 #     --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126 .
+# Offline (no package index reachable from the build): serving/build_image.sh --wheels downloads
+# every wheel on the host into serving/wheels/ and builds with WHEELS_ONLY=1.
 # Run (inference and metrics published; management stays inside the container):
 #   docker run -d --name bookrec -p 127.0.0.1:8080:8080 -p 127.0.0.1:8082:8082 bookrec-serve
 #   docker exec bookrec cat /home/model-server/key_file.json     # the tokens
-# docs/SERVING.md explains every setting. No Docker engine was available where this file was written:
-# it is kept correct by reading, not by a build.
+# docs/SERVING.md ("Docker image") explains every setting and records a real build.
 
 ARG BASE_IMAGE=debian:bookworm-slim
-FROM ${BASE_IMAGE}
-
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-ARG TORCH_VERSION=2.13.0
+FROM ${BASE_IMAGE} AS runtime
 
 # Debian 12 and Ubuntu 24.04 both ship a supported Python 3 (3.11 / 3.12) and Java 17 as packages;
 # tini forwards docker stop's SIGTERM to the whole process group (CLI, Java frontend, workers);
@@ -35,15 +34,33 @@ ENV VIRTUAL_ENV=/opt/venv \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-COPY handlers/requirements-serve.txt /tmp/requirements-serve.txt
-RUN python3 -m venv "$VIRTUAL_ENV" \
-    && pip install --index-url "$TORCH_INDEX" "torch==${TORCH_VERSION}" \
-    && pip install -r /tmp/requirements-serve.txt \
-    && rm /tmp/requirements-serve.txt
+
+# The venv is built in its own stage so that the wheels copied in for an offline build never
+# become a layer of the final image.
+FROM runtime AS venv
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG TORCH_VERSION=2.13.0
+# WHEELS_ONLY=1: install from serving/wheels/ alone, no index (serving/build_image.sh --wheels fills it).
+ARG WHEELS_ONLY=0
+COPY handlers/requirements-serve.txt serving/wheels/ /tmp/install/
+RUN case "$WHEELS_ONLY" in \
+        1) torch_from="--no-index"; rest_from="--no-index" ;; \
+        0) torch_from="--index-url $TORCH_INDEX"; rest_from="" ;; \
+        *) echo "WHEELS_ONLY must be 0 or 1, not '$WHEELS_ONLY'" >&2; exit 2 ;; \
+    esac \
+    && python3 -m venv "$VIRTUAL_ENV" \
+    && pip install --find-links /tmp/install $torch_from "torch==${TORCH_VERSION}" \
+    && pip install --find-links /tmp/install $rest_from -r /tmp/install/requirements-serve.txt
+
+FROM runtime
+COPY --from=venv /opt/venv /opt/venv
 
 # Non-root: TorchServe writes key_file.json and logs/ into its working directory. (uid 1000 is
-# taken by "ubuntu" in Ubuntu 24.04 based images.)
-RUN useradd --create-home --home-dir /home/model-server --uid 10001 --shell /usr/sbin/nologin model-server
+# taken by "ubuntu" in Ubuntu 24.04 based images.) logs/ exists in the image, owned by the user, so
+# that a volume mounted there (docker run -v bookrec-logs:/home/model-server/logs) is writable:
+# Docker creates a missing mount point owned by root.
+RUN useradd --create-home --home-dir /home/model-server --uid 10001 --shell /usr/sbin/nologin model-server \
+    && install -d -o model-server -g model-server /home/model-server/logs
 WORKDIR /home/model-server
 
 COPY --chown=model-server:model-server model-store/bookrec.mar model-store/bookrec.mar

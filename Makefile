@@ -9,7 +9,7 @@ RUN ?= $(call run_of,$(CONFIG))
 MODEL_STORE ?= model-store
 BATCH_OUT ?= $(RUN)/batch-scores
 
-.PHONY: help install minilm distill data train evaluate archive serve stop batch sweep drift repro demo test lint format clean
+.PHONY: help install minilm distill data train evaluate archive image serve stop batch sweep drift repro demo test lint format clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -48,6 +48,9 @@ evaluate: $(STAMP) ## print and write the evaluation table of the run
 
 archive: $(STAMP) ## pack the run into $(MODEL_STORE)/bookrec.mar
 	$(PYTHON) -m serving.archive --run-dir $(RUN) --out $(MODEL_STORE)
+
+image: ## build the serving image from model-store/bookrec.mar (docker, else buildah; IMAGE_ARGS="--wheels ...")
+	PIP="$(PYTHON) -m pip" serving/build_image.sh $(IMAGE_ARGS)
 
 serve: $(STAMP) ## start TorchServe with bookrec.mar (config.properties); request sample in logs/ for make drift
 	BOOKREC_DRIFT_LOG=$(CURDIR)/logs/drift-sample.jsonl \
