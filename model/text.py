@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 UNKNOWN = "unknown"
+USER_TEXT_PREFIX = "reader from "  # every user text starts so
 
 
 def _clean(value: Any) -> str | None:
@@ -45,7 +46,7 @@ def user_text(city: Any, region: Any, country: Any, age: Any) -> str:
     age_text = _clean(age)
     if age_text is not None and age_text.endswith(".0"):
         age_text = age_text[:-2]
-    return f"reader from {place}, age {age_text or UNKNOWN}"
+    return f"{USER_TEXT_PREFIX}{place}, age {age_text or UNKNOWN}"
 
 
 def book_texts(books: Any) -> list[str]:

@@ -16,13 +16,16 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
+
 from model import layout
 from model.artifacts import resolve_device
 from model.config import DISTILLED, Config
 from model.encoder import EncoderUnavailable, TextEncoder, load_encoder, load_saved_encoder
+from model.text import USER_TEXT_PREFIX
 from train.dataset import load_tables
 from train.distill.corpus import build_corpus
-from train.distill.student import Projection, build_student, fit_student, init_from_teacher, mean_cosine
+from train.distill.student import Projection, build_student, cosines, fit_student, init_from_teacher, mean_cosine
 from train.embed import EmbeddingCache
 
 log = logging.getLogger("bookrec.distill")
@@ -60,6 +63,14 @@ def _cache_key(cfg: Config, corpus_digest: str, teacher: TextEncoder) -> str:
         [settings, corpus_digest, teacher.fingerprint(), _student_shape_digest(cfg)], sort_keys=True, default=str
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def cosine_by_kind(texts: list[str], student: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """Mean cosine to the target over user texts and over book texts apart (users' are simpler)."""
+    cos = cosines(student, target)
+    users = np.array([t.startswith(USER_TEXT_PREFIX) for t in texts], dtype=bool)
+    kinds = (("books", ~users), ("users", users))
+    return {kind: round(float(cos[mask].mean()), 4) for kind, mask in kinds if mask.any()}
 
 
 def _copy_into_run(cached: Path, out: Path) -> dict:
@@ -118,6 +129,7 @@ def step_distill(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
         "heldout_cosine_pca": round(mean_cosine(held, projection.target(t_held)), 4),
         "heldout_cosine_teacher": round(mean_cosine(projection.back(held), t_held), 4),
         "heldout_cosine_ceiling": round(mean_cosine(projection.back(projection.target(t_held)), t_held), 4),
+        "heldout_cosine_pca_by_kind": cosine_by_kind(corpus.heldout, held, projection.target(t_held)),
         "train_cosine_pca": round(train_cosine, 4),
         "epochs": fit.epochs,
         "teacher_embedding": {

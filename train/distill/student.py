@@ -50,8 +50,13 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
 
 
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of two embedding matrices."""
+    return (_normalise(a) * _normalise(b)).sum(1)
+
+
 def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float((_normalise(a) * _normalise(b)).sum(1).mean())
+    return float(cosines(a, b).mean())
 
 
 def build_student(cfg: DistillConfig, teacher: TextEncoder, max_length: int, pooling: str) -> TextEncoder:
