@@ -1,4 +1,4 @@
-"""Top-K baselines of train.topk_baselines on small synthetic interaction matrices."""
+"""Top-K baselines of train.evaluation.topk_baselines on small synthetic interaction matrices."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from train.topk_baselines import (
+from train.evaluation.topk_baselines import (
     ALS,
     EASE,
     BaselineSkipped,
@@ -145,7 +145,7 @@ def test_recommend_top_k_blocks_and_excludes() -> None:
 
 
 def test_recommend_top_k_default_block_shrinks_with_the_catalog(monkeypatch: pytest.MonkeyPatch) -> None:
-    import train.topk_baselines as baselines
+    import train.evaluation.topk_baselines as baselines
 
     train = planted()
     model = ItemKNN().fit(train)
@@ -159,7 +159,7 @@ def test_recommend_top_k_default_block_shrinks_with_the_catalog(monkeypatch: pyt
 
 
 def test_item_knn_cuts_the_heaviest_readers_only_beyond_its_pair_budget() -> None:
-    from train.topk_baselines import _cap_heavy_rows
+    from train.evaluation.topk_baselines import _cap_heavy_rows
 
     train = planted()
     lengths = np.diff(train.indptr)

@@ -11,7 +11,7 @@ import torch
 
 from model.catalog import Catalog
 from train.dataset import load_tables
-from train.topk_eval import MODEL_NAME, RATING_ONLY_NAME, cold_book_task, cold_user_task, sample_task, warm_task
+from train.evaluation.topk import MODEL_NAME, RATING_ONLY_NAME, cold_book_task, cold_user_task, sample_task, warm_task
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_evaluation_writes_the_top_k_table_with_every_baseline(tiny_run: Path) -
 
 
 def test_baseline_reports_are_cached_per_split(loaded, tmp_path: Path) -> None:
-    from train.topk_eval import BaselineCache, _csr
+    from train.evaluation.topk import BaselineCache, _csr
 
     catalog, ratings = loaded
     train = _csr([catalog.rated_by(u) for u in range(len(catalog.users))], len(catalog.books))

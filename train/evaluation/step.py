@@ -14,12 +14,12 @@ import torch
 from model import layout
 from model.artifacts import ModelFolder
 from model.config import Config
-from train.baselines import SVD_GRID, BiasBaseline, GlobalMean, SurpriseSVD, tune
 from train.dataset import TrainingData, load_training_data
+from train.evaluation.metrics import mae, ndcg_at_k, rmse
+from train.evaluation.rating_baselines import SVD_GRID, BiasBaseline, GlobalMean, SurpriseSVD, tune
+from train.evaluation.topk import evaluate_top_k, plot_top_k, topk_markdown
 from train.fit import predict
-from train.metrics import mae, ndcg_at_k, rmse
 from train.run_info import machine
-from train.topk_eval import evaluate_top_k, plot_top_k, topk_markdown
 
 log = logging.getLogger("bookrec.evaluate")
 

@@ -29,8 +29,16 @@ from tqdm.auto import tqdm
 
 from model.catalog import Catalog
 from model.recommend import TwoStageRecommender
-from train.metrics import recall_at_k, topk_report
-from train.topk_baselines import ALS, EASE, BaselineSkipped, ItemKNN, MostPopular, interaction_matrix, recommend_top_k
+from train.evaluation.metrics import recall_at_k, topk_report
+from train.evaluation.topk_baselines import (
+    ALS,
+    EASE,
+    BaselineSkipped,
+    ItemKNN,
+    MostPopular,
+    interaction_matrix,
+    recommend_top_k,
+)
 
 log = logging.getLogger("bookrec.topk")
 
