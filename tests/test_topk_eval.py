@@ -11,7 +11,8 @@ import torch
 
 from model.catalog import Catalog
 from train.dataset import load_tables
-from train.evaluation.topk import MODEL_NAME, RATING_ONLY_NAME, cold_book_task, cold_user_task, sample_task, warm_task
+from train.evaluation.protocols import cold_book_task, cold_user_task, sample_task, warm_task
+from train.evaluation.topk import MODEL_NAME, RATING_ONLY_NAME
 
 
 @pytest.fixture(scope="module")

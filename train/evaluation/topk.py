@@ -1,12 +1,5 @@
-"""Top-K evaluation: the lists a reader would see, for the model and the baselines, on three protocols.
-
-- **warm**: every user with warm-test ratings; rank the whole catalog minus the user's training
-  books; relevant = the user's test books, liked = those rated 8 or more.
-- **cold-user**: every cold-test user, given as a new user of a request would be: location and
-  age, plus up to ``reveal`` of their ratings (a seeded choice that leaves at least one held out);
-  rank the catalog minus the revealed books; relevant = the rest.
-- **cold-book**: every user with cold-book test ratings ranks only the cold books (read by nobody
-  in training): among new arrivals, do the ones this reader read come first? Compared with random.
+"""Top-K evaluation: the lists a reader would see, for the model and the baselines, on the protocols
+of ``train.evaluation.protocols`` (warm, cold-user, cold-book).
 
 Baselines (popularity, item-kNN, ALS, EASE) are fitted on the same training interactions as the
 retrieval model and fold in the same history, so every row of a table answers the same question.
@@ -18,18 +11,24 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-import torch
 from tqdm.auto import tqdm
 
 from model.catalog import Catalog
 from model.recommend import TwoStageRecommender
 from train.evaluation.metrics import recall_at_k, topk_report
+from train.evaluation.protocols import (
+    RankingTask,
+    clean,
+    cold_book_task,
+    cold_user_task,
+    sample_task,
+    warm_task,
+)
 from train.evaluation.topk_baselines import (
     ALS,
     EASE,
@@ -42,125 +41,8 @@ from train.evaluation.topk_baselines import (
 
 log = logging.getLogger("bookrec.topk")
 
-LIKED = 8.0
 DEPTH = 100  # longest list evaluated (recall@100)
 USER_BLOCK = 1024
-
-
-@dataclass
-class RankingTask:
-    """Users to rank for, what each brings as history, what they may not get, and the truth."""
-
-    name: str
-    users: np.ndarray  # catalog user rows
-    feats: torch.Tensor  # [U, user_dim] feature vectors (as a request would produce them)
-    history: list[np.ndarray]  # catalog book rows fed to the model as the reader's history
-    exclude: list[np.ndarray]  # catalog book rows not to recommend
-    relevant: list[np.ndarray]
-    liked: list[np.ndarray]
-
-    def __len__(self) -> int:
-        return len(self.users)
-
-
-def _grouped(users: np.ndarray, values: np.ndarray, wanted: np.ndarray) -> list[np.ndarray]:
-    """``values`` grouped by ``users``, one array per entry of ``wanted`` (empty when absent)."""
-    order = np.argsort(users, kind="stable")
-    bounds = np.searchsorted(users[order], np.concatenate([wanted, wanted + 1]))
-    lo, hi = bounds[: len(wanted)], bounds[len(wanted) :]
-    sorted_values = values[order]
-    return [sorted_values[a:b] for a, b in zip(lo, hi, strict=True)]
-
-
-def _rows(catalog: Catalog, part: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    users = part["user_id"].map(catalog.user_index).to_numpy(np.int64)
-    books = part["isbn"].map(catalog.book_index).to_numpy(np.int64)
-    return users, books, part["rating"].to_numpy(np.float32)
-
-
-def warm_task(catalog: Catalog, ratings: pd.DataFrame, split: str = "test") -> RankingTask:
-    """Users with ratings in ``split`` (test or val), their training history, the whole catalog."""
-    users, books, rating = _rows(catalog, ratings[ratings["split"] == split])
-    wanted = np.unique(users)
-    history = [catalog.rated_by(int(u)) for u in wanted]
-    return RankingTask(
-        name="warm" if split == "test" else split,
-        users=wanted,
-        feats=catalog.user_feats[torch.from_numpy(wanted)],
-        history=history,
-        exclude=history,
-        relevant=_grouped(users, books, wanted),
-        liked=_grouped(users, np.where(rating >= LIKED, books, -1), wanted),
-    )
-
-
-def cold_user_task(catalog: Catalog, ratings: pd.DataFrame, reveal: int, seed: int) -> RankingTask:
-    """Cold-test users as new users: text (location, age) plus up to ``reveal`` revealed ratings."""
-    part = ratings[ratings["split"] == "cold_user"]
-    users, books, rating = _rows(catalog, part)
-    wanted = np.unique(users)
-    rng = np.random.default_rng(seed)
-    per_books, per_ratings = _grouped(users, books, wanted), _grouped(users, rating, wanted)
-    shown, hidden, liked, hist_user, hist_rating = [], [], [], [], []
-    for n, (b, r) in enumerate(zip(per_books, per_ratings, strict=True)):
-        order = rng.permutation(len(b))
-        m = min(reveal, len(b) - 1)
-        shown.append(b[order[:m]])
-        hidden.append(b[order[m:]])
-        liked.append(b[order[m:]][r[order[m:]] >= LIKED])
-        hist_user.extend([n] * m)
-        hist_rating.extend(r[order[:m]].tolist())
-    flat = np.concatenate(shown) if shown else np.zeros(0, np.int64)
-    feats = catalog.new_user_features(
-        catalog.user_emb[torch.from_numpy(wanted)],
-        torch.tensor(hist_user, dtype=torch.long),
-        catalog.books["isbn"].to_numpy()[flat].tolist(),
-        torch.tensor(hist_rating, dtype=torch.float32),
-    )
-    return RankingTask("cold-user", wanted, feats, shown, shown, hidden, [x[x >= 0] for x in liked])
-
-
-def cold_book_task(catalog: Catalog, ratings: pd.DataFrame) -> tuple[RankingTask, np.ndarray]:
-    """Warm users with cold-book test ratings, and the cold books (catalog rows) they rank among."""
-    cold_books = ratings.loc[ratings["split"].isin(["cold_book", "cold_both"]), "isbn"].unique()
-    candidates = np.sort(pd.Series(cold_books).map(catalog.book_index).to_numpy(np.int64))
-    users, books, rating = _rows(catalog, ratings[ratings["split"] == "cold_book"])
-    wanted = np.unique(users)
-    position = np.full(len(catalog.books), -1, np.int64)
-    position[candidates] = np.arange(len(candidates))
-    history = [catalog.rated_by(int(u)) for u in wanted]
-    relevant = [position[b] for b in _grouped(users, books, wanted)]
-    liked = [position[b] for b in _grouped(users, np.where(rating >= LIKED, books, -1), wanted)]
-    task = RankingTask(
-        name="cold-book",
-        users=wanted,
-        feats=catalog.user_feats[torch.from_numpy(wanted)],
-        history=history,
-        exclude=[np.zeros(0, np.int64)] * len(wanted),
-        relevant=relevant,
-        liked=[x[x >= 0] for x in liked],
-    )
-    return task, candidates
-
-
-def sample_task(task: RankingTask, max_users: int, seed: int) -> RankingTask:
-    """``task`` restricted to a seeded sample of ``max_users`` users (itself when it has no more)."""
-    if len(task) <= max_users:
-        return task
-    keep = np.sort(np.random.default_rng(seed).choice(len(task), max_users, replace=False))
-    return RankingTask(
-        name=task.name,
-        users=task.users[keep],
-        feats=task.feats[torch.from_numpy(keep)],
-        history=[task.history[i] for i in keep],
-        exclude=[task.exclude[i] for i in keep],
-        relevant=[task.relevant[i] for i in keep],
-        liked=[task.liked[i] for i in keep],
-    )
-
-
-def _clean(lists: list[np.ndarray]) -> list[np.ndarray]:
-    return [x[x >= 0] for x in lists]
 
 
 def model_top_k(
@@ -227,7 +109,7 @@ def evaluate_top_k(
     timings: dict[str, float] = {}
 
     def report(task: RankingTask, top: np.ndarray) -> dict:
-        return topk_report(top, _clean(task.relevant), _clean(task.liked), popularity, n_items)
+        return topk_report(top, clean(task.relevant), clean(task.liked), popularity, n_items)
 
     start = time.perf_counter()
     for task in (warm, cold_user):
@@ -307,7 +189,7 @@ class BaselineCache:
                 # is 0); like any deployed recommender, they fall back to the most popular books.
                 empty = np.array([len(h) == 0 for h in task.history], bool)
                 top[empty] = fallback[task.name][empty]
-                reports[task.name] = topk_report(top, _clean(task.relevant), _clean(task.liked), popularity, n_items)
+                reports[task.name] = topk_report(top, clean(task.relevant), clean(task.liked), popularity, n_items)
             out[model.name] = (reports, round(time.perf_counter() - start, 1))
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -326,7 +208,7 @@ def cold_book_results(recommender: TwoStageRecommender, catalog: Catalog, rating
         return {}
     sub = recommender.subset(candidates)
     top = model_top_k(sub, task, k=10)
-    relevant = _clean(task.relevant)
+    relevant = clean(task.relevant)
     return {
         MODEL_NAME: {
             "recall@10": recall_at_k(top, relevant, 10),
@@ -350,7 +232,7 @@ def choose_blend(
         cands = recommender.candidates(task.feats[sl], task.history[sl], task.exclude[sl])
         for blend in grid:
             found[blend].append(recommender.rerank(cands, k, blend).rows.cpu().numpy())
-    relevant = _clean(task.relevant)
+    relevant = clean(task.relevant)
     table = {blend: recall_at_k(np.concatenate(tops), relevant, k) for blend, tops in found.items()}
     best = max(sorted(table), key=lambda b: (table[b], -b))
     if 0.0 in table and table[best] - table[0.0] <= min_gain:
