@@ -7,6 +7,8 @@
   rank the catalog minus the revealed books; relevant = the rest.
 - **cold-book**: every user with cold-book test ratings ranks only the cold books (read by nobody
   in training): among new arrivals, do the ones this reader read come first?
+- **new-author**: the cold-book protocol restricted to the cold books whose author has no book in
+  training (only text, publisher and year can place them), and to the readers who read one.
 """
 
 from __future__ import annotations
@@ -95,19 +97,31 @@ def cold_user_task(catalog: Catalog, ratings: pd.DataFrame, reveal: int, seed: i
     return RankingTask("cold-user", wanted, feats, shown, shown, hidden, [x[x >= 0] for x in liked])
 
 
-def cold_book_task(catalog: Catalog, ratings: pd.DataFrame) -> tuple[RankingTask, np.ndarray]:
-    """Warm users with cold-book test ratings, and the cold books (catalog rows) they rank among."""
+def cold_book_task(
+    catalog: Catalog, ratings: pd.DataFrame, new_authors_only: bool = False
+) -> tuple[RankingTask, np.ndarray]:
+    """Warm users with cold-book test ratings, and the cold books (catalog rows) they rank among.
+
+    ``new_authors_only``: only the cold books whose author has no book in the training history
+    (or no author at all), so only their text, publisher and year can place them; readers with
+    none of those among their cold-book reads are left out."""
     cold_books = ratings.loc[ratings["split"].isin(["cold_book", "cold_both"]), "isbn"].unique()
     candidates = np.sort(pd.Series(cold_books).map(catalog.book_index).to_numpy(np.int64))
+    if new_authors_only:
+        candidates = candidates[new_author_books(catalog)[candidates]]
     users, books, rating = _rows(catalog, ratings[ratings["split"] == "cold_book"])
     wanted = np.unique(users)
     position = np.full(len(catalog.books), -1, np.int64)
     position[candidates] = np.arange(len(candidates))
     history = [catalog.rated_by(int(u)) for u in wanted]
     relevant = [position[b] for b in _grouped(users, books, wanted)]
-    liked = [position[b] for b in _grouped(users, np.where(rating >= LIKED, books, -1), wanted)]
+    liked = [position[b] for b in _grouped(users[rating >= LIKED], books[rating >= LIKED], wanted)]
+    if new_authors_only:  # readers with a cold-book read among these candidates
+        keep = np.flatnonzero([np.any(r >= 0) for r in relevant])
+        wanted, history = wanted[keep], [history[i] for i in keep]
+        relevant, liked = [relevant[i][relevant[i] >= 0] for i in keep], [liked[i] for i in keep]
     task = RankingTask(
-        name="cold-book",
+        name="new-author" if new_authors_only else "cold-book",
         users=wanted,
         feats=catalog.user_feats[torch.from_numpy(wanted)],
         history=history,
@@ -116,6 +130,16 @@ def cold_book_task(catalog: Catalog, ratings: pd.DataFrame) -> tuple[RankingTask
         liked=[x[x >= 0] for x in liked],
     )
     return task, candidates
+
+
+def new_author_books(catalog: Catalog) -> np.ndarray:
+    """bool per catalog book: its author (``model.text.group_key`` of it) has no book in the
+    training history, or it has no author."""
+    authors = catalog.group_code_columns()[0].numpy()
+    read = catalog.rated_books
+    known = np.zeros(int(authors.max(initial=-1)) + 1, bool)
+    known[authors[read][authors[read] >= 0]] = True
+    return (authors < 0) | ~known[np.maximum(authors, 0)]
 
 
 def sample_task(task: RankingTask, max_users: int, seed: int) -> RankingTask:

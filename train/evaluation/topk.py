@@ -1,8 +1,11 @@
 """Top-K evaluation: the lists a reader would see, for the model and the baselines, on the protocols
-of ``train.evaluation.protocols`` (warm, cold-user, cold-book).
+of ``train.evaluation.protocols`` (warm, cold-user, cold-book, new-author).
 
-Baselines (popularity, item-kNN, ALS, EASE) are fitted on the same training interactions as the
-retrieval model and fold in the same history, so every row of a table answers the same question.
+Baselines (popularity; item-kNN, RP3beta, ALS and EASE each tuned on validation by
+``train.evaluation.tuning``) are fitted on the same training interactions as the retrieval model and
+fold in the same history, so every row of a table answers the same question. The cold-book
+protocols, where no collaborative baseline can score a book, compare the model with a content
+baseline (same author first) and a random order.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +23,9 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from model.catalog import Catalog
+from model.config import EvalConfig, TopKTuning
 from model.recommend import TwoStageRecommender
-from train.evaluation.metrics import recall_at_k, topk_report
+from train.evaluation.metrics import recall_at_k, top_k_excluding, topk_report
 from train.evaluation.protocols import (
     RankingTask,
     clean,
@@ -30,14 +35,16 @@ from train.evaluation.protocols import (
     warm_task,
 )
 from train.evaluation.topk_baselines import (
-    ALS,
-    EASE,
+    SCORE_BUDGET,
     BaselineSkipped,
-    ItemKNN,
     MostPopular,
+    SameAuthor,
+    TopKBaseline,
     interaction_matrix,
+    lists_matrix,
     recommend_top_k,
 )
+from train.evaluation.tuning import METHODS, Validation, tune
 
 log = logging.getLogger("bookrec.topk")
 
@@ -67,45 +74,27 @@ def rating_only_top_k(recommender: TwoStageRecommender, task: RankingTask, k: in
     return out
 
 
-def _csr(lists: list[np.ndarray], n_items: int) -> sp.csr_matrix:
-    users = np.repeat(np.arange(len(lists)), [len(x) for x in lists])
-    flat = np.concatenate(lists) if lists else np.zeros(0, np.int64)
-    return interaction_matrix(users, flat, len(lists), n_items)
-
-
-def baselines(cfg_ease_max_items: int, seed: int) -> list:
-    return [
-        MostPopular(),
-        ItemKNN(),
-        ALS(seed=seed),
-        EASE(max_items=cfg_ease_max_items),
-    ]
-
-
 def evaluate_top_k(
     recommender: TwoStageRecommender,
     catalog: Catalog,
     ratings: pd.DataFrame,
-    reveal: int,
+    settings: EvalConfig,
     seed: int,
-    ease_max_items: int,
-    cache_dir: Path | None = None,
     progress: bool = True,
-    rating_only_max_pairs: int = 1_000_000_000,
 ) -> dict:
-    """Every protocol's table: ``{"warm": {model: report}, "cold-user": ..., "cold-book": ...}``.
+    """Every protocol's table: ``{"results": {"warm": {model: report}, "cold-user": ..., "cold-book":
+    ..., "new-author": ...}, "tuning": {method: choice}, "seconds": {model: s}}``.
 
-    The baselines depend on the split alone, not on the model, so with ``cache_dir`` their reports
-    are kept under a hash of the training interactions and the protocols' users, and a rerun on the
-    same split (a new model, another seed of the towers) does not refit them."""
+    The baselines depend on the split alone, not on the model, so with ``settings.baseline_cache``
+    their tuning and reports are kept under a hash of the training interactions, the protocols'
+    users and the grids, and a rerun on the same split (a new model, another seed of the towers)
+    neither retunes nor refits them."""
     n_items = len(catalog.books)
-    bounds = catalog.rated_bounds
-    train = interaction_matrix(np.repeat(np.arange(len(bounds) - 1), np.diff(bounds)), catalog.rated_books,
-                               len(bounds) - 1, n_items)  # fmt: skip
+    train = training_matrix(catalog)
     popularity = np.asarray(train.sum(axis=0)).ravel()
     warm = warm_task(catalog, ratings, "test")
-    cold_user = cold_user_task(catalog, ratings, reveal, seed)
-    results: dict[str, dict] = {"warm": {}, "cold-user": {}, "cold-book": {}}
+    cold_user = cold_user_task(catalog, ratings, settings.cold_user_reveal, seed)
+    results: dict[str, dict] = {"warm": {}, "cold-user": {}, "cold-book": {}, "new-author": {}}
     timings: dict[str, float] = {}
 
     def report(task: RankingTask, top: np.ndarray) -> dict:
@@ -116,81 +105,127 @@ def evaluate_top_k(
         results[task.name][MODEL_NAME] = report(task, model_top_k(recommender, task, progress=progress))
     timings[MODEL_NAME] = time.perf_counter() - start
     start = time.perf_counter()
-    sampled = sample_task(warm, max(1, rating_only_max_pairs // max(n_items, 1)), seed)
+    max_pairs = settings.rating_only_max_pairs
+    sampled = sample_task(warm, max(1, max_pairs // max(n_items, 1)), seed)
     results["warm"][RATING_ONLY_NAME] = report(sampled, rating_only_top_k(recommender, sampled))
     if len(sampled) < len(warm):
         results["warm"][RATING_ONLY_NAME]["note"] = (
             f"a seeded sample of {len(sampled):,} of the {len(warm):,} warm users: it scores every book "
-            f"for every user, capped at eval.rating_only_max_pairs = {rating_only_max_pairs:,} pairs"
+            f"for every user, capped at eval.rating_only_max_pairs = {max_pairs:,} pairs"
         )
     timings[RATING_ONLY_NAME] = time.perf_counter() - start
 
-    cached = BaselineCache(cache_dir, train, (warm, cold_user), ease_max_items, seed)
-    for name, (reports, seconds) in cached.results(progress).items():
+    folder = Path(settings.baseline_cache) if settings.baseline_cache else None
+    cached = BaselineCache(
+        folder,
+        train,
+        (warm, cold_user),
+        warm_task(catalog, ratings, "val"),
+        settings.topk_tuning,
+        settings.ease_max_items,
+        seed,
+    )
+    baselines = cached.results(progress)
+    for name, (reports, seconds) in baselines["baselines"].items():
         for protocol, rep in reports.items():
             results[protocol][name] = rep
         timings[name] = seconds
         if "recall@10" in reports["warm"]:
             log.info("%s: warm recall@10 %.4f", name, reports["warm"]["recall@10"])
 
-    results["cold-book"] = cold_book_results(recommender, catalog, ratings)
-    return {"results": results, "seconds": {k: round(v, 1) for k, v in timings.items()}}
+    start = time.perf_counter()
+    results.update(cold_book_results(recommender, catalog, ratings, train, seed))
+    timings["cold-book protocols"] = time.perf_counter() - start
+    return {
+        "results": results,
+        "tuning": baselines["tuning"],
+        "seconds": {k: round(v, 1) for k, v in timings.items()},
+    }
+
+
+def training_matrix(catalog: Catalog) -> sp.csr_matrix:
+    """The catalog's training interactions (rated or implicit) as a binary CSR [users, books]."""
+    bounds = catalog.rated_bounds
+    users = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
+    return interaction_matrix(users, catalog.rated_books, len(bounds) - 1, len(catalog.books))
 
 
 class BaselineCache:
-    """Top-K baseline reports for one split and protocol set, computed once and kept on disk."""
+    """The top-K baselines of one split, tuned on validation and scored on the test protocols,
+    computed once and kept on disk."""
+
+    VERSION = 2  # bump when what is cached changes meaning
 
     def __init__(
         self,
         folder: Path | None,
         train: sp.csr_matrix,
         tasks: tuple[RankingTask, ...],
+        validation: RankingTask,
+        tuning: TopKTuning,
         ease_max_items: int,
         seed: int,
     ):
-        self.folder, self.train, self.tasks = folder, train, tasks
-        self.models = baselines(ease_max_items, seed)
+        self.folder, self.train, self.tasks, self.validation = folder, train, tasks, validation
+        self.tuning, self.ease_max_items, self.seed = tuning, ease_max_items, seed
         digest = hashlib.sha256()
         for array in (train.indptr, train.indices):
             digest.update(np.ascontiguousarray(array, np.int64).tobytes())
-        for task in tasks:
+        for task in (*tasks, validation):
             digest.update(task.name.encode())
             for lists in (task.history, task.exclude, task.relevant, task.liked):
                 for x in lists:
                     digest.update(np.ascontiguousarray(x, np.int64).tobytes() + b"|")
-        digest.update(json.dumps([m.name for m in self.models] + ["popularity fallback"]).encode())
+        setup = [self.VERSION, METHODS, asdict(tuning), ease_max_items, seed, "popularity fallback"]
+        digest.update(json.dumps(setup).encode())
         self.key = digest.hexdigest()[:24]
 
-    def results(self, progress: bool) -> dict[str, tuple[dict, float]]:
-        """``{baseline name: ({protocol: report}, seconds)}``, from the cache when it has them."""
-        path = self.folder / f"{self.key}.json" if self.folder else None
+    @property
+    def path(self) -> Path | None:
+        return self.folder / f"{self.key}.json" if self.folder else None
+
+    def results(self, progress: bool) -> dict[str, dict]:
+        """``{"baselines": {name: ({protocol: report}, seconds)}, "tuning": {method: choice}}``, from
+        the cache when it has them."""
+        path = self.path
         if path is not None and path.is_file():
-            log.info("top-K baselines from the cache %s (same split and protocols)", path)
-            return {name: (rep, sec) for name, (rep, sec) in json.loads(path.read_text()).items()}
-        out = {}
+            log.info("top-K baselines from the cache %s (same split, protocols and grids)", path)
+            cached = json.loads(path.read_text())
+            return {"baselines": {n: tuple(v) for n, v in cached["baselines"].items()}, "tuning": cached["tuning"]}
+        out: dict[str, dict] = {"baselines": {}, "tuning": {}}
         n_items = self.train.shape[1]
         popularity = np.asarray(self.train.sum(axis=0)).ravel()
         # Each protocol's history and exclusion matrices, built once for every baseline.
-        inputs = {task.name: (_csr(task.history, n_items), _csr(task.exclude, n_items)) for task in self.tasks}
+        inputs = {t.name: (lists_matrix(t.history, n_items), lists_matrix(t.exclude, n_items)) for t in self.tasks}
         popular = MostPopular().fit(self.train)
         fallback = {name: recommend_top_k(popular, *matrices, DEPTH) for name, matrices in inputs.items()}
-        for model in tqdm(self.models, desc="top-K baselines", leave=False, disable=not progress):
-            start = time.perf_counter()
-            try:
-                model.fit(self.train)
-            except BaselineSkipped as err:
-                log.warning("%s skipped: %s", model.name, err)
-                out[model.name] = ({task.name: {"skipped": str(err)} for task in self.tasks}, 0.0)
-                continue
-            reports = {}
+
+        def reports(model: TopKBaseline) -> dict[str, dict]:
+            found = {}
             for task in self.tasks:
                 top = recommend_top_k(model, *inputs[task.name], DEPTH)
                 # A reader with no history gets nothing from item-item or factor models (every score
                 # is 0); like any deployed recommender, they fall back to the most popular books.
                 empty = np.array([len(h) == 0 for h in task.history], bool)
                 top[empty] = fallback[task.name][empty]
-                reports[task.name] = topk_report(top, clean(task.relevant), clean(task.liked), popularity, n_items)
-            out[model.name] = (reports, round(time.perf_counter() - start, 1))
+                found[task.name] = topk_report(top, clean(task.relevant), clean(task.liked), popularity, n_items)
+            return found
+
+        start = time.perf_counter()
+        out["baselines"][popular.name] = (reports(popular), round(time.perf_counter() - start, 1))
+        validation = Validation(self.validation, self.train)
+        for method in tqdm(METHODS, desc="top-K baselines", leave=False, disable=not progress):
+            start = time.perf_counter()
+            try:
+                chosen = tune(method, self.train, validation, self.tuning, self.seed, self.ease_max_items)
+            except BaselineSkipped as err:
+                log.warning("%s skipped: %s", method, err)
+                out["baselines"][method] = ({task.name: {"skipped": str(err)} for task in self.tasks}, 0.0)
+                continue
+            log.info("%s tuned on validation: %s (recall@10 %.4f)", method, chosen.model.name, chosen.val_recall)
+            out["baselines"][chosen.model.name] = (reports(chosen.model), round(time.perf_counter() - start, 1))
+            out["tuning"][method] = chosen.report()
+            del chosen
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(out, indent=1) + "\n")
@@ -199,24 +234,49 @@ class BaselineCache:
 
 MODEL_NAME = "two-stage (retrieval + rating rerank)"
 RATING_ONLY_NAME = "rating MLP alone"
+CONTENT_NAME = SameAuthor.name
+COLD_PROTOCOLS = {"cold-book": False, "new-author": True}  # protocol: only books of new authors
 
 
-def cold_book_results(recommender: TwoStageRecommender, catalog: Catalog, ratings: pd.DataFrame) -> dict:
-    """recall@10 among the cold books, for the two-stage path restricted to them and for random."""
-    task, candidates = cold_book_task(catalog, ratings)
-    if len(task) == 0 or len(candidates) == 0:
-        return {}
-    sub = recommender.subset(candidates)
-    top = model_top_k(sub, task, k=10)
-    relevant = clean(task.relevant)
-    return {
-        MODEL_NAME: {
-            "recall@10": recall_at_k(top, relevant, 10),
-            "users": len(task),
-            "cold_books": len(candidates),
-        },
-        "random": {"recall@10": min(10, len(candidates)) / len(candidates), "users": len(task)},
-    }
+def content_top_k(model: SameAuthor, task: RankingTask, candidates: np.ndarray, k: int) -> np.ndarray:
+    """[U, k] candidate positions by the same-author baseline, scored from each reader's history."""
+    history = lists_matrix(task.history, model.n_items or 0)
+    out = np.empty((len(task), k), np.int64)
+    block = max(1, SCORE_BUDGET // max(len(candidates), 1))
+    for s in range(0, len(task), block):
+        scores = model.score(history[s : s + block], candidates)
+        out[s : s + scores.shape[0]] = top_k_excluding(scores, [np.zeros(0, np.int64)] * scores.shape[0], k)
+    return out
+
+
+def cold_book_results(
+    recommender: TwoStageRecommender, catalog: Catalog, ratings: pd.DataFrame, train: sp.csr_matrix, seed: int
+) -> dict[str, dict]:
+    """recall@10 among the cold books (``cold-book``) and among the cold books of authors with no
+    book in training (``new-author``): the two-stage path restricted to them, the same-author
+    baseline and a random order."""
+    content = SameAuthor(catalog.group_code_columns()[0].numpy(), seed).fit(train)
+    out: dict[str, dict] = {}
+    for protocol, new_authors in COLD_PROTOCOLS.items():
+        task, candidates = cold_book_task(catalog, ratings, new_authors_only=new_authors)
+        if len(task) == 0 or len(candidates) == 0:
+            out[protocol] = {}
+            continue
+        relevant = clean(task.relevant)
+        top = model_top_k(recommender.subset(candidates), task, k=10)
+        out[protocol] = {
+            MODEL_NAME: {
+                "recall@10": recall_at_k(top, relevant, 10),
+                "users": len(task),
+                "cold_books": len(candidates),
+            },
+            CONTENT_NAME: {
+                "recall@10": recall_at_k(content_top_k(content, task, candidates, 10), relevant, 10),
+                "users": len(task),
+            },
+            "random": {"recall@10": min(10, len(candidates)) / len(candidates), "users": len(task)},
+        }
+    return out
 
 
 def choose_blend(
@@ -252,8 +312,15 @@ TABLE_COLUMNS = [
 ]
 
 
+COLD_TITLES = {
+    "cold-book": "rank the {n} cold books",
+    "new-author": "rank the {n} cold books whose author has no book in training",
+}
+
+
 def topk_markdown(topk: dict) -> str:
-    """The warm and cold-user tables (one row per model) and the cold-book comparison, in Markdown."""
+    """The warm and cold-user tables (one row per model), the cold-book comparisons and the choices
+    of the tuned baselines, in Markdown."""
     parts = []
     for protocol in ("warm", "cold-user"):
         rows = topk["results"][protocol]
@@ -269,19 +336,30 @@ def topk_markdown(topk: dict) -> str:
             lines.append("| " + " | ".join([name, *cells, str(rep["users"])]) + " |")
         notes = [f"{name}: {rep['note']}." for name, rep in rows.items() if "note" in rep]
         parts.append("\n".join(lines + (["", *notes] if notes else [])))
-    cold = topk["results"].get("cold-book") or {}
-    if cold:
-        model, rand = cold[MODEL_NAME], cold["random"]
+    tuning = topk.get("tuning") or {}
+    if tuning:
+        chosen = [
+            f"{method}: {len(t['grid'])} settings, chose {t['name']} (validation recall@10 {t['val_recall']:.4f})"
+            for method, t in tuning.items()
+        ]
+        parts.append("Baselines tuned on validation recall@10, fitted on training only: " + "; ".join(chosen) + ".")
+    for protocol, title in COLD_TITLES.items():
+        cold = topk["results"].get(protocol) or {}
+        if not cold:
+            continue
+        model, content, rand = cold[MODEL_NAME], cold[CONTENT_NAME], cold["random"]
         parts.append(
-            f"**cold-book**: {model['users']} users rank the {model['cold_books']} cold books: recall@10 "
-            f"{model['recall@10']:.4f} against {rand['recall@10']:.4f} for a random order "
-            f"({model['recall@10'] / rand['recall@10']:.1f}x)."
+            f"**{protocol}**: {model['users']} users {title.format(n=model['cold_books'])}: recall@10 "
+            f"{model['recall@10']:.4f} for the two-stage path ({model['recall@10'] / rand['recall@10']:.1f}x random), "
+            f"{content['recall@10']:.4f} for {CONTENT_NAME} ({content['recall@10'] / rand['recall@10']:.1f}x), "
+            f"{rand['recall@10']:.4f} for a random order."
         )
     return "\n\n".join(parts)
 
 
 def plot_top_k(topk: dict, path) -> None:
-    """Warm recall@10 and NDCG@10 (left) and coverage@10 (right) of every model, as bars."""
+    """Warm recall@10 and NDCG@10 (left), coverage@10 (middle) of every model, and recall@10 among
+    the cold books of the cold-book and new-author protocols (right), as bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -289,16 +367,24 @@ def plot_top_k(topk: dict, path) -> None:
 
     rows = {name: rep for name, rep in topk["results"]["warm"].items() if "skipped" not in rep}
     names = [n.split(" (")[0] for n in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.5), gridspec_kw={"width_ratios": [2, 1, 1]})
     for i, (key, label) in enumerate([("recall@10", "recall@10"), ("ndcg@10", "NDCG@10")]):
         left.bar([x + i * 0.4 for x in range(len(rows))], [rep[key] for rep in rows.values()], 0.4, label=label)
     left.set_xticks([x + 0.2 for x in range(len(rows))], names, rotation=20, ha="right")
     left.set_ylabel("warm test (higher is better)")
     left.legend()
-    right.bar(range(len(rows)), [rep["coverage@10"] for rep in rows.values()], 0.6, color="tab:green")
-    right.set_xticks(range(len(rows)), names, rotation=20, ha="right")
-    right.set_ylabel("catalog coverage of the top-10 lists")
-    for ax in (left, right):
+    middle.bar(range(len(rows)), [rep["coverage@10"] for rep in rows.values()], 0.6, color="tab:green")
+    middle.set_xticks(range(len(rows)), names, rotation=20, ha="right")
+    middle.set_ylabel("catalog coverage of the top-10 lists")
+    cold = {p: topk["results"].get(p) or {} for p in COLD_TITLES}
+    models = (MODEL_NAME, CONTENT_NAME, "random")
+    for i, model in enumerate(models):
+        values = [cold[p][model]["recall@10"] if cold[p] else 0.0 for p in cold]
+        right.bar([x + i * 0.27 for x in range(len(cold))], values, 0.27, label=model.split(" (")[0])
+    right.set_xticks([x + 0.27 for x in range(len(cold))], list(cold))
+    right.set_ylabel("recall@10 among the cold books")
+    right.legend(fontsize="small")
+    for ax in (left, middle, right):
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

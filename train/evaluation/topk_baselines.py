@@ -7,16 +7,15 @@ items a new user revealed (fold-in), so one call serves both. ``score`` returns 
 [U, n_items]; the caller scores users in blocks (:func:`recommend_top_k` does) so that memory stays at
 about ``block * n_items * 4`` bytes, e.g. 2,048 users x 27,108 books = 222 MB.
 
-Defaults: 64 factors for ALS and lambda 500 for EASE follow the evaluation protocol of issue 7;
-100 neighbours without shrink for item-kNN is the common choice. ``bench/bench_topk_baselines.py
---tune`` fits the grid (kNN neighbours 20..all and shrink 0/10/50, ALS regularisation x alpha, EASE
-lambda 100..1000) on the training split and reads it on the validation split, never on test; change
-a default only on what that table shows.
+The constructor defaults are plain starting points: ``train.evaluation.tuning`` fits each
+method's grid (``eval.topk_tuning`` in the config) on the training split and keeps the setting with
+the best validation recall@10, so the evaluation never reports an untuned baseline.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -32,8 +31,11 @@ __all__ = [
     "BaselineSkipped",
     "ItemKNN",
     "MostPopular",
+    "RP3beta",
+    "SameAuthor",
     "TopKBaseline",
     "interaction_matrix",
+    "lists_matrix",
     "recommend_top_k",
 ]
 
@@ -65,6 +67,13 @@ def interaction_matrix(user_rows: npt.ArrayLike, item_rows: npt.ArrayLike, n_use
     m.sum_duplicates()
     m.data[:] = 1.0
     return m
+
+
+def lists_matrix(lists: list[np.ndarray], n_items: int) -> sp.csr_matrix:
+    """:func:`interaction_matrix` of one row per entry of ``lists`` (each an array of item indices)."""
+    users = np.repeat(np.arange(len(lists)), [len(x) for x in lists])
+    flat = np.concatenate(lists) if lists else np.zeros(0, np.int64)
+    return interaction_matrix(users, flat, len(lists), n_items)
 
 
 def _binary(m: sp.spmatrix, what: str, n_items: int | None = None) -> sp.csr_matrix:
@@ -118,6 +127,11 @@ def _keep_top_per_column(s: sp.csr_matrix, k: int) -> sp.csr_matrix:
     return sp.csr_matrix((csc.data[keep], (csc.indices[keep], cols[keep])), shape=csc.shape, dtype=np.float32)
 
 
+def _keep_top_per_row(s: sp.csr_matrix, k: int) -> sp.csr_matrix:
+    """Keep the ``k`` largest entries of every row of ``s`` (ties: lower column index first)."""
+    return _keep_top_per_column(sp.csr_matrix(s.T), k).T.tocsr()
+
+
 def _cap_heavy_rows(x: sp.csr_matrix, max_pairs: int, seed: int) -> sp.csr_matrix:
     """``x`` with the longest rows cut to a seeded sample of ``cap`` items, ``cap`` the largest that
     keeps ``sum(min(len(row), cap) ** 2)`` (the co-occurrence pairs ``x.T @ x`` builds) within
@@ -165,7 +179,7 @@ class ItemKNN(_Fitted):
         self.shrink = shrink
         self.max_pairs = max_pairs
         self.seed = seed
-        self.name = f"item-kNN (cosine, {neighbours or 'all'} neighbours)"
+        self.name = f"item-kNN (cosine, {neighbours or 'all'} nn" + (f", shrink {shrink:g})" if shrink else ")")
 
     def fit(self, train: sp.csr_matrix) -> ItemKNN:
         x = _binary(train, "train")
@@ -211,7 +225,7 @@ class ALS(_Fitted):
         self.seed = seed
         self.num_threads = num_threads
         self.show_progress = show_progress
-        self.name = f"ALS ({factors} factors)"
+        self.name = f"ALS ({factors} factors, reg {regularization:g}, α {alpha:g})"
 
     def fit(self, train: sp.csr_matrix) -> ALS:
         from implicit.cpu.als import AlternatingLeastSquares
@@ -254,21 +268,38 @@ class EASE(_Fitted):
             raise ValueError(f"lam must be > 0, got {lam}")
         self.lam = lam
         self.max_items = max_items
-        self.name = f"EASE (λ={lam:g})"
+        self.name = f"EASE (λ {lam:g})"
 
     def fit(self, train: sp.csr_matrix) -> EASE:
+        return self._solve(*self.gram(train, self.max_items))
+
+    @staticmethod
+    def gram(train: sp.csr_matrix, max_items: int) -> tuple[int, np.ndarray, sp.csr_matrix]:
+        """(n_items, active items, sparse X'X over them): what every lambda's fit starts from.
+
+        Raises :class:`BaselineSkipped` when there are more than ``max_items`` active items."""
         x = _binary(train, "train")
-        self.n_items = x.shape[1]
-        self.active = np.flatnonzero(np.diff(x.tocsc().indptr) > 0)
-        n = self.active.size
-        if n > self.max_items:
-            self.n_items = None
+        active = np.flatnonzero(np.diff(x.tocsc().indptr) > 0)
+        n = active.size
+        if n > max_items:
             raise BaselineSkipped(
-                f"EASE skipped: {n:,} items with training interactions exceed max_items={self.max_items:,} "
+                f"EASE skipped: {n:,} items with training interactions exceed max_items={max_items:,} "
                 f"(its dense item x item matrix needs 2 x {n * n * 4 / 1e9:.1f} GB)"
             )
-        xa = x[:, self.active]
-        g = torch.from_numpy((xa.T @ xa).toarray().astype(np.float32, copy=False))
+        xa = x[:, active]
+        return x.shape[1], active, (xa.T @ xa).tocsr()
+
+    @classmethod
+    def grid(cls, train: sp.csr_matrix, lams: list[float], max_items: int = 40_000) -> Iterator[EASE]:
+        """One fitted EASE per lambda, in order, all from one Gram matrix (kept sparse; only the
+        inverse is paid per lambda). Each is yielded before the next is fitted, so a caller that
+        keeps only the best so far holds it and the next fit's two dense matrices at the most."""
+        shared = cls.gram(train, max_items)
+        for lam in lams:
+            yield cls(lam, max_items)._solve(*shared)
+
+    def _solve(self, n_items: int, active: np.ndarray, gram: sp.csr_matrix) -> EASE:
+        g = torch.from_numpy(gram.toarray().astype(np.float32, copy=False))
         g.diagonal().add_(self.lam)
         chol = torch.linalg.cholesky(g)
         del g
@@ -277,6 +308,7 @@ class EASE(_Fitted):
         p.div_(-p.diagonal().clone())  # column j divided by -P_jj
         p.fill_diagonal_(0.0)
         self.weights = p.numpy()
+        self.n_items, self.active = n_items, active
         return self
 
     def score(self, history: sp.csr_matrix) -> np.ndarray:
@@ -284,6 +316,93 @@ class EASE(_Fitted):
         out = np.zeros((h.shape[0], self.n_items), dtype=np.float32)
         out[:, self.active] = h[:, self.active] @ self.weights
         return out
+
+
+class RP3beta(_Fitted):
+    """RP3beta (Paudel et al. 2016): a 3-step random walk item -> user -> item, popularity-penalised.
+
+    With binary interactions, ``W[i, j] = deg(i)^-alpha * sum_u x_ui x_uj deg(u)^-alpha * deg(j)^-beta``
+    (the walk's transition probabilities raised to ``alpha``; ``beta`` divides by the target's
+    popularity), the diagonal zero, and only each item's ``neighbours`` largest entries kept (per row,
+    as the reference implementation of Dacrema et al. 2019 does); score = history @ W. W is built
+    ``block`` items at a time, so memory stays at one block's co-occurrences plus the kept
+    ``neighbours * n_items`` entries whatever the catalog size.
+    """
+
+    def __init__(self, alpha: float = 1.0, beta: float = 0.5, neighbours: int = 100, block: int = 4096) -> None:
+        if alpha <= 0:
+            raise ValueError(f"alpha must be > 0, got {alpha}")
+        if beta < 0:
+            raise ValueError(f"beta must be >= 0, got {beta}")
+        if neighbours < 1:
+            raise ValueError(f"neighbours must be >= 1, got {neighbours}")
+        self.alpha, self.beta, self.neighbours, self.block = alpha, beta, neighbours, block
+        self.name = f"RP3β (α {alpha:g}, β {beta:g}, {neighbours} nn)"
+
+    def fit(self, train: sp.csr_matrix) -> RP3beta:
+        x = _binary(train, "train")
+        self.n_items = x.shape[1]
+        deg_user = np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
+        deg_item = np.asarray(x.sum(axis=0), dtype=np.float64).ravel()
+
+        def power(deg: np.ndarray, exponent: float) -> np.ndarray:
+            out = np.zeros_like(deg)
+            np.power(deg, exponent, out=out, where=deg > 0)
+            return out
+
+        user_to_item = sp.diags(power(deg_user, -self.alpha)) @ x  # P(item | user) ** alpha
+        item_to_user = (x @ sp.diags(power(deg_item, -self.alpha))).T.tocsr()  # P(user | item) ** alpha
+        penalty = sp.diags(power(deg_item, -self.beta))
+        parts = []
+        for start in range(0, self.n_items, self.block):
+            w = (item_to_user[start : start + self.block] @ user_to_item @ penalty).tocsr()
+            rows = np.arange(w.shape[0])
+            w[rows, rows + start] = 0.0  # no item recommends itself
+            w.eliminate_zeros()
+            parts.append(_keep_top_per_row(w, self.neighbours))
+        self.weights = sp.vstack(parts, format="csr", dtype=np.float32)
+        return self
+
+    def score(self, history: sp.csr_matrix) -> np.ndarray:
+        h = _binary(history, "history", self._need_fit())
+        return np.asarray((h @ self.weights).toarray(), dtype=np.float32)
+
+
+class SameAuthor(_Fitted):
+    """Content baseline: books by an author of the reader's history first, then the rest; within
+    each group by training popularity, and where that ties (books nobody read, e.g. every cold book)
+    in a random order fixed by ``seed``. ``authors`` holds an author code per item, -1 where unknown
+    (an unknown author matches nobody)."""
+
+    name = "same author first"
+
+    def __init__(self, authors: npt.ArrayLike, seed: int = 0) -> None:
+        self.authors = np.asarray(authors, dtype=np.int64).ravel()
+        self.seed = seed
+
+    def fit(self, train: sp.csr_matrix) -> SameAuthor:
+        x = _binary(train, "train", self.authors.size)
+        self.n_items = x.shape[1]
+        popularity = np.asarray(x.sum(axis=0)).ravel()
+        tiebreak = np.random.default_rng(self.seed).random(self.n_items)
+        order = np.lexsort((tiebreak, popularity))  # least popular first
+        self.rank = np.empty(self.n_items, np.float32)
+        self.rank[order] = np.arange(self.n_items, dtype=np.float32)
+        known = np.flatnonzero(self.authors >= 0)
+        n_authors = int(self.authors.max(initial=-1)) + 1
+        self.by_author = sp.csr_matrix(
+            (np.ones(known.size, np.float32), (known, self.authors[known])), shape=(self.n_items, n_authors)
+        )
+        return self
+
+    def score(self, history: sp.csr_matrix, items: npt.ArrayLike | None = None) -> np.ndarray:
+        """[U, len(items)] scores of ``items`` (default: every item): same author adds ``n_items``,
+        more than any popularity rank, so it always comes first (exact in float32 below 2^23 items)."""
+        h = _binary(history, "history", self._need_fit())
+        cols = np.arange(self.n_items) if items is None else np.asarray(items, dtype=np.int64).ravel()
+        read_authors = h @ self.by_author  # [U, authors]: how many history books each author wrote
+        same = (read_authors @ self.by_author[cols].T).toarray() > 0
+        return self.rank[cols][None, :] + np.float32(self.n_items) * same.astype(np.float32)
 
 
 # Most scores one block of users holds (float32): 2^25 = 128 MB; ``top_k_excluding`` takes about
