@@ -198,12 +198,14 @@ class BaselineCache:
         # Each protocol's history and exclusion matrices, built once for every baseline.
         inputs = {t.name: (lists_matrix(t.history, n_items), lists_matrix(t.exclude, n_items)) for t in self.tasks}
         popular = MostPopular().fit(self.train)
+        start = time.perf_counter()
+        # Its lists are also the fallback of every other baseline for readers with no history.
         fallback = {name: recommend_top_k(popular, *matrices, DEPTH) for name, matrices in inputs.items()}
 
         def reports(model: TopKBaseline) -> dict[str, dict]:
             found = {}
             for task in self.tasks:
-                top = recommend_top_k(model, *inputs[task.name], DEPTH)
+                top = fallback[task.name] if model is popular else recommend_top_k(model, *inputs[task.name], DEPTH)
                 # A reader with no history gets nothing from item-item or factor models (every score
                 # is 0); like any deployed recommender, they fall back to the most popular books.
                 empty = np.array([len(h) == 0 for h in task.history], bool)
@@ -211,7 +213,6 @@ class BaselineCache:
                 found[task.name] = topk_report(top, clean(task.relevant), clean(task.liked), popularity, n_items)
             return found
 
-        start = time.perf_counter()
         out["baselines"][popular.name] = (reports(popular), round(time.perf_counter() - start, 1))
         validation = Validation(self.validation, self.train)
         for method in tqdm(METHODS, desc="top-K baselines", leave=False, disable=not progress):
@@ -312,10 +313,7 @@ TABLE_COLUMNS = [
 ]
 
 
-COLD_TITLES = {
-    "cold-book": "rank the {n} cold books",
-    "new-author": "rank the {n} cold books whose author has no book in training",
-}
+COLD_TITLES = {"cold-book": "cold books", "new-author": "cold books whose author has no book in training"}
 
 
 def topk_markdown(topk: dict) -> str:
@@ -344,12 +342,15 @@ def topk_markdown(topk: dict) -> str:
         ]
         parts.append("Baselines tuned on validation recall@10, fitted on training only: " + "; ".join(chosen) + ".")
     for protocol, title in COLD_TITLES.items():
-        cold = topk["results"].get(protocol) or {}
+        cold = topk["results"].get(protocol)
+        if cold is None:
+            continue
         if not cold:
+            parts.append(f"**{protocol}**: this split has no reader of {title}.")
             continue
         model, content, rand = cold[MODEL_NAME], cold[CONTENT_NAME], cold["random"]
         parts.append(
-            f"**{protocol}**: {model['users']} users {title.format(n=model['cold_books'])}: recall@10 "
+            f"**{protocol}**: {model['users']} users rank the {model['cold_books']} {title}: recall@10 "
             f"{model['recall@10']:.4f} for the two-stage path ({model['recall@10'] / rand['recall@10']:.1f}x random), "
             f"{content['recall@10']:.4f} for {CONTENT_NAME} ({content['recall@10'] / rand['recall@10']:.1f}x), "
             f"{rand['recall@10']:.4f} for a random order."

@@ -248,8 +248,13 @@ class ALS(_Fitted):
         return self
 
     def score(self, history: sp.csr_matrix) -> np.ndarray:
+        from threadpoolctl import threadpool_limits
+
         h = _binary(history, "history", self._need_fit())
-        users = self.model.recalculate_user(np.arange(h.shape[0]), h)
+        # One BLAS thread while implicit solves the users: with more, OpenBLAS threads inside its
+        # OpenMP loop thrash (27x slower on 300 users of a loaded 2-core machine).
+        with threadpool_limits(1, "blas"):
+            users = self.model.recalculate_user(np.arange(h.shape[0]), h)
         return np.asarray(users @ self.item_factors.T, dtype=np.float32)
 
 

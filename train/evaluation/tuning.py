@@ -77,8 +77,12 @@ class Validation:
         self.active = np.flatnonzero([len(h) > 0 for h in task.history])
         self.history = lists_matrix([task.history[i] for i in self.active], n_items)
         self.exclude = lists_matrix([task.exclude[i] for i in self.active], n_items)
-        everyone = lists_matrix(task.history, n_items), lists_matrix(task.exclude, n_items)
-        self.fallback = recommend_top_k(MostPopular().fit(train), *everyone, K)
+        idle = np.setdiff1d(np.arange(len(task)), self.active)
+        self.fallback = np.full((len(task), K), -1, np.int64)
+        if idle.size:
+            idle_history = lists_matrix([task.history[i] for i in idle], n_items)
+            idle_exclude = lists_matrix([task.exclude[i] for i in idle], n_items)
+            self.fallback[idle] = recommend_top_k(MostPopular().fit(train), idle_history, idle_exclude, K)
 
     def recall(self, model: TopKBaseline) -> float:
         """Validation recall@K of ``model``, readers without history on the most-popular list."""
