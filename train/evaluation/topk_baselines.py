@@ -360,10 +360,9 @@ class RP3beta(_Fitted):
         penalty = sp.diags(power(deg_item, -self.beta))
         parts = []
         for start in range(0, self.n_items, self.block):
-            w = (item_to_user[start : start + self.block] @ user_to_item @ penalty).tocsr()
-            rows = np.arange(w.shape[0])
-            w[rows, rows + start] = 0.0  # no item recommends itself
-            w.eliminate_zeros()
+            w = (item_to_user[start : start + self.block] @ user_to_item @ penalty).tocoo()
+            off = w.row + start != w.col  # no item recommends itself
+            w = sp.csr_matrix((w.data[off], (w.row[off], w.col[off])), shape=w.shape)
             parts.append(_keep_top_per_row(w, self.neighbours))
         self.weights = sp.vstack(parts, format="csr", dtype=np.float32)
         return self
