@@ -222,3 +222,17 @@ def test_same_author_ranks_the_readers_author_first_then_popularity() -> None:
     # An unknown author matches nobody, also a reader of an unknown-author book.
     reader_of_4 = interaction_matrix([0], [4], 1, 6)
     assert model.score(reader_of_4).max() < 6
+
+
+def test_knn_and_rp3beta_grids_equal_separate_fits() -> None:
+    train = planted()
+    knn = [{"shrink": sh, "neighbours": n} for sh in (0.0, 10.0) for n in (3, 50)]
+    for setting, model in zip(knn, ItemKNN.grid(train, knn), strict=True):
+        expected = ItemKNN(**setting).fit(train).sim.toarray()
+        np.testing.assert_array_equal(model.sim.toarray(), expected)
+        assert (model.neighbours, model.shrink) == (setting["neighbours"], setting["shrink"])
+    rp3 = [{"alpha": a, "beta": b, "neighbours": n} for a in (0.5, 1.0) for b in (0.0, 0.5) for n in (3, 50)]
+    for setting, model in zip(rp3, RP3beta.grid(train, rp3, block=16), strict=True):
+        expected = RP3beta(**setting).fit(train).weights.toarray()
+        np.testing.assert_allclose(model.weights.toarray(), expected, rtol=1e-6)
+        assert model.name == RP3beta(**setting).name

@@ -14,9 +14,11 @@ the best validation recall@10, so the evaluation never reports an untuned baseli
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Iterator
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -113,23 +115,42 @@ class MostPopular(_Fitted):
         return np.tile(self.counts, (h.shape[0], 1))
 
 
+@dataclass
+class _RankedColumns:
+    """The entries of a sparse matrix, each with its rank in its column (0 = largest; ties: lower
+    row index first), so keeping the top k of every column is a mask, for any k."""
+
+    shape: tuple[int, int]
+    rows: np.ndarray
+    cols: np.ndarray
+    data: np.ndarray
+    rank: np.ndarray
+
+    @classmethod
+    def of(cls, s: sp.spmatrix) -> _RankedColumns:
+        csc = sp.csc_matrix(s)
+        csc.sort_indices()
+        counts = np.diff(csc.indptr)
+        cols = np.repeat(np.arange(csc.shape[1]), counts)
+        order = np.lexsort((csc.indices, -csc.data, cols))  # by column, then value desc, then row
+        rank = np.empty(order.size, dtype=np.int64)
+        rank[order] = np.arange(order.size) - np.repeat(csc.indptr[:-1], counts)
+        return cls(csc.shape, csc.indices.copy(), cols, csc.data.astype(np.float32), rank)
+
+    def head(self, k: int) -> _RankedColumns:
+        """Only the entries ranked below ``k`` (what any top-k with a smaller k needs)."""
+        keep = self.rank < k
+        return _RankedColumns(self.shape, self.rows[keep], self.cols[keep], self.data[keep], self.rank[keep])
+
+    def top(self, k: int | None) -> sp.csr_matrix:
+        """The ``k`` largest entries of every column (None: all of them) as a CSR float32."""
+        keep = self.rank < k if k is not None else slice(None)
+        return sp.csr_matrix((self.data[keep], (self.rows[keep], self.cols[keep])), shape=self.shape, dtype=np.float32)
+
+
 def _keep_top_per_column(s: sp.csr_matrix, k: int) -> sp.csr_matrix:
     """Keep the ``k`` largest entries of every column of ``s`` (ties: lower row index first)."""
-    csc = s.tocsc()
-    csc.sort_indices()
-    counts = np.diff(csc.indptr)
-    cols = np.repeat(np.arange(csc.shape[1]), counts)
-    order = np.lexsort((csc.indices, -csc.data, cols))  # by column, then value desc, then row
-    starts = np.repeat(csc.indptr[:-1], counts)
-    rank = np.empty(order.size, dtype=np.int64)
-    rank[order] = np.arange(order.size) - starts
-    keep = rank < k
-    return sp.csr_matrix((csc.data[keep], (csc.indices[keep], cols[keep])), shape=csc.shape, dtype=np.float32)
-
-
-def _keep_top_per_row(s: sp.csr_matrix, k: int) -> sp.csr_matrix:
-    """Keep the ``k`` largest entries of every row of ``s`` (ties: lower column index first)."""
-    return _keep_top_per_column(sp.csr_matrix(s.T), k).T.tocsr()
+    return _RankedColumns.of(s).top(k)
 
 
 def _cap_heavy_rows(x: sp.csr_matrix, max_pairs: int, seed: int) -> sp.csr_matrix:
@@ -182,17 +203,37 @@ class ItemKNN(_Fitted):
         self.name = f"item-kNN (cosine, {neighbours or 'all'} nn" + (f", shrink {shrink:g})" if shrink else ")")
 
     def fit(self, train: sp.csr_matrix) -> ItemKNN:
-        x = _binary(train, "train")
-        self.n_items = x.shape[1]
-        x = _cap_heavy_rows(x, self.max_pairs, self.seed)
-        co = (x.T @ x).tocsr()
-        co.setdiag(0)
-        co.eliminate_zeros()
-        norm = np.sqrt(np.asarray(x.sum(axis=0), dtype=np.float64).ravel())
-        rows = np.repeat(np.arange(co.shape[0]), np.diff(co.indptr))
-        co.data = (co.data / (norm[rows] * norm[co.indices] + self.shrink)).astype(np.float32)
-        self.sim = co if self.neighbours is None else _keep_top_per_column(co, self.neighbours)
+        setting = {"neighbours": self.neighbours, "shrink": self.shrink}
+        fitted = next(self.grid(train, [setting], self.max_pairs, self.seed))
+        self.n_items, self.sim = fitted.n_items, fitted.sim
         return self
+
+    @classmethod
+    def grid(
+        cls, train: sp.csr_matrix, settings: list[dict[str, Any]], max_pairs: int = 50_000_000, seed: int = 0
+    ) -> Iterator[ItemKNN]:
+        """One fitted model per setting (``neighbours``, ``shrink``), in order. The co-occurrence
+        counts are computed once, the similarity and its ranking once per run of equal shrinks (so
+        list settings of one shrink together); each ``neighbours`` is then a mask of the ranking."""
+        x = _binary(train, "train")
+        n_items = x.shape[1]
+        x = _cap_heavy_rows(x, max_pairs, seed)
+        co = (x.T @ x).tocoo()
+        off = co.row != co.col
+        norm = np.sqrt(np.asarray(x.sum(axis=0), dtype=np.float64).ravel())
+        rows, cols, counts = co.row[off], co.col[off], co.data[off].astype(np.float64)
+        ranked, current = None, None
+        for setting in settings:
+            model = cls(**setting, max_pairs=max_pairs, seed=seed)
+            if ranked is None or model.shrink != current:
+                ranked = None  # the previous ranking goes before the next is built
+                sim = (counts / (norm[rows] * norm[cols] + model.shrink)).astype(np.float32)
+                ranked, current = (
+                    _RankedColumns.of(sp.csr_matrix((sim, (rows, cols)), shape=(n_items, n_items))),
+                    model.shrink,
+                )
+            model.n_items, model.sim = n_items, ranked.top(model.neighbours)
+            yield model
 
     def score(self, history: sp.csr_matrix) -> np.ndarray:
         h = _binary(history, "history", self._need_fit())
@@ -345,27 +386,54 @@ class RP3beta(_Fitted):
         self.name = f"RP3β (α {alpha:g}, β {beta:g}, {neighbours} nn)"
 
     def fit(self, train: sp.csr_matrix) -> RP3beta:
+        setting = {"alpha": self.alpha, "beta": self.beta, "neighbours": self.neighbours}
+        fitted = next(self.grid(train, [setting], self.block))
+        self.n_items, self.weights = fitted.n_items, fitted.weights
+        return self
+
+    @classmethod
+    def grid(cls, train: sp.csr_matrix, settings: list[dict[str, Any]], block: int = 4096) -> Iterator[RP3beta]:
+        """One fitted model per setting (``alpha``, ``beta``, ``neighbours``), in order. The walk is
+        built once per run of equal (alpha, beta), keeping the largest ``neighbours`` of that run
+        ranked per item, so each ``neighbours`` is a mask (list settings of one walk together)."""
         x = _binary(train, "train")
-        self.n_items = x.shape[1]
+        n_items = x.shape[1]
         deg_user = np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
         deg_item = np.asarray(x.sum(axis=0), dtype=np.float64).ravel()
+        blocks: list[_RankedColumns] = []
+        current = None
+        for n, setting in enumerate(settings):
+            model = cls(**setting, block=block)
+            walk = (model.alpha, model.beta)
+            if walk != current:
+                blocks = []  # the previous walk goes before the next is built
+                same = itertools.takewhile(lambda s, w=walk: (s["alpha"], s["beta"]) == w, settings[n:])
+                widest = max(s["neighbours"] for s in same)
+                blocks, current = list(cls._walk(x, deg_user, deg_item, *walk, widest, block)), walk
+            # Each block holds W's rows as columns: its per-column ranks are W's per-row ones.
+            model.n_items = n_items
+            model.weights = sp.vstack([b.top(model.neighbours).T for b in blocks], format="csr", dtype=np.float32)
+            yield model
+
+    @staticmethod
+    def _walk(
+        x: sp.csr_matrix, deg_user: np.ndarray, deg_item: np.ndarray, alpha: float, beta: float, keep: int, block: int
+    ) -> Iterator[_RankedColumns]:
+        """W's rows ``block`` at a time, transposed and ranked, each row cut to its ``keep`` largest."""
 
         def power(deg: np.ndarray, exponent: float) -> np.ndarray:
             out = np.zeros_like(deg)
             np.power(deg, exponent, out=out, where=deg > 0)
             return out
 
-        user_to_item = sp.diags(power(deg_user, -self.alpha)) @ x  # P(item | user) ** alpha
-        item_to_user = (x @ sp.diags(power(deg_item, -self.alpha))).T.tocsr()  # P(user | item) ** alpha
-        penalty = sp.diags(power(deg_item, -self.beta))
-        parts = []
-        for start in range(0, self.n_items, self.block):
-            w = (item_to_user[start : start + self.block] @ user_to_item @ penalty).tocoo()
+        user_to_item = sp.diags(power(deg_user, -alpha)) @ x  # P(item | user) ** alpha
+        item_to_user = (x @ sp.diags(power(deg_item, -alpha))).T.tocsr()  # P(user | item) ** alpha
+        penalty = sp.diags(power(deg_item, -beta))
+        for start in range(0, x.shape[1], block):
+            w = (item_to_user[start : start + block] @ user_to_item @ penalty).tocoo()
             off = w.row + start != w.col  # no item recommends itself
-            w = sp.csr_matrix((w.data[off], (w.row[off], w.col[off])), shape=w.shape)
-            parts.append(_keep_top_per_row(w, self.neighbours))
-        self.weights = sp.vstack(parts, format="csr", dtype=np.float32)
-        return self
+            w = sp.csr_matrix((w.data[off], (w.col[off], w.row[off])), shape=(w.shape[1], w.shape[0]))
+            yield _RankedColumns.of(w).head(keep)
 
     def score(self, history: sp.csr_matrix) -> np.ndarray:
         h = _binary(history, "history", self._need_fit())

@@ -3,7 +3,8 @@ training interactions only and read on the validation protocol (warm users' vali
 never on test; the setting with the best validation recall@10 is the one the test tables report.
 
 The grids are full products of the config's lists. EASE's lambdas share one Gram matrix, so each
-costs only its dense inverse; the other methods refit per setting (seconds each on the shared data).
+costs only its dense inverse; item-kNN's settings share the co-occurrence counts and RP3β's of one
+(alpha, beta) share the walk, so a neighbour count is only a mask; ALS refits per setting.
 Validation users with no training history get the most-popular list under every setting, so only
 the others are scored per setting (their fallback lists are computed once).
 """
@@ -43,7 +44,8 @@ METHODS = ("item-kNN", "RP3β", "ALS", "EASE")
 def settings(method: str, tuning: TopKTuning) -> list[dict[str, Any]]:
     """Every setting of ``method``'s grid, as constructor keywords, in the grid's order."""
     grids = {
-        "item-kNN": {"neighbours": tuning.knn_neighbours, "shrink": tuning.knn_shrink},
+        # neighbours last: the settings of one similarity (one walk for RP3β) come together
+        "item-kNN": {"shrink": tuning.knn_shrink, "neighbours": tuning.knn_neighbours},
         "RP3β": {"alpha": tuning.rp3_alpha, "beta": tuning.rp3_beta, "neighbours": tuning.rp3_neighbours},
         "ALS": {"factors": tuning.als_factors, "regularization": tuning.als_regularization, "alpha": tuning.als_alpha},
         "EASE": {"lam": tuning.ease_lambda},
@@ -61,10 +63,13 @@ def fitted(
     Raises :class:`BaselineSkipped` where the method cannot run on this data."""
     if method == "EASE":
         yield from EASE.grid(train, [p["lam"] for p in grid], ease_max_items)
-        return
-    make = {"item-kNN": ItemKNN, "RP3β": RP3beta, "ALS": lambda **p: ALS(**p, seed=seed)}[method]
-    for params in grid:
-        yield make(**params).fit(train)
+    elif method == "item-kNN":
+        yield from ItemKNN.grid(train, grid, seed=seed)
+    elif method == "RP3β":
+        yield from RP3beta.grid(train, grid)
+    else:
+        for params in grid:
+            yield ALS(**params, seed=seed).fit(train)
 
 
 class Validation:
