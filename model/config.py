@@ -232,10 +232,11 @@ class TopKTuning:
     """Grids of the top-K baselines: every combination of a method's lists is fitted on the
     training interactions and the one with the best validation recall@10 is scored on test."""
 
-    knn_neighbours: list[int] = field(default_factory=lambda: [20, 50, 100, 200])
+    # Settings of one shrink (one RP3β alpha, beta) share a ranking: a neighbour count is a mask.
+    knn_neighbours: list[int] = field(default_factory=lambda: [20, 50, 100])
     knn_shrink: list[float] = field(default_factory=lambda: [0.0, 10.0])
     rp3_alpha: list[float] = field(default_factory=lambda: [0.5, 1.0])
-    rp3_beta: list[float] = field(default_factory=lambda: [0.0, 0.3, 0.5])
+    rp3_beta: list[float] = field(default_factory=lambda: [0.0, 0.3])
     rp3_neighbours: list[int] = field(default_factory=lambda: [50, 100, 200])
     # Each lambda costs one dense inverse of the item x item matrix (the Gram matrix is shared).
     ease_lambda: list[float] = field(default_factory=lambda: [100.0, 500.0])
