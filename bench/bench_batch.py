@@ -188,7 +188,7 @@ def beam_job(run: Path, out: Path, flags: list[str]) -> dict[str, Any]:
 def surprise_peer(catalog: Catalog, users: np.ndarray, isbns: np.ndarray) -> dict[str, Any]:
     """Surprise SVD (Surprise's defaults) fit on the run's training ratings; the per-pair predict
     loop timed on ``users`` x ``isbns`` and the vectorised predict on the same pairs."""
-    from train.baselines import SurpriseSVD
+    from train.evaluation.rating_baselines import SurpriseSVD
 
     hist = catalog.history
     t = time.perf_counter()

@@ -3,7 +3,7 @@
     nice -n 10 .venv/bin/python bench/bench_topk_baselines.py \\
         --ratings runs/bookcrossing/data/ratings.parquet --tune --out bench/topk_baselines.json
 
-Protocol (the one ``train/evaluate.py`` uses for the models):
+Protocol (the one ``train/evaluation/protocols.py`` defines for the models):
 
 - items are every ISBN in the ratings file; every baseline is fitted on the ``train`` split only
   (1.0 per rated pair, the rating value is not used);
@@ -14,9 +14,9 @@ Protocol (the one ``train/evaluate.py`` uses for the models):
   choice that always holds at least one out, so a user with a single rating reveals none); the
   revealed books are the history (fold-in) and are excluded; relevant = the rest.
 
-``--tune`` adds the grid of item-kNN neighbours, EASE lambdas and ALS regularisations. Every model is
-fitted once; the grid is read on ``val`` and the defaults of ``train/topk_baselines.py`` are the
-val-best ones; the test and cold-user tables show the defaults only.
+``--tune`` adds a wider grid of item-kNN neighbours, EASE lambdas and ALS regularisations than the
+evaluation's own (``eval.topk_tuning``, read by ``train/evaluation/tuning.py``). Every model is fitted
+once; the grid is read on ``val``; the test and cold-user tables show the constructor defaults only.
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ from tqdm.auto import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from train.metrics import topk_report  # noqa: E402
-from train.topk_baselines import (  # noqa: E402
+from train.evaluation.metrics import topk_report  # noqa: E402
+from train.evaluation.topk import TABLE_COLUMNS as COLUMNS  # noqa: E402
+from train.evaluation.topk_baselines import (  # noqa: E402
     ALS,
     EASE,
     BaselineSkipped,
@@ -53,7 +54,6 @@ from train.topk_baselines import (  # noqa: E402
     interaction_matrix,
     recommend_top_k,
 )
-from train.topk_eval import TABLE_COLUMNS as COLUMNS  # noqa: E402
 
 DEFAULT_RATINGS = REPO / "runs" / "bookcrossing" / "data" / "ratings.parquet"
 LIKED = 8

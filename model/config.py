@@ -265,6 +265,32 @@ class CompressConfig:
 
 
 @dataclass
+class TopKTuning:
+    """Grids of the top-K baselines: every combination of a method's lists is fitted on the
+    training interactions and the one with the best validation recall@10 is scored on test."""
+
+    # Settings of one shrink (one RP3β alpha, beta) share a ranking: a neighbour count is a mask.
+    knn_neighbours: list[int] = field(default_factory=lambda: [20, 50, 100])
+    knn_shrink: list[float] = field(default_factory=lambda: [0.0, 10.0])
+    rp3_alpha: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    rp3_beta: list[float] = field(default_factory=lambda: [0.0, 0.3])
+    rp3_neighbours: list[int] = field(default_factory=lambda: [50, 100, 200])
+    # Each lambda costs one dense inverse of the item x item matrix (the Gram matrix is shared).
+    ease_lambda: list[float] = field(default_factory=lambda: [100.0, 500.0])
+    als_factors: list[int] = field(default_factory=lambda: [64, 256])
+    als_regularization: list[float] = field(default_factory=lambda: [0.01, 1.0])
+    als_alpha: list[float] = field(default_factory=lambda: [1.0, 10.0])
+
+    def __post_init__(self) -> None:
+        for name in ("knn_neighbours", "rp3_alpha", "rp3_neighbours", "ease_lambda", "als_factors"):
+            values = getattr(self, name)
+            _check(bool(values) and min(values) > 0, name, "must list values > 0", values)
+        for name in ("knn_shrink", "rp3_beta", "als_regularization", "als_alpha"):
+            values = getattr(self, name)
+            _check(bool(values) and min(values) >= 0, name, "must list values >= 0", values)
+
+
+@dataclass
 class EvalConfig:
     """Evaluation and baselines."""
 
@@ -278,6 +304,7 @@ class EvalConfig:
     rating_only_max_pairs: int = 1_000_000_000
     # Top-K baseline reports are kept here under a hash of the split (null: refit every run).
     baseline_cache: str | None = "cache/topk-baselines"
+    topk_tuning: TopKTuning = field(default_factory=TopKTuning)
 
     def __post_init__(self) -> None:
         _positive(self, "ndcg_k", "ease_max_items", "rating_only_max_pairs")

@@ -161,7 +161,8 @@ def test_top_k_is_the_evaluations_two_stage_path(tiny_run: Path, catalog: Catalo
     the same books in the same order with the same relevance and predicted rating, to 1e-5."""
     from handlers.engine import BookrecEngine
     from model.artifacts import ModelFolder
-    from train.topk_eval import RankingTask, model_top_k
+    from train.evaluation.protocols import RankingTask
+    from train.evaluation.topk import model_top_k
 
     batch(tiny_run, tmp_path / "top", "--mode", "topk", "--k", "10", "--exclude-rated")
     frame = read(tmp_path / "top").sort_values(["user_id", "rank"])

@@ -1,4 +1,4 @@
-"""Top-K baselines of train.topk_baselines on small synthetic interaction matrices."""
+"""Top-K baselines of train.evaluation.topk_baselines on small synthetic interaction matrices."""
 
 from __future__ import annotations
 
@@ -6,12 +6,15 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from train.topk_baselines import (
+from train.evaluation.metrics import top_k_excluding
+from train.evaluation.topk_baselines import (
     ALS,
     EASE,
     BaselineSkipped,
     ItemKNN,
     MostPopular,
+    RP3beta,
+    SameAuthor,
     TopKBaseline,
     interaction_matrix,
     recommend_top_k,
@@ -41,7 +44,7 @@ def history_of(items: list[int]) -> sp.csr_matrix:
     return interaction_matrix([0] * len(items), items, 1, N_ITEMS)
 
 
-ALL = [MostPopular, ItemKNN, ALS, EASE]
+ALL = [MostPopular, ItemKNN, RP3beta, ALS, EASE]
 
 
 def test_interaction_matrix_collapses_duplicates() -> None:
@@ -76,7 +79,7 @@ def test_most_popular_ranks_by_count() -> None:
     )
 
 
-@pytest.mark.parametrize("cls", [ItemKNN, EASE, ALS])
+@pytest.mark.parametrize("cls", [ItemKNN, RP3beta, EASE, ALS])
 def test_planted_co_read_item_comes_first(cls) -> None:
     """A reader of item 0 gets item 1 (read by exactly the readers of item 0) as the top book,
     although item 1 is only moderately popular."""
@@ -145,7 +148,7 @@ def test_recommend_top_k_blocks_and_excludes() -> None:
 
 
 def test_recommend_top_k_default_block_shrinks_with_the_catalog(monkeypatch: pytest.MonkeyPatch) -> None:
-    import train.topk_baselines as baselines
+    import train.evaluation.topk_baselines as baselines
 
     train = planted()
     model = ItemKNN().fit(train)
@@ -159,7 +162,7 @@ def test_recommend_top_k_default_block_shrinks_with_the_catalog(monkeypatch: pyt
 
 
 def test_item_knn_cuts_the_heaviest_readers_only_beyond_its_pair_budget() -> None:
-    from train.topk_baselines import _cap_heavy_rows
+    from train.evaluation.topk_baselines import _cap_heavy_rows
 
     train = planted()
     lengths = np.diff(train.indptr)
@@ -171,3 +174,65 @@ def test_item_knn_cuts_the_heaviest_readers_only_beyond_its_pair_budget() -> Non
     assert set(cut[0].indices) <= set(range(30)) and cut[1].indices.tolist() == [0, 1, 2]
     capped = ItemKNN(neighbours=None, max_pairs=pairs // 2).fit(train)
     assert capped.sim.shape == (N_ITEMS, N_ITEMS) and capped.sim.nnz > 0
+
+
+def test_rp3beta_matches_the_walk_worked_out_by_hand() -> None:
+    # u0 reads items 0 and 1, u1 items 1 and 2, u2 item 1: deg(user) = 2, 2, 1; deg(item) = 1, 3, 1.
+    train = interaction_matrix([0, 0, 1, 1, 2], [0, 1, 1, 2, 1], 3, 3)
+    w = RP3beta(alpha=1.0, beta=0.5, neighbours=3).fit(train).weights.toarray()
+    # W[i, j] = deg(i)^-a * sum_u x_ui x_uj deg(u)^-a * deg(j)^-b
+    expected = [
+        [0, 1 * 0.5 * 3**-0.5, 0],  # 0 -> 1 through u0
+        [1 / 3 * 0.5, 0, 1 / 3 * 0.5],  # 1 -> 0 through u0, 1 -> 2 through u1 (u2 reads only 1)
+        [0, 1 * 0.5 * 3**-0.5, 0],  # 2 -> 1 through u1
+    ]
+    np.testing.assert_allclose(w, expected, rtol=1e-6)
+    soft = RP3beta(alpha=0.5, beta=0.0, neighbours=3).fit(train).weights.toarray()
+    assert soft[0, 1] == pytest.approx(0.5**0.5) and soft[1, 0] == pytest.approx((1 / 3) ** 0.5 * 0.5**0.5)
+    # One neighbour per item: item 1's tie between 0 and 2 keeps the lower index.
+    one = RP3beta(alpha=1.0, beta=0.5, neighbours=1).fit(train)
+    np.testing.assert_allclose(one.weights.toarray()[1], [1 / 6, 0, 0], rtol=1e-6)
+    np.testing.assert_allclose(one.score(interaction_matrix([0], [1], 1, 3)), [[1 / 6, 0, 0]], rtol=1e-6)
+    # Built a block of items at a time, the same matrix.
+    blocked = RP3beta(alpha=1.0, beta=0.5, neighbours=3, block=2).fit(train).weights.toarray()
+    np.testing.assert_array_equal(blocked, w)
+
+
+def test_ease_grid_shares_the_gram_and_equals_separate_fits() -> None:
+    train = planted(120)
+    for lam, model in zip([5.0, 50.0], EASE.grid(train, [5.0, 50.0]), strict=True):
+        assert model.lam == lam and model.name == f"EASE (λ {lam:g})"
+        np.testing.assert_allclose(model.weights, EASE(lam).fit(train).weights, atol=1e-6)
+
+
+def test_same_author_ranks_the_readers_author_first_then_popularity() -> None:
+    # Items 0-5; authors: 0 -> A, 1 -> B, 2 -> A, 3 -> C, 4 unknown, 5 -> B. Training reads: item 3 x3, item 1 x1.
+    authors = np.array([0, 1, 0, 2, -1, 1])
+    train = interaction_matrix([0, 1, 2, 3], [3, 3, 3, 1], 4, 6)
+    model = SameAuthor(authors, seed=0).fit(train)
+    reader_of_0 = interaction_matrix([0], [0], 1, 6)  # read a book by A
+    top = top_k_excluding(model.score(reader_of_0), reader_of_0, 5)[0]
+    assert top[0] == 2  # the other book by A, although nobody read it in training
+    assert list(top[1:3]) == [3, 1]  # then by training popularity
+    # Scored on candidates only (a cold-book protocol): same author, then a seeded order of the unread.
+    candidates = np.array([4, 5, 2])
+    scores = model.score(reader_of_0, candidates)
+    assert scores.shape == (1, 3) and int(np.argmax(scores[0])) == 2
+    np.testing.assert_array_equal(SameAuthor(authors, seed=0).fit(train).score(reader_of_0, candidates), scores)
+    # An unknown author matches nobody, also a reader of an unknown-author book.
+    reader_of_4 = interaction_matrix([0], [4], 1, 6)
+    assert model.score(reader_of_4).max() < 6
+
+
+def test_knn_and_rp3beta_grids_equal_separate_fits() -> None:
+    train = planted()
+    knn = [{"shrink": sh, "neighbours": n} for sh in (0.0, 10.0) for n in (3, 50)]
+    for setting, model in zip(knn, ItemKNN.grid(train, knn), strict=True):
+        expected = ItemKNN(**setting).fit(train).sim.toarray()
+        np.testing.assert_array_equal(model.sim.toarray(), expected)
+        assert (model.neighbours, model.shrink) == (setting["neighbours"], setting["shrink"])
+    rp3 = [{"alpha": a, "beta": b, "neighbours": n} for a in (0.5, 1.0) for b in (0.0, 0.5) for n in (3, 50)]
+    for setting, model in zip(rp3, RP3beta.grid(train, rp3, block=16), strict=True):
+        expected = RP3beta(**setting).fit(train).weights.toarray()
+        np.testing.assert_allclose(model.weights.toarray(), expected, rtol=1e-6)
+        assert model.name == RP3beta(**setting).name

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from model.config import TrainConfig
 from model.network import RatingMLP
 from train.dataset import SplitRows, TrainingData
-from train.metrics import rmse
+from train.evaluation.metrics import rmse
 from train.tracking import active_run, log_epoch, start_run
 
 log = logging.getLogger("bookrec.fit")

@@ -18,7 +18,7 @@ from model.config import Config
 from train import tracking
 from train.compress import step_compress
 from train.distill.step import step_distill
-from train.evaluate import step_evaluate
+from train.evaluation.step import step_evaluate
 from train.pipeline import prepare_run, step_data, step_features, step_train, write_json
 from train.retrieval import step_retrieval
 

@@ -1,5 +1,6 @@
 """The run's evaluation on one split: the rating table (baselines and every compression step of the
-rating MLP) and the top-K table (the two-stage recommender against popularity, item-kNN, ALS, EASE)."""
+rating MLP) and the top-K tables (the two-stage recommender against popularity and item-kNN, RP3beta,
+ALS and EASE tuned on validation; among the cold books, against same author first and random)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ import torch
 from model import layout
 from model.artifacts import ModelFolder
 from model.config import Config
-from train.baselines import SVD_GRID, BiasBaseline, GlobalMean, SurpriseSVD, tune
 from train.dataset import TrainingData, load_training_data
+from train.evaluation.metrics import mae, ndcg_at_k, rmse
+from train.evaluation.rating_baselines import SVD_GRID, BiasBaseline, GlobalMean, SurpriseSVD, tune
+from train.evaluation.topk import evaluate_top_k, plot_top_k, topk_markdown
 from train.fit import predict
-from train.metrics import mae, ndcg_at_k, rmse
 from train.run_info import machine
-from train.topk_eval import evaluate_top_k, plot_top_k, topk_markdown
 
 log = logging.getLogger("bookrec.evaluate")
 
@@ -148,17 +149,7 @@ def step_evaluate(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
         "seconds": round(time.perf_counter() - start, 1),
     }
     table = markdown_table(results, cfg.eval.ndcg_k)
-    topk = evaluate_top_k(
-        loaded.recommender,
-        catalog,
-        ratings,
-        cfg.eval.cold_user_reveal,
-        cfg.split.seed,
-        cfg.eval.ease_max_items,
-        Path(cfg.eval.baseline_cache) if cfg.eval.baseline_cache else None,
-        progress,
-        cfg.eval.rating_only_max_pairs,
-    )
+    topk = evaluate_top_k(loaded.recommender, catalog, ratings, cfg.eval, cfg.split.seed, progress)
     meta["seconds"] = round(time.perf_counter() - start, 1)
     meta["catalog"] = {"books": len(catalog.books), "users": len(catalog.users)}
     payload = {"meta": meta, "results": results, "topk": topk}
