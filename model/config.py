@@ -99,6 +99,9 @@ class SplitConfig:
         _check(self.folds >= 2, "folds", "must be >= 2 (features of a fold come from the others)", self.folds)
 
 
+DISTILLED = "distilled"  # encoder.name of the BERT-tiny student the distill step trains
+
+
 @dataclass
 class EncoderConfig:
     """The BERT-tiny text encoder.
@@ -110,7 +113,7 @@ class EncoderConfig:
     and with no ``config_dir`` a WordPiece vocabulary is trained on the corpus.
     """
 
-    name: str = "prajjwal1/bert-tiny"
+    name: str = DISTILLED
     random_init: bool = False
     # When the pretrained weights cannot be loaded, fall back to a random init (loudly) instead of failing.
     fallback_random_init: bool = False
@@ -125,9 +128,6 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "max_length", "batch_size", "vocab_size")
-
-
-DISTILLED = "distilled"  # encoder.name of the BERT-tiny student the distill step trains
 
 
 @dataclass
