@@ -77,12 +77,13 @@ def failure_reason(err: BaseException, kinds: tuple[type[Exception], ...] = (Wri
     """The message of the exception of one of ``kinds`` behind a runner's failure: the exception
     itself (Dask re-raises the workers' exceptions), or its text inside the error the runner
     raised (Beam's portable runners carry the worker's traceback as text)."""
-    for e in _chain(err):
-        if isinstance(e, kinds):
-            return str(e)
-    names = "|".join(k.__name__ for k in kinds)
-    found = re.findall(rf"\b(?:{names}): (.+?)(?: \[while running '[^']*'\])*$", str(err), re.MULTILINE)
-    return found[-1] if found else None
+    found = next((str(e) for e in _chain(err) if isinstance(e, kinds)), None)
+    if found is None:
+        names = "|".join(k.__name__ for k in kinds)
+        matches = re.findall(rf"\b(?:{names}): (.+)$", str(err), re.MULTILINE)
+        found = matches[-1] if matches else None
+    # Beam appends the step to the message: "... [while running 'ScoreCatalog/...']".
+    return None if found is None else re.sub(r"( \[while running '[^']*'\])+$", "", found.strip())
 
 
 def _chain(err: BaseException) -> Iterable[BaseException]:

@@ -28,7 +28,7 @@ from model.catalog import Catalog
 
 pytest.importorskip("distributed", reason="the dask extra (dask[distributed]) is not installed")
 
-from batch.dask_cluster import LoopbackCluster  # noqa: E402
+from batch.dask_cluster import LoopbackCluster
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT = 300
@@ -51,8 +51,10 @@ def caller_folder(root: Path, tiny_run: Path) -> Path:
 
 def start_batch(caller: Path, address: str, *flags: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "batch", "--model", "run", "--output", "out", "--no-progress"]
-        + ["--runner=DaskRunner", f"--dask_client_address={address}", *flags],
+        [
+            *(sys.executable, "-m", "batch", "--model", "run", "--output", "out", "--no-progress"),
+            *("--runner=DaskRunner", f"--dask_client_address={address}", *flags),
+        ],
         cwd=caller,
         env=_env(),
         stdout=subprocess.PIPE,
