@@ -10,7 +10,8 @@ A run writes everything into a temporary sibling folder (``.NAME.tmp-RUNID``) an
 replaces the output: locally by two directory renames, elsewhere by deleting the old marker and
 files before moving the new ones in and writing the marker last. Readers that wait for
 ``_SUCCESS`` never see a mix of two runs; names starting with ``_`` or ``.`` are skipped by
-Arrow/Spark dataset readers.
+Arrow/Spark dataset readers. A write that fails mid-job (a full disk) raises ``WriteError`` naming
+the file; the output is not touched before the commit.
 """
 
 from __future__ import annotations
