@@ -1,8 +1,9 @@
 """What a worker needs to score: model, features, the book set, and turning scores into Arrow rows.
 
-``ScoringContext.load`` runs once per worker process (the DoFns share it through
-``apache_beam.utils.shared.Shared``): it loads the model folder (``ModelFolder``, as serving and the
-evaluation do) into a ``LoadedModel`` over the job's book set, validates every feature row and
+``ScoringContext.load`` runs once per worker process and job (the DoFns share it through
+``apache_beam.utils.shared.Shared``): it takes the process's loaded model folder
+(``batch/model_cache.py``: ``ModelFolder``, as serving and the evaluation load it) into a
+``LoadedModel`` over the job's book set, validates every feature row and
 prepares the exclusion index. Each user block then costs one user projection, one
 ``Scorer.score_projected`` (or one ``TwoStageRecommender.recommend``) and one Arrow record batch.
 """
@@ -12,6 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import socket
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,12 +25,12 @@ import pyarrow.parquet as pq
 import torch
 from apache_beam.io.filesystems import FileSystems
 
-from batch import schemas
+from batch import model_cache, schemas
 from batch.io import _local, is_local
-from batch.model_source import model_dims, resolve
+from batch.model_source import ModelError, model_dims, resolve
 from batch.native_head import attach
 from model import layout
-from model.artifacts import LoadedModel, ModelFolder, release_unused_memory, resolve_device
+from model.artifacts import LoadedModel, release_unused_memory, resolve_device
 from model.catalog import Catalog
 from model.scoring import DEFAULT_BLOCK_PAIRS, Scorer
 
@@ -128,11 +132,10 @@ class ScoringContext:
 
     def __init__(self, spec: JobSpec):
         self.spec = spec
-        folder = ModelFolder(resolve(spec.model, spec.variant))
         self.device = resolve_device(spec.device)
-        model = folder.load_rating_model(spec.variant, self.device)
+        loaded = model_cache.get(resolve(spec.model, spec.variant), spec.variant, self.device, spec.run_id)
+        folder, model, catalog = loaded.folder, loaded.model, loaded.catalog
         self.user_dim, self.book_dim = model_dims(model)
-        catalog = folder.load_catalog()
         self.users = self._side(catalog.user_feats, catalog.users["user_id"].tolist(), spec.user_features, "user")
         books = self._side(catalog.book_feats, catalog.books["isbn"].tolist(), spec.book_features, "book")
 
@@ -272,8 +275,38 @@ class ScoringContext:
 
     @classmethod
     def load(cls, spec: JobSpec) -> ScoringContext:
-        log.info("loading model %s for scoring (run %s)", spec.model, spec.run_id)
-        return cls(spec)
+        log.info("preparing model %s for scoring (run %s)", spec.model, spec.run_id)
+        contexts[spec.run_id] += 1
+        try:
+            return cls(spec)
+        except ModelError as err:
+            # The driver found the model; a worker that cannot is on another machine or sees
+            # another filesystem.
+            raise ModelError(
+                f"{err} on worker {worker_name()}: a local --model must be at the same absolute path "
+                "on every worker (a shared filesystem), or use a remote URI such as gs://..."
+            ) from None
+
+    def worker_stats(self) -> WorkerStats:
+        """This process's counts for the run (reported in ``_SUCCESS``)."""
+        run_id = self.spec.run_id
+        return WorkerStats(worker_name(), contexts[run_id], model_cache.loads[run_id])
+
+
+contexts: Counter[str] = Counter()  # ScoringContexts built by this process, by run id
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """How often one worker process set up the run's scoring state and loaded the model."""
+
+    worker: str
+    contexts: int
+    model_loads: int
 
 
 def catalog_ids(model_dir: Path, kind: str) -> list:

@@ -10,7 +10,8 @@ A run writes everything into a temporary sibling folder (``.NAME.tmp-RUNID``) an
 replaces the output: locally by two directory renames, elsewhere by deleting the old marker and
 files before moving the new ones in and writing the marker last. Readers that wait for
 ``_SUCCESS`` never see a mix of two runs; names starting with ``_`` or ``.`` are skipped by
-Arrow/Spark dataset readers.
+Arrow/Spark dataset readers. A write that fails mid-job (a full disk) raises ``WriteError`` naming
+the file; the output is not touched before the commit.
 """
 
 from __future__ import annotations
@@ -48,8 +49,50 @@ class OutputError(ValueError):
     """The output location cannot be used (unwritable, or holds something that is not ours)."""
 
 
+class WriteError(RuntimeError):
+    """Writing a file of the run failed mid-job (disk full, permissions): names the file.
+
+    Raised on the workers; the driver finds it in the runner's error (``failure_reason``)."""
+
+
 def is_local(path: str) -> bool:
     return FileSystems.get_scheme(path) in (None, "file")
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute against this process's folder (workers start elsewhere); a
+    remote URI (``gs://``, ``s3://``, ...) unchanged."""
+    if not is_local(path):
+        return path
+    return os.path.abspath(_local(path))
+
+
+def _write_failed(path: str, err: Exception) -> WriteError:
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    if "No space left" in str(err):  # pyarrow's OSError carries errno 28 in its text only
+        reason = "No space left on device"
+    return WriteError(f"cannot write {path}: {reason}")
+
+
+def failure_reason(err: BaseException, kinds: tuple[type[Exception], ...] = (WriteError,)) -> str | None:
+    """The message of the exception of one of ``kinds`` behind a runner's failure: the exception
+    itself (Dask re-raises the workers' exceptions), or its text inside the error the runner
+    raised (Beam's portable runners carry the worker's traceback as text)."""
+    found = next((str(e) for e in _chain(err) if isinstance(e, kinds)), None)
+    if found is None:
+        names = "|".join(k.__name__ for k in kinds)
+        matches = re.findall(rf"\b(?:{names}): (.+)$", str(err), re.MULTILINE)
+        found = matches[-1] if matches else None
+    # Beam appends the step to the message: "... [while running 'ScoreCatalog/...']".
+    return None if found is None else re.sub(r"( \[while running '[^']*'\])+$", "", found.strip())
+
+
+def _chain(err: BaseException) -> Iterable[BaseException]:
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
 
 
 def _local(path: str) -> Path:
@@ -117,6 +160,7 @@ def prepare_temp_dir(temp_dir: str) -> None:
             _local(temp_dir).mkdir(parents=True, exist_ok=False)
             _local(probe).write_bytes(b"ok")
             _local(probe).unlink()
+            _local(join(temp_dir, PROGRESS)).mkdir()  # object stores need no folder
         else:
             with FileSystems.create(probe) as fh:
                 fh.write(b"ok")
@@ -160,29 +204,35 @@ class ShardWriter:
     def __init__(self, path: str, schema: pa.Schema, compression: str):
         self.path = path
         self.schema = schema
-        # Local files go through Arrow's own file I/O; other filesystems through Beam's.
-        self._sink = None if is_local(path) else FileSystems.create(path)
-        self._writer = pq.ParquetWriter(
-            str(_local(path)) if self._sink is None else self._sink,
-            schema,
-            compression=None if compression == "none" else compression,
-            use_dictionary=[n for n in ("user_id", "rank", "isbn") if n in schema.names],
-            write_statistics=["user_id"],
-            store_schema=False,
-        )
+        try:
+            # Local files go through Arrow's own file I/O; other filesystems through Beam's.
+            self._sink = None if is_local(path) else FileSystems.create(path)
+            self._writer = pq.ParquetWriter(
+                str(_local(path)) if self._sink is None else self._sink,
+                schema,
+                compression=None if compression == "none" else compression,
+                use_dictionary=[n for n in ("user_id", "rank", "isbn") if n in schema.names],
+                write_statistics=["user_id"],
+                store_schema=False,
+            )
+        except OSError as err:
+            raise _write_failed(path, err) from err
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
         self.rows = 0
 
     def write(self, batch: pa.RecordBatch) -> None:
         self.rows += batch.num_rows
-        if batch.num_rows >= MIN_ROW_GROUP and not self._pending:
-            self._writer.write_batch(batch)
-            return
-        self._pending.append(batch)
-        self._pending_rows += batch.num_rows
-        if self._pending_rows >= MIN_ROW_GROUP:
-            self._flush()
+        try:
+            if batch.num_rows >= MIN_ROW_GROUP and not self._pending:
+                self._writer.write_batch(batch)
+                return
+            self._pending.append(batch)
+            self._pending_rows += batch.num_rows
+            if self._pending_rows >= MIN_ROW_GROUP:
+                self._flush()
+        except OSError as err:
+            raise _write_failed(self.path, err) from err
 
     def _flush(self) -> None:
         if self._pending:
@@ -190,10 +240,13 @@ class ShardWriter:
             self._pending, self._pending_rows = [], 0
 
     def close(self) -> None:
-        self._flush()
-        self._writer.close()
-        if self._sink is not None:
-            self._sink.close()
+        try:
+            self._flush()
+            self._writer.close()
+            if self._sink is not None:
+                self._sink.close()
+        except OSError as err:
+            raise _write_failed(self.path, err) from err
 
     def abort(self) -> None:
         try:
@@ -205,11 +258,14 @@ class ShardWriter:
 
 
 def _write_bytes(path: str, data: bytes) -> None:
-    if is_local(path):
-        _local(path).write_bytes(data)
-    else:
-        with FileSystems.create(path) as fh:
-            fh.write(data)
+    try:
+        if is_local(path):
+            _local(path).write_bytes(data)
+        else:
+            with FileSystems.create(path) as fh:
+                fh.write(data)
+    except OSError as err:
+        raise _write_failed(path, err) from err
 
 
 def write_dead_letters(path: str, rows: Iterable[tuple[str, str, str]]) -> int:

@@ -21,7 +21,7 @@ from batch.io import is_local
 from model.artifacts import IncompleteModelFolder, ModelFolder
 
 _lock = threading.Lock()
-_resolved: dict[tuple[str, str], Path] = {}
+_resolved: dict[tuple, Path] = {}
 
 
 class ModelError(ValueError):
@@ -91,15 +91,19 @@ def _unpack(archive: Path) -> Path:
 
 def resolve(path: str, variant: str = "scripted") -> Path:
     """A local, complete model folder (run folder layout) for ``path``."""
-    key = (path, variant)
     with _lock:
-        if key in _resolved:
-            return _resolved[key]
         if is_local(path):
-            local = Path(path[len("file://") :] if path.startswith("file://") else path)
+            local = Path(path[len("file://") :] if path.startswith("file://") else path).absolute()
             if not local.exists():
                 raise ModelError(f"--model {path}: no such file or folder")
+            # An archive replaced in place is unpacked again (its stamp is part of the key).
+            stat = local.stat() if local.is_file() else None
+            key = (str(local), variant, stat and (stat.st_size, stat.st_mtime_ns))
         else:
+            key = (path, variant, None)
+        if key in _resolved:
+            return _resolved[key]
+        if not is_local(path):
             local = _fetch(path)
         folder = _unpack(local) if local.is_file() else local
         try:

@@ -86,18 +86,21 @@ def plan(args: BatchArgs, options: PipelineOptions) -> tuple[JobSpec, list, dict
     else:
         block_users = max(1, PAIRS_PER_BLOCK // max(n_books, 1))
     run_id = io.new_run_id()
+    output = io.absolute(args.output.rstrip("/"))
+    # Workers start in folders of their own (a Dask worker, a Flink task manager): every path
+    # they open is made absolute here, against the folder the command was run in.
     spec = JobSpec(
-        model=args.model,
-        output=args.output.rstrip("/"),
-        temp_dir=io.temp_dir_for(args.output, run_id),
+        model=io.absolute(args.model),
+        output=output,
+        temp_dir=io.temp_dir_for(output, run_id),
         run_id=run_id,
         mode=args.mode,
         k=args.k,
         exclude_rated=args.exclude_rated,
         variant=args.variant,
         books=books,
-        user_features=args.user_features,
-        book_features=args.book_features,
+        user_features=None if args.user_features is None else io.absolute(args.user_features),
+        book_features=None if args.book_features is None else io.absolute(args.book_features),
         num_shards=num_shards,
         block_users=block_users,
         compression=args.compression,
@@ -110,7 +113,7 @@ def plan(args: BatchArgs, options: PipelineOptions) -> tuple[JobSpec, list, dict
         "mode": args.mode,
         "k": args.k if args.mode == "topk" else None,
         "exclude_rated": args.exclude_rated,
-        "model": args.model,
+        "model": spec.model,
         "model_file": layout.MODEL_FILES[args.variant],
         "users_requested": len(user_ids),
         "books_requested": n_books,
@@ -254,8 +257,14 @@ def run(args: BatchArgs) -> dict[str, Any]:
             try:
                 pipeline = beam.Pipeline(runner=runner, options=options)
                 _ = pipeline | "ScoreCatalog" >> ScoreCatalog(spec, blocks, summary)
-                result = pipeline.run()
-                state = result.wait_until_finish()
+                try:
+                    result = pipeline.run()
+                    state = result.wait_until_finish()
+                except Exception as err:
+                    reason = io.failure_reason(err, (io.WriteError, ModelError))
+                    if reason is None:
+                        raise
+                    raise JobFailed(f"{reason}; {_untouched(spec.output)}") from err
                 if (io.read_summary(spec.output) or {}).get("run_id") == spec.run_id:
                     finished.set()
                 metrics = _metrics(result)
@@ -288,6 +297,12 @@ def run(args: BatchArgs) -> dict[str, Any]:
             _remove_all_but(spec.temp_dir, log_file)
         elif log_file is not None and not io.is_local(spec.temp_dir):
             log_file.unlink(missing_ok=True)
+
+
+def _untouched(output: str) -> str:
+    if io.read_summary(output) is not None:
+        return f"the previous output {output} is unchanged"
+    return f"nothing was written to {output}"
 
 
 def _remove_all_but(temp_dir: str, keep: Path | None) -> None:

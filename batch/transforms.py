@@ -23,7 +23,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils.shared import Shared
 
 from batch import io
-from batch.context import DeadLetter, JobSpec, ScoringContext
+from batch.context import DeadLetter, JobSpec, ScoringContext, WorkerStats
 
 log = logging.getLogger("bookrec.batch")
 NAMESPACE = "bookrec.batch"
@@ -47,6 +47,15 @@ class ShardResult:
     rows: int
     users: int
     dead: list[DeadLetter] = field(default_factory=list)
+    stats: WorkerStats | None = None
+
+
+@dataclass
+class BookCheck:
+    """The book set's dead letters, and the counts of the worker that checked it."""
+
+    dead: list[DeadLetter]
+    stats: WorkerStats
 
 
 def plan_blocks(user_ids: list[int], num_shards: int, block_users: int) -> list[UserBlock]:
@@ -117,16 +126,16 @@ class ScoreShardFn(_WithContext):
         self.rows.inc(writer.rows)
         self.seconds.update(int(1000 * (time.perf_counter() - start)))
         io.mark_progress(self.spec.temp_dir, shard)
-        yield ShardResult(shard, path, writer.rows, users, dead)
+        yield ShardResult(shard, path, writer.rows, users, dead, ctx.worker_stats())
 
 
 class BookDeadLettersFn(_WithContext):
     """The book set's dead letters (unknown ISBNs, unusable feature rows), reported once."""
 
-    def process(self, element: object) -> Iterator[list[DeadLetter]]:
+    def process(self, element: object) -> Iterator[BookCheck]:
         _count("book", self.ctx.book_dead)
         Metrics.counter(NAMESPACE, "books_in_set").inc(self.ctx.n_books)
-        yield list(self.ctx.book_dead)
+        yield BookCheck(list(self.ctx.book_dead), self.ctx.worker_stats())
 
 
 class CommitFn(beam.DoFn):
@@ -142,7 +151,9 @@ class CommitFn(beam.DoFn):
         rows = users = 0
         user_dead: list[DeadLetter] = []
         book_dead: list[DeadLetter] = []
+        workers: dict[str, dict[str, int]] = {}
         for item in items:
+            _tally(workers, item.stats, isinstance(item, ShardResult))
             if isinstance(item, ShardResult):
                 if item.shard in shard_files:  # a duplicate attempt; the first one stands
                     continue
@@ -151,7 +162,7 @@ class CommitFn(beam.DoFn):
                 users += item.users
                 user_dead += item.dead
             else:
-                book_dead += item
+                book_dead += item.dead
         dead = sorted(book_dead) + user_dead
         summary = {
             **self.summary,
@@ -159,9 +170,21 @@ class CommitFn(beam.DoFn):
             "users_scored": users,
             "dead_letter_users": len(user_dead),
             "dead_letter_books": len(book_dead),
+            "workers": dict(sorted(workers.items())),
             "committed_unix": time.time(),
         }
         yield io.commit(self.spec.temp_dir, self.spec.output, shard_files, self.spec.num_shards, dead, summary)
+
+
+def _tally(workers: dict[str, dict[str, int]], stats: WorkerStats | None, shard: bool) -> None:
+    """Per worker process: shards scored, scoring contexts built and model loads for this run
+    (the counts only grow within a process, so the largest one reported is the total)."""
+    if stats is None:
+        return
+    row = workers.setdefault(stats.worker, {"shards": 0, "contexts": 0, "model_loads": 0})
+    row["shards"] += int(shard)
+    row["contexts"] = max(row["contexts"], stats.contexts)
+    row["model_loads"] = max(row["model_loads"], stats.model_loads)
 
 
 class UserBlocks(beam.PTransform):

@@ -21,12 +21,13 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.utils.shared import Shared
 
-from batch import io, schemas
+from batch import io, model_cache, schemas
 from batch.__main__ import main
-from batch.context import JobSpec
+from batch.context import JobSpec, worker_name
 from batch.options import parse
 from batch.pipeline import run
 from batch.transforms import ScoreShards, UserBlocks, plan_blocks
+from model import layout
 from model.catalog import Catalog
 from model.config import load_config
 from model.scoring import Scorer
@@ -228,6 +229,51 @@ def test_rerun_replaces_output_whole(tiny_run: Path, tmp_path: Path) -> None:
     assert json.loads((out / io.SUCCESS).read_text())["run_id"] == second["run_id"]
     assert pq.read_table(out).schema.equals(schemas.TOP_K) and pq.read_table(out).num_rows == 40
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scores", "users.txt"]
+
+
+def _shifted_copy(tiny_run: Path, dest: Path, shift: float) -> Path:
+    """The files scoring needs, with the model's global mean moved by ``shift`` (other scores)."""
+    for name in (layout.MODEL_FILES["scripted"], *layout.SCORING_FILES):
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(tiny_run / name, dest / name)
+    shift_model(dest, shift)
+    return dest
+
+
+def shift_model(folder: Path, shift: float) -> None:
+    model = torch.jit.load(str(folder / layout.MODEL_FILES["scripted"]))
+    with torch.no_grad():
+        model.global_mean.add_(shift)
+    model.save(str(folder / layout.MODEL_FILES["scripted"]))
+
+
+def test_model_loaded_once_per_process_and_again_when_it_changes(tiny_run: Path, tmp_path: Path) -> None:
+    """The in-process DirectRunner: a second job over the same model reuses the process's loaded
+    model; another model folder, or the same folder rewritten in place, is loaded again and scores
+    with its own weights, never the cached ones."""
+    model_cache.clear()
+    me, users = worker_name(), ("--max-users", "30")
+
+    def job(model: Path, name: str) -> tuple[dict, pd.Series]:
+        summary = batch(model, tmp_path / name, *users)
+        return summary["workers"][me], read(tmp_path / name).set_index(["user_id", "isbn"])["score"].sort_index()
+
+    first, scores = job(tiny_run, "a")
+    assert (first["contexts"], first["model_loads"]) == (1, 1)
+    second, again = job(tiny_run, "b")
+    assert (second["contexts"], second["model_loads"]) == (1, 0)
+    pd.testing.assert_series_equal(again, scores)
+
+    other = _shifted_copy(tiny_run, tmp_path / "other", -1.0)
+    moved, lower = job(other, "c")
+    assert moved["model_loads"] == 1 and (lower < scores).mean() > 0.9
+    back, same = job(tiny_run, "d")
+    assert back["model_loads"] == 1
+    pd.testing.assert_series_equal(same, scores)
+
+    shift_model(other, 2.0)  # retrained in place: same path, new file
+    rewritten, higher = job(other, "e")
+    assert rewritten["model_loads"] == 1 and (higher > scores).mean() > 0.9
 
 
 def test_refuses_to_replace_a_folder_it_did_not_write(tiny_run: Path, tmp_path: Path, capsys) -> None:

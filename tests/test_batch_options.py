@@ -172,3 +172,20 @@ def test_unreadable_features_file_fails_fast(tiny_run: Path, tmp_path: Path, cap
     pq.write_table(pa.table({"user_id": [1, 2], "vector": [[0.0], [1.0]]}), path)
     err = fails(capsys, "--model", str(tiny_run), "--output", str(tmp_path / "o"), "--user-features", str(path))
     assert "--user-features" in err and "'features'" in err
+
+
+def test_worker_paths_are_absolute_and_remote_uris_unchanged(tiny_run: Path, tmp_path: Path, monkeypatch) -> None:
+    """Workers start in folders of their own: the spec they get holds absolute local paths."""
+    from batch import io
+    from batch.pipeline import plan
+
+    (tmp_path / "run").symlink_to(tiny_run)
+    monkeypatch.chdir(tmp_path)
+    args = parse(["--model", "run", "--output", "scores/", "--direct_running_mode=in_memory"])
+    spec, _, summary = plan(args, pipeline_options(args))
+    assert spec.model == summary["model"] == str(tmp_path / "run")
+    assert spec.output == str(tmp_path / "scores")
+    assert spec.temp_dir.startswith(str(tmp_path / ".scores.tmp-"))
+    assert io.absolute("file://run") == str(tmp_path / "run")
+    for uri in ("gs://bucket/models/bookrec.mar", "s3://bucket/scores"):
+        assert io.absolute(uri) == uri
