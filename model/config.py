@@ -279,6 +279,7 @@ class RankingConfig:
     stop_frac: float = 0.15
     report_frac: float = 0.15
     seed: int = 0
+    ablation: bool = False  # also refit without each feature group and report it (ranking.json)
 
     def __post_init__(self) -> None:
         _positive(self, "graph_alpha", "graph_neighbours", "epochs", "lr", "batch_users", "max_users", "per_author")

@@ -81,9 +81,9 @@ def test_merge_is_the_union_per_row() -> None:
 
 
 def test_ranking_config_is_checked() -> None:
-    with pytest.raises(ConfigError, match="ranking.stop_frac"):
+    with pytest.raises(ConfigError, match=r"ranking\.stop_frac"):
         load_config(None, ["ranking.stop_frac=0.6", "ranking.report_frac=0.5"])
-    with pytest.raises(ConfigError, match="ranking.graph_neighbours"):
+    with pytest.raises(ConfigError, match=r"ranking\.graph_neighbours"):
         load_config(None, ["ranking.graph_neighbours=0"])
 
 
@@ -135,7 +135,7 @@ def test_ranked_lists_are_the_rankers_order_and_block_invariant(tiny_run: Path) 
 
 
 def test_graph_candidates_of_a_new_reader_come_from_their_rated_books(tiny_run: Path) -> None:
-    loaded, rec = _ranked(tiny_run)
+    _, rec = _ranked(tiny_run)
     graph = rec.ranking.graph.weights
     book = int(np.argmax(np.diff(graph.indptr)))  # the book with the most neighbours
     neighbours = set(graph.indices[graph.indptr[book] : graph.indptr[book + 1]].tolist())

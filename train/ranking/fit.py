@@ -151,6 +151,7 @@ def fit_ranker(
         with torch.no_grad():
             score = quality(stop, model(masked(stop.features)))
         history.append({"epoch": epoch, "loss": round(total / max(len(useful), 1), 5), **score})
+        log.info("ranker epoch %d: %s", epoch, history[-1])
         if stopper.update(score["recall@10"], epoch):
             break
     stopper.restore()

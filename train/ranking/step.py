@@ -54,7 +54,7 @@ def split_users(n: int, cfg, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     return np.sort(order[n_stop + n_report :]), np.sort(order[:n_stop]), np.sort(order[n_stop : n_stop + n_report])
 
 
-def step_ranking(cfg: Config, run_dir: Path, progress: bool = True, ablation: bool = False) -> dict:
+def step_ranking(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     rc = cfg.ranking
     start = time.perf_counter()
     for name in (layout.RANKER_FILE, layout.RANKING_META):  # a stale ranker must not be loaded below
@@ -103,20 +103,24 @@ def step_ranking(cfg: Config, run_dir: Path, progress: bool = True, ablation: bo
         "graph_edges": int(graph.weights.nnz),
         "best_epoch": history["best_epoch"],
     }
-    if ablation:
+    settings = RankingSettings(enabled, rc.graph_candidates, rc.author_candidates, rc.per_author)
+
+    def save() -> None:
+        summary["seconds"] = {
+            "graph": round(graph_seconds, 1),
+            "features": round(collect_seconds, 1),
+            "total": round(time.perf_counter() - start, 1),
+        }
+        settings.save(run_dir / layout.RANKING_META, **summary, epochs=history["epochs"])
+
+    save()  # before the ablation refits, which take a while
+    if rc.ablation:
         summary["ablation"] = {}
         for name, drop in ABLATIONS.items():
             ablated, _ = fit_ranker(fit, stop, rc, drop)
             with torch.no_grad():
                 summary["ablation"][f"without {name}"] = quality(report, ablated(report.features))
             log.info("ranking ablation without %s: %s", name, summary["ablation"][f"without {name}"])
-    summary["seconds"] = {
-        "graph": round(graph_seconds, 1),
-        "features": round(collect_seconds, 1),
-        "total": round(time.perf_counter() - start, 1),
-    }
-    RankingSettings(enabled, rc.graph_candidates, rc.author_candidates, rc.per_author).save(
-        run_dir / layout.RANKING_META, **summary, epochs=history["epochs"]
-    )
+        save()
     log.info("ranking: val recall@10 towers %s, ranker %s, enabled %s", towers, ranked, enabled)
     return {"enabled": enabled, **summary}
