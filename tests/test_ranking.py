@@ -175,5 +175,8 @@ def test_disabled_ranking_keeps_the_towers_path(tiny_run: Path, tmp_path: Path) 
     catalog = ModelFolder(copy).load_catalog()
     history = [catalog.rated_by(u) for u in range(4)]
     recs = rec.recommend(catalog.user_feats[:4], history, 5, history)
-    cands = rec.candidates(catalog.user_feats[:4], history, history, 5)
-    assert recs.rows.tolist() == cands.rows.tolist()
+    # The towers' top-N reranked by the blend chosen on validation, as before the ranking stage.
+    n = max(5, rec.settings.candidates) if rec.settings.blend else 5
+    towers = rec.rerank(rec.candidates(catalog.user_feats[:4], history, history, n), 5)
+    assert recs.rows.tolist() == towers.rows.tolist()
+    torch.testing.assert_close(recs.relevance, towers.relevance)
