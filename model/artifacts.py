@@ -23,9 +23,11 @@ import pyarrow as pa
 import torch
 
 from model import layout
+from model.candidates import AuthorIndex, ItemGraph
 from model.catalog import Catalog
 from model.checkpoint import load_checkpoint, load_scripted
 from model.encoder import TextEncoder, load_saved_encoder
+from model.ranker import RankingSettings, RankingStage
 from model.recommend import RerankSettings, TwoStageRecommender, embed_book_set
 from model.scoring import Scorer
 
@@ -149,6 +151,33 @@ class ModelFolder:
     def rerank_settings(self) -> RerankSettings:
         return RerankSettings.load(self.path / layout.RETRIEVAL_META)
 
+    def has_ranking(self) -> bool:
+        """Whether the folder holds the ranking stage (item graph, ranker and its settings)."""
+        return all((self.path / name).is_file() for name in layout.RANKING_FILES)
+
+    def ranking_stage(
+        self,
+        catalog: Catalog,
+        book_rows: np.ndarray | None = None,
+        device: str | torch.device = "cpu",
+        *,
+        settings: RankingSettings | None = None,
+        ranker: torch.nn.Module | None = None,
+    ) -> RankingStage:
+        """The item graph, author index and ranker over the book set of catalog rows ``book_rows``
+        (None: the whole catalog). ``settings`` / ``ranker`` replace the folder's (training)."""
+        graph = ItemGraph.load(self.path / layout.ITEM_GRAPH)
+        settings = settings or RankingSettings.load(self.path / layout.RANKING_META)
+        if ranker is None and (self.path / layout.RANKER_FILE).is_file():
+            ranker = load_scripted(self.path / layout.RANKER_FILE, device)
+        authors = AuthorIndex(
+            *(code.numpy() for code in catalog.group_code_columns()),
+            np.bincount(catalog.rated_books, minlength=len(catalog.books)),
+            per_author=settings.per_author,
+        )
+        years = catalog.books["year"].fillna(0).to_numpy(np.float32)
+        return RankingStage(graph, authors, years, settings, ranker, book_rows)
+
     def read_json(self, name: str) -> Any:
         """A JSON file of the folder, None when absent."""
         path = self.path / name
@@ -196,7 +225,11 @@ class ModelFolder:
             vectors = embed_book_set(towers, catalog, scorer.book_feats, book_rows)
         else:
             vectors = self.book_vectors() if book_rows is None else self.book_vectors()[book_rows]
-        return TwoStageRecommender(towers, vectors, scorer, self.rerank_settings())
+        ranking = None
+        if self.has_ranking() and RankingSettings.load(self.path / layout.RANKING_META).enabled:
+            rows = None if book_rows is None else book_rows.numpy().astype(np.int64)
+            ranking = self.ranking_stage(catalog, rows, scorer.device)
+        return TwoStageRecommender(towers, vectors, scorer, self.rerank_settings(), ranking)
 
 
 @dataclass

@@ -249,6 +249,49 @@ class RetrievalConfig:
 
 
 @dataclass
+class RankingConfig:
+    """Extra candidate sources (RP3beta item graph, the reader's authors) and the learned ranker.
+
+    The sources are fitted on the training history; the ranker learns from the ``val`` reads (a
+    seeded ``stop_frac`` of the val users for early stopping, ``report_frac`` for the comparison
+    with the towers' order); test is never seen.
+    """
+
+    # Serve the ranker's order; false: the towers' (blend) path, as before. With ``require_gain``
+    # it is kept on only when it beats the towers' order on the report users' recall@10 by more
+    # than ``min_gain`` (the step's ranking.json says which it was).
+    enabled: bool = True
+    require_gain: bool = True
+    min_gain: float = 0.0
+    graph_alpha: float = 1.0  # exponent of the walk's transition probabilities
+    graph_beta: float = 0.3  # popularity penalty of the target book
+    graph_neighbours: int = 100  # kept per book
+    graph_candidates: int = 100  # the graph's top-N added to the towers' candidates
+    author_candidates: int = 50  # books of the reader's authors added (most read first)
+    per_author: int = 50  # most read books of one author the author source offers
+    hidden: list[int] = field(default_factory=lambda: [64, 32])
+    epochs: int = 30
+    patience: int = 4
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    batch_users: int = 256  # users per step (a listwise loss over each one's candidates)
+    max_users: int = 30_000  # val users featurised (a seeded sample above this)
+    stop_frac: float = 0.15
+    report_frac: float = 0.15
+    seed: int = 0
+    ablation: bool = False  # also refit without each feature group and report it (ranking.json)
+
+    def __post_init__(self) -> None:
+        _positive(self, "graph_alpha", "graph_neighbours", "epochs", "lr", "batch_users", "max_users", "per_author")
+        _non_negative(self, "graph_beta", "graph_candidates", "author_candidates", "weight_decay", "min_gain")
+        _check(self.patience >= 1, "patience", "must be >= 1", self.patience)
+        _check(bool(self.hidden) and min(self.hidden) > 0, "hidden", "must list positive layer sizes", self.hidden)
+        _fraction(self, "stop_frac", "report_frac")
+        total = self.stop_frac + self.report_frac
+        _check(total < 1, "stop_frac", "+ report_frac must be < 1 (val users must be left to fit on)", total)
+
+
+@dataclass
 class CompressConfig:
     """Pruning, quantization and TorchScript export."""
 
@@ -323,6 +366,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    ranking: RankingConfig = field(default_factory=RankingConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

@@ -21,6 +21,13 @@ RETRIEVAL_FILE = "retrieval_scripted.pt"
 RETRIEVAL_META = "retrieval.json"
 BOOK_VECTORS = "book_vectors.npy"
 
+# The ranking stage (optional: a run without the ranking step serves the towers' order): the
+# RP3beta item-item graph over catalog rows, the learned ranker (TorchScript) and its settings.
+ITEM_GRAPH = "item_graph.npz"
+RANKER_FILE = "ranker_scripted.pt"
+RANKING_META = "ranking.json"
+RANKING_FILES = (ITEM_GRAPH, RANKER_FILE, RANKING_META)
+
 # The text encoder (weights, tokenizer, encoder.json) and its own description.
 ENCODER_DIR = "encoder"
 ENCODER_META = "encoder.json"

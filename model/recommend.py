@@ -10,6 +10,10 @@ so the three give the same lists. For a block of users:
 3. the rating MLP's predicted rating of those N pairs (the Scorer's precomputed book projections);
 4. relevance = retrieval logit + ``blend`` x predicted rating, with ``blend`` chosen on validation;
    the top-k by relevance are the answer, each with its predicted rating.
+
+With a ``RankingStage`` (``model/ranker.py``; trained by the ``ranking`` step, on by
+``ranking.enabled``) steps 3-4 become: the towers' top-N merged with the item graph's and the
+reader's authors' candidates, every pair featurised, relevance = the learned ranker's score.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 import torch
 
 from model.catalog import Catalog
+from model.ranker import MergedCandidates, RankingStage, merge
 from model.scoring import Scorer, exclusion_coords
 
 # Most retrieval logits held at once (users x books slice): 2^24 floats = 64 MB.
@@ -109,7 +114,10 @@ class TwoStageRecommender:
         book_vectors: torch.Tensor,
         scorer: Scorer,
         settings: RerankSettings,
+        ranking: RankingStage | None = None,
     ):
+        if ranking is not None and len(ranking.catalog_rows) != book_vectors.shape[0]:
+            raise ValueError(f"a ranking stage of {len(ranking.catalog_rows)} books for {book_vectors.shape[0]}")
         if book_vectors.shape[0] != scorer.n_books:
             raise ValueError(f"{book_vectors.shape[0]} book vectors for a book set of {scorer.n_books}")
         self.device = scorer.device
@@ -119,12 +127,16 @@ class TwoStageRecommender:
         self.temperature = float(self.towers.temperature)
         self.scorer = scorer
         self.settings = settings
+        self.ranking = ranking
         self.last_timings: dict[str, float] = {}
 
     def subset(self, rows: np.ndarray) -> TwoStageRecommender:
         """The same recommender over the book-set positions ``rows`` only."""
         index = torch.as_tensor(rows, dtype=torch.long, device=self.device)
-        return TwoStageRecommender(self.towers, self.book_vectors[index], self.scorer.subset(index), self.settings)
+        ranking = self.ranking.subset(rows) if self.ranking is not None else None
+        return TwoStageRecommender(
+            self.towers, self.book_vectors[index], self.scorer.subset(index), self.settings, ranking
+        )
 
     @property
     def n_books(self) -> int:
@@ -239,7 +251,54 @@ class TwoStageRecommender:
         k: int,
         exclude: list[np.ndarray] | None = None,
     ) -> Recommendations:
-        """Top-``k`` books per user: retrieval, then the rerank. With a blend of 0 the rerank keeps
-        the retrieval order, so only the ``k`` books returned are rated."""
+        """Top-``k`` books per user: retrieval, then the rerank (the learned ranker over the merged
+        candidates when the recommender has a ranking stage). With a blend of 0 and no ranking stage
+        the rerank keeps the retrieval order, so only the ``k`` books returned are rated."""
+        if self.ranking is not None and self.ranking.settings.enabled:
+            return self.rank(self.merged_candidates(user_feats, history, exclude, k), k)
         n = max(k, self.settings.candidates) if self.settings.blend else k
         return self.rerank(self.candidates(user_feats, history, exclude, n), k)
+
+    @torch.inference_mode()
+    def merged_candidates(
+        self,
+        user_feats: torch.Tensor,
+        history: list[np.ndarray],
+        exclude: list[np.ndarray] | None = None,
+        k: int = 0,
+    ) -> MergedCandidates:
+        """The towers' top-N (N = ``settings.candidates``, at least ``k``) united with the ranking
+        stage's graph and author candidates, each pair with the ranker's features
+        (``model/ranker.py``) and the predicted rating."""
+        if self.ranking is None:
+            raise ValueError("merged candidates need a ranking stage (the run's ranking step)")
+        start = time.perf_counter()
+        n = min(max(self.settings.candidates, k), self.n_books)
+        users = self.user_vectors(user_feats, history)
+        top, towers_rows = self._top_n(users, exclude, n)
+        towers_rows = towers_rows.masked_fill(torch.isinf(top), -1)
+        retrieved = time.perf_counter()
+        scores = self.ranking.sources(history, exclude)
+        rows = merge(towers_rows, self.ranking.extra_candidates(scores).to(self.device))
+        sourced = time.perf_counter()
+        safe = rows.clamp_min(0)
+        logit = torch.bmm(self.book_vectors[safe].float(), (users / self.temperature).float().unsqueeze(2)).squeeze(2)
+        rating = self.scorer.rate_rows(self.scorer.project_users(user_feats), safe)
+        feats, member = self.ranking.features(scores, rows, logit, towers_rows, rating)
+        self.last_timings = {
+            "retrieval": retrieved - start,
+            "sources": sourced - retrieved,
+            "features": time.perf_counter() - sourced,
+        }
+        return MergedCandidates(rows, feats, rating, member)
+
+    def rank(self, cands: MergedCandidates, k: int) -> Recommendations:
+        """The top-``k`` of merged candidates by the ranker's score (padding last, at -inf)."""
+        start = time.perf_counter()
+        assert self.ranking is not None
+        relevance = self.ranking.score(cands.features).to(self.device).masked_fill(cands.rows < 0, -math.inf)
+        k = min(k, relevance.shape[1])
+        relevance, order = torch.topk(relevance, k, dim=1)
+        rows = cands.rows.gather(1, order).masked_fill(torch.isinf(relevance), -1)
+        self.last_timings["rerank"] = time.perf_counter() - start
+        return Recommendations(rows, relevance, cands.rating.gather(1, order))

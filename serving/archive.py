@@ -201,6 +201,11 @@ def build_archive(
             shutil.copytree(run_dir / name, payload / name)
         for name in (layout.RETRIEVAL_FILE, layout.RETRIEVAL_META, layout.BOOK_VECTORS):
             shutil.copy2(run_dir / name, payload / name)
+        # The ranking stage ships when the run has all of it (a run without the ranking step serves
+        # the towers' order, as before).
+        if all((run_dir / name).is_file() for name in layout.RANKING_FILES):
+            for name in layout.RANKING_FILES:
+                shutil.copy2(run_dir / name, payload / name)
         _copy_code(payload)
         config_file = tmp_dir / layout.MODEL_CONFIG
         config_file.write_text(

@@ -1,4 +1,5 @@
-"""The training job's steps, in order: data -> distill -> features -> train -> compress -> retrieval -> evaluate.
+"""The training job's steps, in order: data -> distill -> features -> train -> compress -> retrieval -> ranking
+-> evaluate.
 
 ``distill`` does work only when ``encoder.name`` is ``distilled``.
 
@@ -20,6 +21,7 @@ from train.compress import step_compress
 from train.distill.step import step_distill
 from train.evaluation.step import step_evaluate
 from train.pipeline import prepare_run, step_data, step_features, step_train, write_json
+from train.ranking.step import step_ranking
 from train.retrieval import step_retrieval
 
 log = logging.getLogger("bookrec.pipeline")
@@ -32,6 +34,7 @@ STEPS: dict[str, Step] = {
     "train": step_train,
     "compress": step_compress,
     "retrieval": step_retrieval,
+    "ranking": step_ranking,
     "evaluate": step_evaluate,
 }
 
