@@ -233,7 +233,7 @@ class BaselineCache:
         return out
 
 
-MODEL_NAME = "two-stage (retrieval + rating rerank)"
+MODEL_NAME = "two-stage (retrieval, candidate sources, ranker)"
 RATING_ONLY_NAME = "rating MLP alone"
 CONTENT_NAME = SameAuthor.name
 COLD_PROTOCOLS = {"cold-book": False, "new-author": True}  # protocol: only books of new authors

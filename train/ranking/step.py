@@ -23,9 +23,9 @@ from model.catalog import Catalog
 from model.config import Config
 from model.ranker import RankingSettings
 from train.dataset import load_tables
+from train.evaluation.protocols import warm_task
 from train.ranking.fit import collect, fit_ranker, quality, source_recall, towers_scores
 from train.ranking.graph import rp3beta_graph
-from train.topk_eval import warm_task
 
 log = logging.getLogger("bookrec.ranking")
 
