@@ -57,14 +57,6 @@ def release_unused_memory() -> None:
         trim(0)
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def feature_code_sha256(folder: Path = FEATURE_CODE_DIR) -> str:
     """One hash of the shared model code (``model/*.py``, names and contents): two folders with the
     same hash compute the same features and scores from the same files."""

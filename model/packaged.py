@@ -10,13 +10,14 @@ the folder is used, so a truncated or altered copy fails loudly instead of embed
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from model.hashing import file_sha256
 
 PREFIX = "packaged:"
 
@@ -75,14 +76,6 @@ def lookup(name: str) -> PackagedEncoder:
     return PACKAGED[key]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def unpack(name: str, out: Path) -> Path:
     """Unpack ``packaged:<name>`` into ``out`` (checked; an already checked folder is reused)."""
     enc = lookup(name)
@@ -95,7 +88,7 @@ def unpack(name: str, out: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
         with zipfile.ZipFile(zip_path) as zf:
             zf.extractall(tmp)
-        digest = _sha256(Path(tmp) / enc.weights)
+        digest = file_sha256(Path(tmp) / enc.weights)
         if digest != enc.sha256:
             raise PackagedEncoderError(
                 f"{zip_path}: {enc.weights} has SHA-256 {digest}, expected {enc.sha256}; reinstall {enc.distribution}"

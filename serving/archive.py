@@ -43,7 +43,8 @@ import yaml
 
 from handlers.schema import Limits
 from model import layout
-from model.artifacts import ModelFolder, code_identity, file_sha256
+from model.artifacts import ModelFolder, code_identity
+from model.hashing import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_NAME = "bookrec"

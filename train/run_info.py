@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from model.artifacts import file_sha256
+from model.hashing import file_sha256
 
 PACKAGES = (
     "torch",
