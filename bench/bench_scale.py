@@ -51,7 +51,7 @@ FULL = {"users": 278_858, "books": 271_379, "ratings": 1_149_780}
 IMPLICIT_SHARE = 716_109 / 1_149_780  # the dump's share of rating-0 rows
 SHARED = REPO.parent / "shared" / "data"
 PHASES = ("data", "train", "engine", "topk", "allpairs", "serve")
-TRAIN_STEPS = ("data", "features", "train", "compress", "retrieval", "evaluate")
+TRAIN_STEPS = ("data", "distill", "features", "train", "compress", "retrieval", "ranking", "evaluate")
 
 
 # ------------------------------------------------------------------------------------ helpers

@@ -263,9 +263,11 @@ class RankingConfig:
     enabled: bool = True
     require_gain: bool = True
     min_gain: float = 0.0
-    graph_alpha: float = 1.0  # exponent of the walk's transition probabilities
-    graph_beta: float = 0.3  # popularity penalty of the target book
-    graph_neighbours: int = 100  # kept per book
+    # The graph's settings: the best of five on the stop readers of the shared data's val split
+    # (``python -m train.ranking.grid``; EVALUATION.md#ranking-stage).
+    graph_alpha: float = 0.5  # exponent of the walk's transition probabilities
+    graph_beta: float = 0.0  # popularity penalty of the target book
+    graph_neighbours: int = 200  # kept per book
     graph_candidates: int = 100  # the graph's top-N added to the towers' candidates
     author_candidates: int = 50  # books of the reader's authors added (most read first)
     per_author: int = 50  # most read books of one author the author source offers
@@ -280,13 +282,26 @@ class RankingConfig:
     report_frac: float = 0.15
     seed: int = 0
     ablation: bool = False  # also refit without each feature group and report it (ranking.json)
+    # Shipping (train/ranking/compress.py), each choice made on the stop readers: structured pruning
+    # and its recovery epochs, int8, and a popularity penalty so that no single book heads more than
+    # ``max_top1_share`` of the lists. Each may cost at most ``max_recall_loss`` of recall@10.
+    prune_amount: float = 0.25
+    finetune_epochs: int = 3
+    max_recall_loss: float = 0.002
+    max_top1_share: float = 0.05
+    popularity_penalties: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3])
+    latency_repeats: int = 50
 
     def __post_init__(self) -> None:
         _positive(self, "graph_alpha", "graph_neighbours", "epochs", "lr", "batch_users", "max_users", "per_author")
         _non_negative(self, "graph_beta", "graph_candidates", "author_candidates", "weight_decay", "min_gain")
         _check(self.patience >= 1, "patience", "must be >= 1", self.patience)
         _check(bool(self.hidden) and min(self.hidden) > 0, "hidden", "must list positive layer sizes", self.hidden)
-        _fraction(self, "stop_frac", "report_frac")
+        _fraction(self, "stop_frac", "report_frac", "prune_amount", "max_top1_share")
+        _non_negative(self, "finetune_epochs", "max_recall_loss")
+        _positive(self, "latency_repeats")
+        penalties = self.popularity_penalties
+        _check(min(penalties, default=0) >= 0, "popularity_penalties", "must be >= 0", penalties)
         total = self.stop_frac + self.report_frac
         _check(total < 1, "stop_frac", "+ report_frac must be < 1 (val users must be left to fit on)", total)
 

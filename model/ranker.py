@@ -44,7 +44,11 @@ SOURCES = ("towers", "graph", "author")
 
 
 class RankerMLP(nn.Module):
-    """Standardised features -> hidden layers -> one score per pair (TorchScript-compatible)."""
+    """Standardised features -> hidden layers -> one score per pair (TorchScript-compatible).
+
+    ``penalty`` times the book's log popularity is taken off the score: chosen on validation so
+    that no single book heads too many readers' lists (``ranking.max_top1_share``); 0 by default.
+    """
 
     def __init__(self, n_features: int, hidden: list[int]):
         super().__init__()
@@ -57,10 +61,21 @@ class RankerMLP(nn.Module):
         self.net = nn.Sequential(*layers)
         self.register_buffer("mean", torch.zeros(n_features))
         self.register_buffer("std", torch.ones(n_features))
+        self.register_buffer("penalty", torch.zeros(()))
+        self.popularity_at = FEATURES.index("log_popularity")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Scores [...] of features [..., F]."""
-        return self.net((x - self.mean) / self.std).squeeze(-1)
+        return self.net((x - self.mean) / self.std).squeeze(-1) - self.penalty * x[..., self.popularity_at]
+
+    def linears(self) -> list[nn.Module]:
+        """The linear layers in order (what pruning and quantization walk)."""
+        return [m for m in self.net if hasattr(m, "out_features")]
+
+    def shape(self) -> list[int]:
+        """Widths from the input through every layer, for reports."""
+        layers = self.linears()
+        return [int(layers[0].in_features), *(int(m.out_features) for m in layers)]
 
 
 @dataclass(frozen=True)

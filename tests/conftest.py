@@ -43,6 +43,7 @@ def tiny_config(run_dir: Path, source: Path, cache: Path) -> Config:
             # The tiny run's 22 report readers cannot tell the ranker from the towers: ship it on,
             # so every test of recommend, batch top-K and evaluation goes through the ranker.
             "ranking.require_gain=false",
+            "ranking.latency_repeats=3",
         ],
     )
 

@@ -85,6 +85,10 @@ def test_ranking_config_is_checked() -> None:
         load_config(None, ["ranking.stop_frac=0.6", "ranking.report_frac=0.5"])
     with pytest.raises(ConfigError, match=r"ranking\.graph_neighbours"):
         load_config(None, ["ranking.graph_neighbours=0"])
+    with pytest.raises(ConfigError, match=r"ranking\.prune_amount"):
+        load_config(None, ["ranking.prune_amount=1.0"])
+    with pytest.raises(ConfigError, match=r"ranking\.popularity_penalties"):
+        load_config(None, ["ranking.popularity_penalties=[0.1, -0.1]"])
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +104,17 @@ def test_the_run_ships_a_ranking_stage(tiny_run: Path, loaded, tiny_store: Path)
         assert loaded.recommender.ranking is not None
     with zipfile.ZipFile(tiny_store / "bookrec.mar") as zf:
         assert set(layout.RANKING_FILES) <= set(zf.namelist())
+    # The shipped file is the variant compression chose: its widths, its int8 weights, its penalty.
+    compression = meta["compression"]
+    choice = compression["shipped"]["from"]
+    assert set(compression["variants"]) == {"fp32", "pruned", "int8"}
+    assert compression["variants"]["pruned"]["shape"][1] < compression["variants"]["fp32"]["shape"][1]
+    state = torch.jit.load(str(tiny_run / layout.RANKER_FILE)).state_dict()
+    first = state["net.0.weight_q"] if choice == "int8" else state["net.0.weight"]
+    assert first.shape[0] == compression["variants"][choice]["shape"][1]
+    assert (first.dtype == torch.int8) == (choice == "int8")
+    assert float(state["penalty"]) == pytest.approx(compression["shipped"]["penalty"])
+    assert compression["shipped"]["penalty"] in {0.0, *load_config(None).ranking.popularity_penalties}
 
 
 def _ranked(tiny_run: Path):
@@ -180,3 +195,36 @@ def test_disabled_ranking_keeps_the_towers_path(tiny_run: Path, tmp_path: Path) 
     towers = rec.rerank(rec.candidates(catalog.user_feats[:4], history, history, n), 5)
     assert recs.rows.tolist() == towers.rows.tolist()
     torch.testing.assert_close(recs.relevance, towers.relevance)
+
+
+def test_the_graph_grid_refits_per_setting_and_tables_it(tiny_run: Path, tmp_path: Path) -> None:
+    from train.ranking.grid import main
+
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy)
+    main(
+        [
+            "--config",
+            str(copy / "config.yaml"),
+            "--run-dir",
+            str(copy),
+            "--alpha",
+            "0.5",
+            "1",
+            "--beta",
+            "0",
+            "--neighbours",
+            "2",
+            "--set",
+            "ranking.latency_repeats=2",
+        ]
+    )
+    rows = json.loads((copy / "ranking_grid.json").read_text())
+    assert [(r["alpha"], r["neighbours"]) for r in rows] == [(0.5, 2), (1.0, 2)]
+    # Two neighbours per book: the graph holds at most 2 edges per book.
+    n_books = len(ModelFolder(copy).load_catalog().books)
+    for r in rows:
+        assert 0 < r["graph_edges"] <= 2 * n_books
+        assert 0 <= r["stop_recall@10"] <= 1
+    meta = json.loads((copy / layout.RANKING_META).read_text())
+    assert meta["graph_edges"] == rows[-1]["graph_edges"]

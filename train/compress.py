@@ -34,7 +34,7 @@ log = logging.getLogger("bookrec.compress")
 REPORT_SPLITS = ("val", "test", "cold_book", "cold_user")
 
 
-def _shrink_linear(layer: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+def shrink_linear(layer: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
     """A smaller copy of ``layer`` keeping output ``rows`` and input ``cols``."""
     weight = layer.weight.detach()
     if rows is not None:
@@ -70,17 +70,17 @@ def prune_structured(model: RatingMLP, amount: float) -> RatingMLP:
     ):
         prune.remove(module, name)
     keep = unit_mask.nonzero().squeeze(1)
-    model.user_in = _shrink_linear(model.user_in, rows=keep)
-    model.book_in = _shrink_linear(model.book_in, rows=keep)
+    model.user_in = shrink_linear(model.user_in, rows=keep)
+    model.book_in = shrink_linear(model.book_in, rows=keep)
 
     linear_at = [i for i, m in enumerate(model.tail) if isinstance(m, nn.Linear)]
     for position, index in enumerate(linear_at):
-        layer = _shrink_linear(model.tail[index], cols=keep)
+        layer = shrink_linear(model.tail[index], cols=keep)
         if position < len(linear_at) - 1:  # the output layer keeps its single unit
             prune.ln_structured(layer, "weight", amount=amount, n=2, dim=0)
             keep = layer.weight_mask[:, 0].nonzero().squeeze(1)
             prune.remove(layer, "weight")
-            layer = _shrink_linear(layer, rows=keep)
+            layer = shrink_linear(layer, rows=keep)
         model.tail[index] = layer
     return model
 

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from model.config import RankingConfig
 from model.ranker import FEATURES, SOURCES, RankerMLP
 from model.recommend import TwoStageRecommender
-from train.evaluation.metrics import ndcg_at_k_binary, recall_at_k
+from train.evaluation.metrics import ndcg_at_k_binary, recall_at_k, top1_share
 from train.fit import EarlyStopping
 
 log = logging.getLogger("bookrec.ranking")
@@ -90,6 +90,7 @@ def quality(data: RankingData, scores: torch.Tensor | np.ndarray, k: int = 10) -
     return {
         f"recall@{k}": round(recall_at_k(top, data.relevant, k), 5),
         f"ndcg@{k}": round(ndcg_at_k_binary(top, data.relevant, k), 5),
+        "top1_share": round(top1_share(top), 5),
     }
 
 
@@ -108,18 +109,28 @@ def source_recall(data: RankingData) -> dict[str, float]:
 
 
 def fit_ranker(
-    fit: RankingData, stop: RankingData, cfg: RankingConfig, drop: tuple[str, ...] = ()
+    fit: RankingData,
+    stop: RankingData,
+    cfg: RankingConfig,
+    drop: tuple[str, ...] = (),
+    start: RankerMLP | None = None,
+    epochs: int | None = None,
+    lr: float | None = None,
 ) -> tuple[RankerMLP, dict]:
     """A ranker trained on ``fit``, the epoch with the best ``stop`` recall@10 kept. ``drop`` names
-    features held constant (ablation)."""
+    features held constant (ablation); ``start`` continues from a model (the pruned one's recovery)
+    instead of a fresh one, for ``epochs`` at ``lr`` (default: the config's)."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model = RankerMLP(len(FEATURES), cfg.hidden)
     useful = np.flatnonzero(fit.label.any(1))
     valid = torch.from_numpy(fit.rows >= 0)
-    flat = fit.features[valid]
-    model.mean.copy_(flat.mean(0))
-    model.std.copy_(flat.std(0).clamp_min(1e-6))
+    if start is None:
+        model = RankerMLP(len(FEATURES), cfg.hidden)
+        flat = fit.features[valid]
+        model.mean.copy_(flat.mean(0))
+        model.std.copy_(flat.std(0).clamp_min(1e-6))
+    else:
+        model = start
     dropped = [FEATURES.index(name) for name in drop]
 
     def masked(x: torch.Tensor) -> torch.Tensor:
@@ -129,11 +140,16 @@ def fit_ranker(
         x[..., dropped] = model.mean[dropped]
         return x
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr or cfg.lr, weight_decay=cfg.weight_decay)
     stopper = EarlyStopping(model, cfg.patience, higher_is_better=True)
     label = torch.from_numpy(fit.label)
     history = []
-    for epoch in range(1, cfg.epochs + 1):
+    if start is not None:  # the starting point counts: recovery epochs that do not help are undone
+        model.eval()
+        with torch.no_grad():
+            history.append({"epoch": 0, **quality(stop, model(masked(stop.features)))})
+        stopper.update(history[0]["recall@10"], 0)
+    for epoch in range(1, (epochs or cfg.epochs) + 1):
         model.train()
         order = rng.permutation(useful)
         total = 0.0

@@ -1,8 +1,10 @@
 """The ``ranking`` step: build the item graph, featurise the val readers' merged candidates, fit the
 ranker, compare it with the towers' order on held-out val readers, and ship what serving needs.
 
-Writes ``item_graph.npz``, ``ranker_scripted.pt`` and ``ranking.json`` (settings, whether the ranker
-is enabled, and the validation comparison) into the run folder; the archive ships all three.
+Writes ``item_graph.npz``, ``ranker_scripted.pt`` (pruned, int8 and penalised as
+``train/ranking/compress.py`` chose) and ``ranking.json`` (settings, whether the ranker is enabled,
+the compression report and the validation comparison) into the run folder; the archive ships all
+three.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from model.config import Config
 from model.ranker import RankingSettings
 from train.dataset import load_tables
 from train.evaluation.protocols import warm_task
+from train.ranking.compress import compress_ranker
 from train.ranking.fit import collect, fit_ranker, quality, source_recall, towers_scores
 from train.ranking.graph import rp3beta_graph
 
@@ -83,9 +86,11 @@ def step_ranking(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     collect_seconds = time.perf_counter() - start - graph_seconds
     fit_idx, stop_idx, report_idx = split_users(len(data), rc, rc.seed)
     fit, stop, report = data.take(fit_idx), data.take(stop_idx), data.take(report_idx)
-    model, history = fit_ranker(fit, stop, rc)
+    fp32, history = fit_ranker(fit, stop, rc)
+    model, compression = compress_ranker(fp32, fit, stop, rc)
     with torch.no_grad():
         ranked = quality(report, model(report.features))
+        ranked_fp32 = quality(report, fp32(report.features))
     towers = quality(report, towers_scores(report))
     gain = ranked["recall@10"] - towers["recall@10"]
     enabled = rc.enabled and (gain > rc.min_gain or not rc.require_gain)
@@ -99,6 +104,8 @@ def step_ranking(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
         "val_stop_users": len(stop),
         "towers": towers,
         "ranker": ranked,
+        "ranker_fp32_unpenalised": ranked_fp32,
+        "compression": compression,
         "recall_by_source": source_recall(report),
         "graph_edges": int(graph.weights.nnz),
         "best_epoch": history["best_epoch"],
