@@ -384,7 +384,8 @@ def plot_top_k(topk: dict, path) -> None:
         right.bar([x + i * 0.27 for x in range(len(cold))], values, 0.27, label=model.split(" (")[0])
     right.set_xticks([x + 0.27 for x in range(len(cold))], list(cold))
     right.set_ylabel("recall@10 among the cold books")
-    right.legend(fontsize="small")
+    right.set_ylim(0, 1.5 * max(right.get_ylim()[1], 1e-3))  # room for the legend above the bars
+    right.legend(fontsize="small", loc="upper left")
     for ax in (left, middle, right):
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
