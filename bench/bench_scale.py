@@ -222,6 +222,22 @@ for name, body in bodies.items():
     if parts:
         for key in parts[0]:
             out[name][key + "_p50_ms"] = round(statistics.median(p[key] for p in parts) * 1e3, 2)
+# The same recommend calls without the ranking stage (the towers' path), alternating with it in
+# this process: the ranking stage's cost as a ratio that machine load and hardware cancel out of.
+stage = engine.recommender.ranking
+if stage is not None:
+    both = {"with_ranking": [], "towers_only": []}
+    for _ in range(int(sys.argv[3])):
+        request = [bodies["recommend_10"]()]
+        for key, ranking in (("with_ranking", stage), ("towers_only", None)):
+            engine.recommender.ranking = ranking
+            t = time.perf_counter()
+            engine.run(request)
+            both[key].append(time.perf_counter() - t)
+    engine.recommender.ranking = stage
+    p50 = {k: statistics.median(v) for k, v in both.items()}
+    out["recommend_10_towers_only_p50_ms"] = round(p50["towers_only"] * 1e3, 2)
+    out["recommend_10_ranking_vs_towers"] = round(p50["with_ranking"] / p50["towers_only"], 2)
 out["rss_end_mb"] = round(proc.memory_info().rss / 2**20)
 print(json.dumps(out))
 """
@@ -387,6 +403,10 @@ ROWS: list[tuple[str, list[tuple[str, float, str]]]] = [
                                                    ("engine.recommend_10.p99_ms", 1, ".1f")]),
     ("  retrieval / rerank p50 (ms)", [("engine.recommend_10.retrieval_p50_ms", 1, ".1f"),
                                        ("engine.recommend_10.rerank_p50_ms", 1, ".1f")]),
+    ("  without the ranking stage, same process: p50 (ms) / ratio", [
+        ("engine.recommend_10_towers_only_p50_ms", 1, ".1f"), ("engine.recommend_10_ranking_vs_towers", 1, ".2f")]),
+    ("  candidate sources / ranker features p50 (ms)", [("engine.recommend_10.sources_p50_ms", 1, ".1f"),
+                                                        ("engine.recommend_10.features_p50_ms", 1, ".1f")]),
     ("rate 1 pair p50 / p99 in process (ms)", [("engine.rate_1.p50_ms", 1, ".2f"), ("engine.rate_1.p99_ms", 1, ".2f")]),
     ("recommend k=10 p50 / p99 TorchServe (ms)", [("serve.results.recommend_10.torchserve.p50_ms", 1, ".1f"),
                                                    ("serve.results.recommend_10.torchserve.p99_ms", 1, ".1f")]),

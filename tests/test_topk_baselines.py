@@ -161,7 +161,7 @@ def test_recommend_top_k_default_block_shrinks_with_the_catalog(monkeypatch: pyt
     assert max(seen) == 10 and sum(seen) == train.shape[0]
 
 
-def test_item_knn_cuts_the_heaviest_readers_only_beyond_its_pair_budget() -> None:
+def test_item_knn_and_rp3beta_cut_the_heaviest_readers_only_beyond_their_pair_budget() -> None:
     from train.evaluation.topk_baselines import _cap_heavy_rows
 
     train = planted()
@@ -174,6 +174,12 @@ def test_item_knn_cuts_the_heaviest_readers_only_beyond_its_pair_budget() -> Non
     assert set(cut[0].indices) <= set(range(30)) and cut[1].indices.tolist() == [0, 1, 2]
     capped = ItemKNN(neighbours=None, max_pairs=pairs // 2).fit(train)
     assert capped.sim.shape == (N_ITEMS, N_ITEMS) and capped.sim.nnz > 0
+    # RP3β cuts the same readers the same way: its walk is the one of the cut matrix.
+    budget = 10**2 + 3**2
+    walk = RP3beta(alpha=0.5, beta=0.0, neighbours=5, max_pairs=budget).fit(heavy).weights
+    by_hand = RP3beta(alpha=0.5, beta=0.0, neighbours=5, max_pairs=10**9).fit(cut).weights
+    assert (walk != by_hand).nnz == 0 and walk.nnz > 0
+    assert (RP3beta(alpha=0.5, beta=0.0, neighbours=5, max_pairs=10**9).fit(heavy).weights != walk).nnz > 0
 
 
 def test_rp3beta_matches_the_walk_worked_out_by_hand() -> None:

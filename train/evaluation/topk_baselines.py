@@ -375,7 +375,15 @@ class RP3beta(_Fitted):
     ``neighbours * n_items`` entries whatever the catalog size.
     """
 
-    def __init__(self, alpha: float = 1.0, beta: float = 0.5, neighbours: int = 100, block: int = 4096) -> None:
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        beta: float = 0.5,
+        neighbours: int = 100,
+        block: int = 4096,
+        max_pairs: int = 50_000_000,
+        seed: int = 0,
+    ) -> None:
         if alpha <= 0:
             raise ValueError(f"alpha must be > 0, got {alpha}")
         if beta < 0:
@@ -383,27 +391,37 @@ class RP3beta(_Fitted):
         if neighbours < 1:
             raise ValueError(f"neighbours must be >= 1, got {neighbours}")
         self.alpha, self.beta, self.neighbours, self.block = alpha, beta, neighbours, block
+        self.max_pairs, self.seed = max_pairs, seed
         self.name = f"RP3β (α {alpha:g}, β {beta:g}, {neighbours} nn)"
 
     def fit(self, train: sp.csr_matrix) -> RP3beta:
         setting = {"alpha": self.alpha, "beta": self.beta, "neighbours": self.neighbours}
-        fitted = next(self.grid(train, [setting], self.block))
+        fitted = next(self.grid(train, [setting], self.block, self.max_pairs, self.seed))
         self.n_items, self.weights = fitted.n_items, fitted.weights
         return self
 
     @classmethod
-    def grid(cls, train: sp.csr_matrix, settings: list[dict[str, Any]], block: int = 4096) -> Iterator[RP3beta]:
+    def grid(
+        cls,
+        train: sp.csr_matrix,
+        settings: list[dict[str, Any]],
+        block: int = 4096,
+        max_pairs: int = 50_000_000,
+        seed: int = 0,
+    ) -> Iterator[RP3beta]:
         """One fitted model per setting (``alpha``, ``beta``, ``neighbours``), in order. The walk is
         built once per run of equal (alpha, beta), keeping the largest ``neighbours`` of that run
-        ranked per item, so each ``neighbours`` is a mask (list settings of one walk together)."""
-        x = _binary(train, "train")
+        ranked per item, so each ``neighbours`` is a mask (list settings of one walk together).
+        The heaviest readers are cut as item-kNN's are (:func:`_cap_heavy_rows`): at full size one
+        reader of 24k books made every block of the walk nearly dense."""
+        x = _cap_heavy_rows(_binary(train, "train"), max_pairs, seed)
         n_items = x.shape[1]
         deg_user = np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
         deg_item = np.asarray(x.sum(axis=0), dtype=np.float64).ravel()
         blocks: list[_RankedColumns] = []
         current = None
         for n, setting in enumerate(settings):
-            model = cls(**setting, block=block)
+            model = cls(**setting, block=block, max_pairs=max_pairs, seed=seed)
             walk = (model.alpha, model.beta)
             if walk != current:
                 blocks = []  # the previous walk goes before the next is built
