@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from model.candidates import AuthorIndex, ItemGraph, RankedRows, drop_columns, history_matrix, sparse_lookup
+from model.network import Int8Linear
 
 FEATURES = (
     "towers_logit",
@@ -70,7 +71,7 @@ class RankerMLP(nn.Module):
 
     def linears(self) -> list[nn.Module]:
         """The linear layers in order (what pruning and quantization walk)."""
-        return [m for m in self.net if hasattr(m, "out_features")]
+        return [m for m in self.net if isinstance(m, (nn.Linear, Int8Linear))]
 
     def shape(self) -> list[int]:
         """Widths from the input through every layer, for reports."""

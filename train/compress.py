@@ -14,6 +14,8 @@ import json
 import logging
 import time
 import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -73,16 +75,37 @@ def prune_structured(model: RatingMLP, amount: float) -> RatingMLP:
     model.user_in = shrink_linear(model.user_in, rows=keep)
     model.book_in = shrink_linear(model.book_in, rows=keep)
 
-    linear_at = [i for i, m in enumerate(model.tail) if isinstance(m, nn.Linear)]
+    prune_units(model.tail, amount, keep)
+    return model
+
+
+def prune_units(layers: nn.Sequential, amount: float, keep: torch.Tensor | None = None) -> None:
+    """In place: remove ``amount`` of the units of every linear layer of ``layers`` but the last
+    (lowest L2 norm first, ``torch.nn.utils.prune``), cutting them out of the next layer's inputs.
+    ``keep``: the input units the first layer keeps (None: all)."""
+    linear_at = [i for i, m in enumerate(layers) if isinstance(m, nn.Linear)]
     for position, index in enumerate(linear_at):
-        layer = shrink_linear(model.tail[index], cols=keep)
+        layer = shrink_linear(layers[index], cols=keep)
         if position < len(linear_at) - 1:  # the output layer keeps its single unit
             prune.ln_structured(layer, "weight", amount=amount, n=2, dim=0)
             keep = layer.weight_mask[:, 0].nonzero().squeeze(1)
             prune.remove(layer, "weight")
             layer = shrink_linear(layer, rows=keep)
-        model.tail[index] = layer
-    return model
+        layers[index] = layer
+
+
+def time_in_turns(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 5) -> dict[str, list[float]]:
+    """Seconds of ``repeats`` runs of each call, the calls taking turns run by run so that load from
+    other processes hits all of them alike; the first ``warmup`` rounds (TorchScript profiles its
+    first runs) are not kept."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for i in range(repeats + warmup):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
 
 
 def script_model(model: nn.Module, path: Path) -> torch.jit.ScriptModule:
@@ -112,14 +135,8 @@ def latencies(models: dict[str, nn.Module], data: TrainingData, batch: int, repe
     """
     users = data.user_table[torch.arange(batch) % data.user_table.shape[0]]
     books = data.book_table[torch.arange(batch) % data.book_table.shape[0]]
-    times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
-        for i in range(repeats + 5):
-            for name, model in models.items():
-                start = time.perf_counter()
-                model(users, books)
-                if i >= 5:  # warm-up calls (TorchScript profiles its first runs)
-                    times[name].append(time.perf_counter() - start)
+        times = time_in_turns({name: partial(model, users, books) for name, model in models.items()}, repeats)
     base = float(np.median(times[next(iter(models))]))
     return {
         name: {

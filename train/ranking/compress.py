@@ -15,18 +15,17 @@ from __future__ import annotations
 import copy
 import io
 import logging
-import time
 import warnings
+from functools import partial
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import prune
 
 from model.config import RankingConfig
 from model.network import Int8Linear
 from model.ranker import RankerMLP
-from train.compress import shrink_linear
+from train.compress import prune_units, time_in_turns
 from train.ranking.fit import RankingData, fit_ranker, quality
 
 log = logging.getLogger("bookrec.ranking")
@@ -37,18 +36,8 @@ VARIANTS = ("fp32", "pruned", "int8")
 def prune_ranker(model: RankerMLP, amount: float) -> RankerMLP:
     """A copy of ``model`` with ``amount`` of every hidden layer's units removed (lowest L2 norm)."""
     model = copy.deepcopy(model).cpu().eval()
-    if amount <= 0:
-        return model
-    at = [i for i, m in enumerate(model.net) if isinstance(m, nn.Linear)]
-    keep: torch.Tensor | None = None
-    for position, index in enumerate(at):
-        layer = shrink_linear(model.net[index], cols=keep)
-        if position < len(at) - 1:  # the output layer keeps its single unit
-            prune.ln_structured(layer, "weight", amount=amount, n=2, dim=0)
-            keep = layer.weight_mask[:, 0].nonzero().squeeze(1)
-            prune.remove(layer, "weight")
-            layer = shrink_linear(layer, rows=keep)
-        model.net[index] = layer
+    if amount > 0:
+        prune_units(model.net, amount)
     return model
 
 
@@ -61,34 +50,28 @@ def quantize_ranker(model: RankerMLP) -> RankerMLP:
     return out
 
 
-def scripted_bytes(model: nn.Module) -> int:
-    """Size of ``model``'s TorchScript file."""
-    buffer = io.BytesIO()
+def scripted(model: nn.Module) -> torch.jit.ScriptModule:
+    """``model`` compiled by TorchScript (eval mode), its deprecation warnings kept quiet."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.jit.save(torch.jit.script(copy.deepcopy(model).eval()), buffer)
+        return torch.jit.script(copy.deepcopy(model).eval())
+
+
+def file_bytes(module: torch.jit.ScriptModule) -> int:
+    """Size of the TorchScript file ``module`` saves to."""
+    buffer = io.BytesIO()
+    torch.jit.save(module, buffer)
     return buffer.getbuffer().nbytes
 
 
 @torch.inference_mode()
 def latencies(models: dict[str, nn.Module], data: RankingData, blocks: dict[str, int], repeats: int) -> dict:
-    """p50 ms of one forward per model over ``blocks`` (name -> readers), each model scripted.
-
-    The models take turns call by call, so load from other processes hits them alike; the ratio is
-    to the first model in the same loop."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        scripted = {name: torch.jit.script(copy.deepcopy(m).eval()) for name, m in models.items()}
+    """p50 ms of one forward per (scripted) model over ``blocks`` (name -> readers), and the ratio
+    to the first model in the same loop (``train.compress.time_in_turns``)."""
     out: dict[str, dict] = {name: {} for name in models}
     for block, users in blocks.items():
         x = data.features[: min(users, len(data))]
-        times: dict[str, list[float]] = {name: [] for name in models}
-        for i in range(repeats + 5):
-            for name, model in scripted.items():
-                start = time.perf_counter()
-                model(x)
-                if i >= 5:  # warm-up: TorchScript profiles its first runs
-                    times[name].append(time.perf_counter() - start)
+        times = time_in_turns({name: partial(model, x) for name, model in models.items()}, repeats)
         base = float(np.median(times[next(iter(models))]))
         for name, t in times.items():
             out[name][block] = {
@@ -108,6 +91,7 @@ def compress_ranker(
     if cfg.prune_amount > 0 and cfg.finetune_epochs > 0:
         pruned, _ = fit_ranker(fit, stop, cfg, start=pruned, epochs=cfg.finetune_epochs, lr=cfg.lr / 4)
     variants = {"fp32": model, "pruned": pruned, "int8": quantize_ranker(pruned)}
+    compiled = {name: scripted(variant) for name, variant in variants.items()}
     report: dict = {"variants": {}}
     for name, variant in variants.items():
         with torch.no_grad():
@@ -115,7 +99,7 @@ def compress_ranker(
                 **quality(stop, variant(stop.features)),
                 "shape": variant.shape(),
                 "parameters": sum(int(t.numel()) for t in variant.state_dict().values()),
-                "bytes": scripted_bytes(variant),
+                "bytes": file_bytes(compiled[name]),
             }
     base = report["variants"]["fp32"]["recall@10"]
     choice = next(
@@ -123,7 +107,7 @@ def compress_ranker(
         for name in ("int8", "pruned", "fp32")
         if base - report["variants"][name]["recall@10"] <= cfg.max_recall_loss
     )
-    timing = latencies(variants, stop, {"one reader": 1, "512 readers": 512}, cfg.latency_repeats)
+    timing = latencies(compiled, stop, {"one reader": 1, "512 readers": 512}, cfg.latency_repeats)
     for name, entry in timing.items():
         report["variants"][name]["latency"] = entry
     shipped = copy.deepcopy(variants[choice])

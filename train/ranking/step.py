@@ -24,6 +24,7 @@ from model.candidates import history_matrix
 from model.catalog import Catalog
 from model.config import Config
 from model.ranker import RankingSettings
+from train.compress import script_model
 from train.dataset import load_tables
 from train.evaluation.protocols import warm_task
 from train.ranking.compress import compress_ranker
@@ -94,9 +95,7 @@ def step_ranking(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     towers = quality(report, towers_scores(report))
     gain = ranked["recall@10"] - towers["recall@10"]
     enabled = rc.enabled and (gain > rc.min_gain or not rc.require_gain)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.jit.script(model).save(str(run_dir / layout.RANKER_FILE))
+    script_model(model, run_dir / layout.RANKER_FILE)
 
     summary = {
         "val_report_users": len(report),
