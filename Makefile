@@ -66,7 +66,7 @@ sweep: $(STAMP) ## Optuna sweep of the MLP on validation RMSE (TRIALS=20) -> RUN
 	$(PYTHON) -m train sweep --config $(CONFIG) --trials $(or $(TRIALS),20)
 
 drift: $(STAMP) ## compare the served request sample (logs/) with the run's data -> RUN/drift/
-	$(PYTHON) -m train drift --run $(RUN) --requests logs
+	$(PYTHON) -m serving.drift --run $(RUN) --requests logs
 
 repro: $(STAMP) ## the DVC pipeline (dvc.yaml; needs pip install ".[dvc]")
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro

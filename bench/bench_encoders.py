@@ -32,7 +32,7 @@ from model import layout  # noqa: E402
 from model.encoder import load_saved_encoder  # noqa: E402
 from model.text import book_texts  # noqa: E402
 from serving.archive import build_archive  # noqa: E402
-from train.run_info import machine  # noqa: E402
+from train.run_folder import machine  # noqa: E402
 
 
 def throughput(run: Path, texts: list[str], singles: int, rounds: int) -> dict:

@@ -24,8 +24,8 @@ sys.path.insert(0, str(REPO))
 
 from model.artifacts import resolve_device  # noqa: E402
 from model.config import load_config  # noqa: E402
-from train.dataset import load_training_data  # noqa: E402
-from train.retrieval import fit_retrieval, new_retrieval_model  # noqa: E402
+from train.rating.dataset import load_training_data  # noqa: E402
+from train.retrieval.step import fit_retrieval, new_retrieval_model  # noqa: E402
 
 # One factor at a time around the defaults: vector width, temperature, in-batch negatives (batch
 # size), the logQ correction, the id dropout that trains the content path.

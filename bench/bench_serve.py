@@ -280,7 +280,7 @@ def main() -> None:
                     print(f"torchserve {s} c={c}: {results[s][c]['torchserve']}", flush=True)
             config = json.loads(json.dumps(__import__("yaml").safe_load((model_dir / "model-config.yaml").read_text())))
             worker_rss_mb = [round(psutil.Process(w["pid"]).memory_info().rss / 2**20) for w in server.workers()]
-    from train.run_info import machine
+    from train.run_folder import machine
 
     load = os.getloadavg()
     report = {

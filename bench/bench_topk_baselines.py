@@ -42,7 +42,6 @@ from tqdm.auto import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from train.evaluation.metrics import topk_report  # noqa: E402
 from train.evaluation.topk import TABLE_COLUMNS as COLUMNS  # noqa: E402
 from train.evaluation.topk_baselines import (  # noqa: E402
     ALS,
@@ -54,6 +53,7 @@ from train.evaluation.topk_baselines import (  # noqa: E402
     interaction_matrix,
     recommend_top_k,
 )
+from train.metrics import topk_report  # noqa: E402
 
 DEFAULT_RATINGS = REPO / "runs" / "bookcrossing" / "data" / "ratings.parquet"
 LIKED = 8

@@ -224,7 +224,7 @@ def main() -> None:
 
     from model.catalog import Catalog
     from serving.archive import build_archive
-    from train.run_info import machine
+    from train.run_folder import machine
 
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bookrec-kill-") as tmp:

@@ -1,4 +1,4 @@
-"""A bounded, rotating sample of request features for the drift check (``python -m train drift``).
+"""A bounded, rotating sample of request features for the drift check (``python -m serving.drift``).
 
 One JSON line per sampled answered request, holding only what the drift check compares: the
 action, whether the user is known, the user's age and country (a known user's from the catalog),

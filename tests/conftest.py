@@ -68,7 +68,7 @@ def add_unrated_book(folder: Path) -> None:
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A complete run folder (data, catalog, encoder, fp32/pruned/int8/scripted models, evaluation),
     produced by the real command line, ``python -m train run``, on the generated sample."""
-    from train.sample import write_sample
+    from train.data.sample import write_sample
 
     root = tmp_path_factory.mktemp("tiny-run")
     write_sample(root / "csv", layout="kaggle", n_users=300, n_books=200, n_ratings=5000, seed=0)

@@ -99,8 +99,9 @@ def test_scores_equal_evaluation_handler_and_scorer(all_pairs, tiny_run: Path, c
     """Parity: the evaluation code path (build_training_data + predict), the TorchServe handler's
     engine and Scorer.rate give the batch job's numbers for the same pairs, to 1e-5."""
     from handlers.engine import BookrecEngine
-    from train.dataset import build_training_data, load_tables
-    from train.fit import predict
+    from train.data.tables import load_tables
+    from train.rating.dataset import build_training_data
+    from train.rating.fit import predict
 
     out, _ = all_pairs
     scores = read(out).set_index(["user_id", "isbn"])["score"]

@@ -107,7 +107,7 @@ def test_fine_tuning_the_encoder_rewrites_encoder_and_catalog(tiny_run, tmp_path
     import numpy as np
 
     from model.catalog import Catalog
-    from train.pipeline import step_train
+    from train.rating.step import step_train
 
     run = tmp_path / "ft"
     shutil.copytree(tiny_run, run)
@@ -134,9 +134,9 @@ def test_fine_tuning_uses_the_configured_optimizer(tiny_run):
 
     from model.catalog import Catalog
     from model.encoder import load_saved_encoder
-    from train.dataset import build_training_data
-    from train.finetune import fine_tune
-    from train.pipeline import new_model
+    from train.rating.dataset import build_training_data
+    from train.rating.finetune import fine_tune
+    from train.rating.step import new_model
 
     cfg = load_config(tiny_run / "config.yaml", ["train.fine_tune_steps=2", "train.fine_tune_batch_size=16"])
     catalog = Catalog.load(tiny_run)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from model.config import Config, ConfigError, SplitConfig, load_config
-from train.split import assign_folds, assign_splits
+from train.data.split import assign_folds, assign_splits
 
 
 def test_yaml_overrides_and_defaults(tmp_path):

@@ -1,4 +1,4 @@
-"""The request sample the handler writes and the drift check that reads it (``python -m train drift``).
+"""The request sample the handler writes and the drift check that reads it (``python -m serving.drift``).
 
 Traffic is answered by the real engine on the tiny archive and written by the handler's own
 ``DriftSampler``; the check runs as the real command line against the tiny run folder.
@@ -74,7 +74,7 @@ def serve(engine: BookrecEngine, sampler: DriftSampler, bodies: list[Any], batch
 
 
 def drift_cli(run: Path, log: Path, out: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "train", "drift", "--run", str(run), "--requests", str(log), "--out", str(out)]
+    cmd = [sys.executable, "-m", "serving.drift", "--run", str(run), "--requests", str(log), "--out", str(out)]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, tiny_config
-from train.sample import write_sample
+from train.data.sample import write_sample
 
 DVC = shutil.which("dvc", path=str(Path(sys.executable).parent)) or shutil.which("dvc")
 pytestmark = pytest.mark.skipif(DVC is None, reason="dvc not installed (pip install '.[dvc]')")

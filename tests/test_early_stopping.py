@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from train.fit import EarlyStopping
+from train.rating.fit import EarlyStopping
 
 
 def _run(values: list[float], higher_is_better: bool, patience: int = 2) -> tuple[EarlyStopping, nn.Linear, int]:

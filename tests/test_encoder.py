@@ -9,7 +9,7 @@ import pytest
 
 from model.config import EncoderConfig
 from model.encoder import EncoderUnavailable, load_encoder, load_saved_encoder
-from train.embed import EmbeddingCache
+from train.features.embed import EmbeddingCache
 
 from .conftest import SHARED
 

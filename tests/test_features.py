@@ -10,7 +10,8 @@ import torch
 from model.catalog import Catalog
 from model.encoder import load_saved_encoder
 from model.text import book_text, book_texts, group_key, user_text, user_texts
-from train.dataset import build_training_data, load_tables
+from train.data.tables import load_tables
+from train.rating.dataset import build_training_data
 
 
 @pytest.fixture(scope="module")

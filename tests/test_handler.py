@@ -578,8 +578,8 @@ def evaluation_pairs(run_dir: Path) -> tuple[Any, np.ndarray]:
     """Test-split and cold-split pairs with the evaluation code's predictions for them."""
     from model.catalog import Catalog
     from model.config import load_config
-    from train.dataset import build_training_data
-    from train.fit import predict
+    from train.rating.dataset import build_training_data
+    from train.rating.fit import predict
 
     cfg = load_config(run_dir / "config.yaml")
     catalog = Catalog.load(run_dir)
@@ -611,7 +611,7 @@ def rate_requests(pairs: list[tuple[int, str, float]], max_books: int = 100) -> 
 
 
 def test_parity_with_the_evaluation_code(loaded: tuple[Any, Any], tiny_run: Path) -> None:
-    """Every test/cold pair scored by the handler equals train.fit.predict on the same pair."""
+    """Every test/cold pair scored by the handler equals train.rating.fit.predict on the same pair."""
     handler, context = loaded
     pairs = evaluation_pairs(tiny_run)
     assert len(pairs) > 300

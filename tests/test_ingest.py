@@ -14,10 +14,10 @@ import pyarrow as pa
 import pytest
 
 from model.schemas import BOOKS, RATINGS, USERS
-from train import download, sample
-from train.download import DatasetUnavailable, download_dataset, resolve_data_dir
-from train.ingest import RawTables, detect_layout, read_bookcrossing
-from train.sample import (
+from train.data import download, sample
+from train.data.download import DatasetUnavailable, download_dataset, resolve_data_dir
+from train.data.ingest import RawTables, detect_layout, read_bookcrossing
+from train.data.sample import (
     PLANTED_BAD_YEAR,
     PLANTED_CURLY,
     PLANTED_ENTITY,

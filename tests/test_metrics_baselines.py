@@ -1,4 +1,4 @@
-"""Tests for train.evaluation.metrics and train.evaluation.rating_baselines (synthetic data only)."""
+"""Tests for train.metrics and train.evaluation.rating_baselines (synthetic data only)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 
-from train.evaluation.metrics import evaluate_predictions, mae, ndcg_at_k, rmse
 from train.evaluation.rating_baselines import (
     RATING_MAX,
     RATING_MIN,
@@ -17,6 +16,7 @@ from train.evaluation.rating_baselines import (
     SurpriseSVD,
     tune,
 )
+from train.metrics import evaluate_predictions, mae, ndcg_at_k, rmse
 
 # --------------------------------------------------------------------- metrics
 

@@ -10,7 +10,7 @@ import torch
 
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.network import Int8Linear, RatingMLP, quantize_int8
-from train.compress import prune_structured, script_model
+from train.rating.compress import prune_structured, script_model
 
 
 def _model(seed: int = 0) -> RatingMLP:

@@ -23,7 +23,7 @@ from model.encoder import EncoderUnavailable, load_encoder
 from serving.archive import build_archive
 from serving.local_server import LocalServer
 from tests.conftest import NEW_BOOK, REPO, SHARED, add_unrated_book, tiny_config
-from train.distill.corpus import build_corpus
+from train.features.distill.corpus import build_corpus
 
 MINILM = "packaged:all-MiniLM-L6-v2"
 BERT_TINY_DIR = SHARED / "data" / "bert-tiny"
@@ -35,7 +35,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from train.sample import write_sample
+    from train.data.sample import write_sample
 
     folder = tmp_path_factory.mktemp("pretrained")
     write_sample(folder / "csv", layout="kaggle", n_users=200, n_books=150, n_ratings=3000, seed=1)

@@ -16,8 +16,9 @@ from model.config import RetrievalConfig
 from model.layout import RETRIEVAL_META
 from model.recommend import RerankSettings, TwoStageRecommender
 from tests.conftest import NEW_BOOK
-from train.dataset import build_training_data, load_tables
-from train.retrieval import (
+from train.data.tables import load_tables
+from train.rating.dataset import build_training_data
+from train.retrieval.step import (
     Interactions,
     catalog_book_vectors,
     fit_retrieval,

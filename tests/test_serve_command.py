@@ -191,8 +191,7 @@ def test_request_sample_for_the_drift_check(served: Any, tiny_run: Path, tmp_pat
         [
             sys.executable,
             "-m",
-            "train",
-            "drift",
+            "serving.drift",
             "--run",
             str(tiny_run),
             "--requests",

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from train.evaluation.metrics import top_k_excluding
 from train.evaluation.topk_baselines import (
     ALS,
     EASE,
@@ -19,6 +18,7 @@ from train.evaluation.topk_baselines import (
     interaction_matrix,
     recommend_top_k,
 )
+from train.metrics import top_k_excluding
 
 N_ITEMS = 40
 

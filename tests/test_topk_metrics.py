@@ -1,4 +1,4 @@
-"""Top-K metrics of train.evaluation.metrics on hand-made lists with answers worked out by hand."""
+"""Top-K metrics of train.metrics on hand-made lists with answers worked out by hand."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from train.evaluation.metrics import (
+from train.metrics import (
     catalog_coverage,
     mean_popularity,
     ndcg_at_k_binary,

@@ -19,7 +19,7 @@ import yaml
 
 from model.config import load_config
 from tests.conftest import REPO, tiny_config
-from train.sample import write_sample
+from train.data.sample import write_sample
 
 pytest.importorskip("wandb")
 pytest.importorskip("optuna")

@@ -1,8 +1,8 @@
 """Command line: ``python -m train {run,data,distill,features,train,compress,retrieval,evaluate} --config FILE``.
 
-Two more commands with their own flags: ``python -m train sweep --config FILE --trials N``
-(hyper-parameter sweep, ``train/sweep.py``) and ``python -m train drift --run RUN --requests LOG``
-(serving traffic against the training data, ``train/drift.py``).
+One more command with its own flags: ``python -m train sweep --config FILE --trials N``
+(hyper-parameter sweep, ``train/experiments/sweep.py``). The drift check of served traffic against
+the training data is ``python -m serving.drift``.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import warnings
 
 from model.config import load_config
 from model.encoder import EncoderUnavailable
-from train.download import DatasetUnavailable
+from train.data.download import DatasetUnavailable
 
-TOOLS = ("sweep", "drift")
+TOOLS = ("sweep",)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "step",
         choices=("run", *STEPS, *TOOLS),
-        help="'run' does every step in order; 'sweep' and 'drift' have their own --help",
+        help="'run' does every step in order; 'sweep' has its own --help",
     )
     parser.add_argument("--config", help="YAML config (missing keys take defaults)")
     parser.add_argument(
@@ -71,10 +71,8 @@ def _tool(name: str, argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    if name == "sweep":
-        from train.sweep import main as tool
-    else:
-        from train.drift import main as tool
+    from train.experiments.sweep import main as tool
+
     return tool(argv)
 
 

@@ -16,13 +16,16 @@ from pathlib import Path
 
 from model import layout
 from model.config import Config
-from train import tracking
-from train.compress import step_compress
-from train.distill.step import step_distill
+from train.data.step import step_data
 from train.evaluation.step import step_evaluate
-from train.pipeline import prepare_run, step_data, step_features, step_train, write_json
+from train.experiments import tracking
+from train.features.distill.step import step_distill
+from train.features.step import step_features
 from train.ranking.step import step_ranking
-from train.retrieval import step_retrieval
+from train.rating.compress import step_compress
+from train.rating.step import step_train
+from train.retrieval.step import step_retrieval
+from train.run_folder import prepare_run, write_json
 
 log = logging.getLogger("bookrec.pipeline")
 

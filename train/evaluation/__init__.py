@@ -1,6 +1,5 @@
 """The evaluation of a run, one job per module.
 
-- ``metrics``: rating and top-K metrics, plain functions on arrays;
 - ``rating_baselines``: global mean, user+item bias, Surprise SVD (rating prediction);
 - ``topk_baselines``: most-popular, item-kNN, RP3beta, EASE-R, implicit ALS, same author (top-K lists);
 - ``tuning``: the top-K baselines' grids, fitted on training and chosen on validation;

@@ -37,7 +37,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from model.ranges import RATING_MAX, RATING_MIN
-from train.evaluation.metrics import rmse
+from train.metrics import rmse
 
 __all__ = [
     "RATING_MAX",

@@ -15,12 +15,12 @@ import torch
 from model import layout
 from model.artifacts import ModelFolder
 from model.config import Config
-from train.dataset import TrainingData, load_training_data
-from train.evaluation.metrics import mae, ndcg_at_k, rmse
 from train.evaluation.rating_baselines import SVD_GRID, BiasBaseline, GlobalMean, SurpriseSVD, tune
 from train.evaluation.topk import evaluate_top_k, plot_top_k, topk_markdown
-from train.fit import predict
-from train.run_info import machine
+from train.metrics import mae, ndcg_at_k, rmse
+from train.rating.dataset import TrainingData, load_training_data
+from train.rating.fit import predict
+from train.run_folder import machine
 
 log = logging.getLogger("bookrec.evaluate")
 

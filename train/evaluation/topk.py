@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 from model.catalog import Catalog
 from model.config import EvalConfig, TopKTuning
 from model.recommend import TwoStageRecommender
-from train.evaluation.metrics import recall_at_k, top_k_excluding, topk_report
 from train.evaluation.protocols import (
     RankingTask,
     clean,
@@ -45,6 +44,7 @@ from train.evaluation.topk_baselines import (
     recommend_top_k,
 )
 from train.evaluation.tuning import METHODS, Validation, tune
+from train.metrics import recall_at_k, top_k_excluding, topk_report
 
 log = logging.getLogger("bookrec.topk")
 

@@ -25,7 +25,7 @@ import numpy.typing as npt
 import scipy.sparse as sp
 import torch
 
-from train.evaluation.metrics import top_k_excluding
+from train.metrics import top_k_excluding
 
 __all__ = [
     "ALS",

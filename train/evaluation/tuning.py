@@ -22,7 +22,6 @@ import numpy as np
 import scipy.sparse as sp
 
 from model.config import TopKTuning
-from train.evaluation.metrics import recall_at_k
 from train.evaluation.protocols import RankingTask, clean
 from train.evaluation.topk_baselines import (
     ALS,
@@ -34,6 +33,7 @@ from train.evaluation.topk_baselines import (
     lists_matrix,
     recommend_top_k,
 )
+from train.metrics import recall_at_k
 
 log = logging.getLogger("bookrec.tuning")
 

@@ -1,4 +1,4 @@
-"""Prune, quantize and choose the ranker to ship, as ``train/compress.py`` does for the rating MLP.
+"""Prune, quantize and choose the ranker to ship, as ``train/rating/compress.py`` does for the rating MLP.
 
 - prune: structured L2 pruning of the hidden units (``torch.nn.utils.prune``), the layers shrunk,
   then a few recovery epochs on the fit readers (kept only where they help the stop readers);
@@ -25,8 +25,8 @@ from torch import nn
 from model.config import RankingConfig
 from model.network import Int8Linear
 from model.ranker import RankerMLP
-from train.compress import prune_units, time_in_turns
 from train.ranking.fit import RankingData, fit_ranker, quality
+from train.rating.compress import prune_units, time_in_turns
 
 log = logging.getLogger("bookrec.ranking")
 
@@ -67,7 +67,7 @@ def file_bytes(module: torch.jit.ScriptModule) -> int:
 @torch.inference_mode()
 def latencies(models: dict[str, nn.Module], data: RankingData, blocks: dict[str, int], repeats: int) -> dict:
     """p50 ms of one forward per (scripted) model over ``blocks`` (name -> readers), and the ratio
-    to the first model in the same loop (``train.compress.time_in_turns``)."""
+    to the first model in the same loop (``train.rating.compress.time_in_turns``)."""
     out: dict[str, dict] = {name: {} for name in models}
     for block, users in blocks.items():
         x = data.features[: min(users, len(data))]

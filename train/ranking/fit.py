@@ -20,8 +20,8 @@ from torch.nn import functional as F
 from model.config import RankingConfig
 from model.ranker import FEATURES, SOURCES, RankerMLP
 from model.recommend import TwoStageRecommender
-from train.evaluation.metrics import ndcg_at_k_binary, recall_at_k, top1_share
-from train.fit import EarlyStopping
+from train.metrics import ndcg_at_k_binary, recall_at_k, top1_share
+from train.rating.fit import EarlyStopping
 
 log = logging.getLogger("bookrec.ranking")
 

@@ -24,12 +24,12 @@ from model.candidates import history_matrix
 from model.catalog import Catalog
 from model.config import Config
 from model.ranker import RankingSettings
-from train.compress import script_model
-from train.dataset import load_tables
+from train.data.tables import load_tables
 from train.evaluation.protocols import warm_task
 from train.ranking.compress import compress_ranker
 from train.ranking.fit import collect, fit_ranker, quality, source_recall, towers_scores
 from train.ranking.graph import rp3beta_graph
+from train.rating.compress import script_model
 
 log = logging.getLogger("bookrec.ranking")
 

@@ -23,10 +23,17 @@ from model.artifacts import resolve_device
 from model.config import DISTILLED, Config
 from model.encoder import EncoderUnavailable, TextEncoder, load_encoder, load_saved_encoder
 from model.text import USER_TEXT_PREFIX
-from train.dataset import load_tables
-from train.distill.corpus import build_corpus
-from train.distill.student import Projection, build_student, cosines, fit_student, init_from_teacher, mean_cosine
-from train.embed import EmbeddingCache
+from train.data.tables import load_tables
+from train.features.distill.corpus import build_corpus
+from train.features.distill.student import (
+    Projection,
+    build_student,
+    cosines,
+    fit_student,
+    init_from_teacher,
+    mean_cosine,
+)
+from train.features.embed import EmbeddingCache
 
 log = logging.getLogger("bookrec.distill")
 

@@ -23,7 +23,7 @@ five users, so almost every book and many users have their own text.
 
 With ``malformed=True`` the files also carry every kind of problem the real dump has
 (broken rows, duplicates, mojibake, placeholder locations, impossible ages and years). ``write_sample``
-returns the counters that :func:`train.ingest.read_bookcrossing` must report.
+returns the counters that :func:`train.data.ingest.read_bookcrossing` must report.
 
 Planted rows use fixed ids (users 1..9, the ``PLANTED_*`` ISBNs) so tests can look
 them up; generated users have ids from 100 up.

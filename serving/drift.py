@@ -1,6 +1,6 @@
 """Drift check: does the served traffic still look like the data the model was trained and tested on?
 
-    python -m train drift --run runs/bookcrossing --requests logs/ [--out DIR] [--psi 0.25]
+    python -m serving.drift --run runs/bookcrossing --requests logs/ [--out DIR] [--psi 0.25]
 
 ``--requests`` is the handler's request sample (``handlers/drift_sample.py``): a JSON-lines file, or a
 folder holding ``drift-sample*.jsonl*`` files (every worker's, rotated ones included).
@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import sys
+import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from itertools import pairwise
@@ -410,13 +411,16 @@ def write(report: DriftReport, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train drift", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m serving.drift", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, type=Path, help="training run folder of the served model")
     parser.add_argument("--requests", required=True, type=Path, nargs="+", help="request sample file(s) or folder(s)")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default RUN/drift)")
     parser.add_argument("--psi", type=float, default=0.25, help="PSI above which a feature has drifted (0.25)")
     parser.add_argument("--min-samples", type=int, default=50, help="traffic values a feature needs to be judged")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         paths = [p for path in args.requests for p in sample_files(path)]
         report, _ = check(args.run, paths, args.psi, args.min_samples)
@@ -431,3 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"drift: {', '.join(report.drifted)}", file=sys.stderr)
         return 1
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

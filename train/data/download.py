@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from model.config import DEFAULT_URL, DataConfig
-from train.ingest import detect_layout
+from train.data.ingest import detect_layout
 
 LOG = logging.getLogger("bookrec.download")
 

@@ -1,15 +1,20 @@
-"""What makes a run reproducible: data fingerprint, library versions, machine."""
+"""The run folder and what makes a run reproducible: its record (config, versions, machine, code),
+the data fingerprint, JSON reports."""
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import os
 import platform
 from pathlib import Path
 
 import pandas as pd
 
+from model import layout
+from model.artifacts import code_identity
+from model.config import Config
 from model.hashing import file_sha256
 
 PACKAGES = (
@@ -64,3 +69,16 @@ def machine() -> str:
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{cpu}, {os.cpu_count()} cores, {gpu}, {platform.system()} {platform.machine()}"
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def prepare_run(cfg: Config) -> Path:
+    """Create the run folder with the config, versions, machine and code identity beside it."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / layout.CONFIG_FILE)
+    write_json(run_dir / layout.VERSIONS_FILE, {**versions(), "machine": machine(), "code": code_identity()})
+    return run_dir

@@ -21,8 +21,8 @@ from model.encoder import TextEncoder
 from model.network import RatingMLP
 from model.text import book_texts as book_texts_of
 from model.text import user_texts as user_texts_of
-from train.dataset import TrainingData
-from train.fit import make_optimizer
+from train.rating.dataset import TrainingData
+from train.rating.fit import make_optimizer
 
 log = logging.getLogger("bookrec.finetune")
 

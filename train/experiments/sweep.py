@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from model import layout
 from model.catalog import Catalog
 from model.config import Config, load_config
-from train import tracking
+from train.experiments import tracking
 
 log = logging.getLogger("bookrec.sweep")
 
@@ -106,25 +106,27 @@ def _same_features(cfg: Config, run_dir: Path) -> bool:
 
 def prepare_features(cfg: Config, progress: bool = True) -> Path:
     """The run folder with data and features for ``cfg``: reused when they match, else made."""
-    from train import pipeline
-    from train.distill.step import step_distill
+    from train.data.step import step_data
+    from train.features.distill.step import step_distill
+    from train.features.step import step_features
+    from train.run_folder import prepare_run
 
     run_dir = Path(cfg.run_dir)
     if _same_features(cfg, run_dir):
         log.info("sweep: reusing data and features of %s", run_dir)
         return run_dir
-    run_dir = pipeline.prepare_run(cfg)
-    pipeline.step_data(cfg, run_dir, progress)
+    run_dir = prepare_run(cfg)
+    step_data(cfg, run_dir, progress)
     step_distill(cfg, run_dir, progress)  # a no-op unless the encoder is a distilled student
-    pipeline.step_features(cfg, run_dir, progress)
+    step_features(cfg, run_dir, progress)
     return run_dir
 
 
 def train_trial(cfg: Config, catalog: Catalog, data: Any, epochs: int | None) -> dict[str, Any]:
     """Train one MLP with ``cfg``; its best validation RMSE, best epoch and time."""
     from model.artifacts import resolve_device
-    from train.fit import fit
-    from train.pipeline import new_model
+    from train.rating.fit import fit
+    from train.rating.step import new_model
 
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
@@ -151,7 +153,7 @@ def run_sweep(
     """Run ``trials`` trials (the first is ``cfg`` itself) and write the sweep's files."""
     import optuna
 
-    from train.dataset import load_training_data
+    from train.rating.dataset import load_training_data
 
     if trials < 1:
         raise ValueError(f"--trials must be at least 1, got {trials}")
@@ -325,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: bad config: {err}", file=sys.stderr)
         return 2
     from model.encoder import EncoderUnavailable
-    from train.download import DatasetUnavailable
+    from train.data.download import DatasetUnavailable
 
     try:
         summary = run_sweep(cfg, args.trials, args.out, args.epochs, args.seed, progress=not args.quiet)

@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 
 from model.config import TrainConfig
 from model.network import RatingMLP
-from train.dataset import SplitRows, TrainingData
-from train.evaluation.metrics import rmse
-from train.tracking import active_run, log_epoch, start_run
+from train.experiments.tracking import active_run, log_epoch, start_run
+from train.metrics import rmse
+from train.rating.dataset import SplitRows, TrainingData
 
 log = logging.getLogger("bookrec.fit")
 

@@ -29,10 +29,10 @@ from model.config import Config, RetrievalConfig
 from model.features import book_own_stats
 from model.recommend import RerankSettings, embed_book_set
 from model.retrieval import TwoTower
-from train.dataset import TrainingData, load_training_data
 from train.evaluation.protocols import warm_task
 from train.evaluation.topk import choose_blend
-from train.fit import EarlyStopping
+from train.rating.dataset import TrainingData, load_training_data
+from train.rating.fit import EarlyStopping
 
 log = logging.getLogger("bookrec.retrieval")
 

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import torch
 
-from model import layout
 from model.catalog import Catalog
 from model.config import Config
 from model.features import book_feature_table, user_features
-from train.split import assign_folds
+from train.data.split import assign_folds
+from train.data.tables import load_tables
 
 EVAL_SPLITS = ("val", "test", "cold_book", "cold_user")
 
@@ -100,13 +99,6 @@ def build_training_data(catalog: Catalog, ratings: pd.DataFrame, folds: int, see
             isbn=part["isbn"].to_numpy(),
         )
     return TrainingData(user_table, book_table, splits)
-
-
-def load_tables(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(users, books, ratings with their split) as the data step wrote them."""
-    folder = Path(run_dir) / layout.DATA_DIR
-    names = (layout.DATA_USERS, layout.DATA_BOOKS, layout.DATA_RATINGS)
-    return tuple(pq.read_table(folder / name).to_pandas() for name in names)
 
 
 def load_training_data(

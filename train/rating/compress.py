@@ -27,9 +27,9 @@ from model import layout
 from model.checkpoint import load_checkpoint, load_scripted, save_checkpoint
 from model.config import Config
 from model.network import RatingMLP, quantize_int8
-from train.dataset import TrainingData, load_training_data
-from train.evaluation.metrics import mae, rmse
-from train.fit import fit, plot_learning_curve, predict
+from train.metrics import mae, rmse
+from train.rating.dataset import TrainingData, load_training_data
+from train.rating.fit import fit, plot_learning_curve, predict
 
 log = logging.getLogger("bookrec.compress")
 

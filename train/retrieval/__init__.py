@@ -1,0 +1,1 @@
+"""The two retrieval towers trained on who read what; the ``retrieval`` step."""
