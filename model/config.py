@@ -446,6 +446,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict[str, Any] = {}
     if path is not None:
         data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the top level must be a mapping of config sections, got {type(data).__name__}")
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -454,5 +456,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ValueError(f"override '{item}' is not valid YAML: {getattr(err, 'problem', None) or err}") from err
     return _build(Config, data, "")

@@ -13,9 +13,12 @@ import logging
 import sys
 import warnings
 
+import yaml
+
 from model.config import load_config
 from model.encoder import EncoderUnavailable
 from train.data.download import DatasetUnavailable
+from train.data.ingest import DataError
 
 TOOLS = ("sweep",)
 
@@ -42,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--run-dir", help="shortcut for --set run_dir=DIR")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--verbose", action="store_true", help="a traceback with every error")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -51,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     overrides = args.set + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
     try:
         cfg = load_config(args.config, overrides)
-    except (OSError, ValueError) as err:
-        print(f"error: bad config: {err}", file=sys.stderr)
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        if args.verbose:
+            raise
+        print(f"error: bad config: {_config_problem(err, args.config)}", file=sys.stderr)
         return 2
 
     try:
@@ -60,11 +66,22 @@ def main(argv: list[str] | None = None) -> int:
             result = run_all(cfg, progress=not args.quiet)
         else:
             result = run_step(args.step, cfg, progress=not args.quiet)
-    except (DatasetUnavailable, EncoderUnavailable) as err:
+    except (DatasetUnavailable, DataError, EncoderUnavailable) as err:
+        if args.verbose:
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps({"run_dir": cfg.run_dir, args.step: result}, indent=2, default=str))
     return 0
+
+
+def _config_problem(err: Exception, path: str | None) -> str:
+    """One line for a config that cannot be read: a YAML error as FILE:LINE:COLUMN: PROBLEM."""
+    if not isinstance(err, yaml.YAMLError):
+        return str(err)
+    mark = getattr(err, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+    return f"{where}: not valid YAML: {getattr(err, 'problem', None) or err}"
 
 
 def _tool(name: str, argv: list[str]) -> int:

@@ -43,18 +43,27 @@ STEPS: dict[str, Step] = {
 
 
 def run_step(name: str, cfg: Config, progress: bool = True) -> dict:
-    """One step on the configured run folder."""
-    return STEPS[name](cfg, prepare_run(cfg), progress)
+    """One step on the configured run folder; the run's record (config, versions) is written once the step
+    succeeded, so a failed step leaves the record of what the folder still holds."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result = STEPS[name](cfg, run_dir, progress)
+    prepare_run(cfg)
+    return result
 
 
 def run_all(cfg: Config, progress: bool = True) -> dict:
-    """Every step in order; returns each step's summary and its wall time."""
-    run_dir = prepare_run(cfg)
+    """Every step in order; returns each step's summary and its wall time. The record is written once the
+    data step succeeded (as ``run_step`` does)."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     tracker = tracking.start_training_run(cfg, run_dir)  # None unless train.wandb
     out = {}
     for name, step in STEPS.items():
         start = time.perf_counter()
         out[name] = step(cfg, run_dir, progress)
+        if name == "data":
+            prepare_run(cfg)
         out[f"{name}_seconds"] = round(time.perf_counter() - start, 1)
         log.info("step %s done in %.1f s", name, out[f"{name}_seconds"])
     write_json(run_dir / layout.TIMINGS_FILE, {k: v for k, v in out.items() if k.endswith("_seconds")})

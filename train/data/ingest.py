@@ -4,7 +4,9 @@ Two layouts are in circulation and both are read: the original ``BX-CSV-Dump``
 (``;``-separated, latin-1, backslash escapes, bare ``NULL``) and the Kaggle
 re-export (``,``-separated UTF-8, standard quoting). Rows are read one by one with
 the ``csv`` module so a broken row costs one counted row, never the whole file;
-every skipped or altered row is counted in the :class:`IngestReport`.
+every skipped or altered row is counted in the :class:`IngestReport`. What cannot give a usable
+table (a missing column, an empty file, a file in the wrong encoding, no rows kept) is a
+:class:`DataError` naming the file.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import functools
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +66,11 @@ _CSV_FORMATS = {
     },
 }
 
+# Kaggle rows that are not valid UTF-8 are kept with U+FFFD and counted; past this share of a
+# file's rows the file is in another encoding and every text in it would be garbled.
+MAX_UNDECODABLE_SHARE = 0.01
+_ESCAPED = re.compile("[\udc80-\udcff]")  # bytes the decoder could not read (surrogateescape)
+
 MAX_INT64 = 2**63 - 1
 _MISSING = {"", "null", "nan", "none", "na", "n/a"}
 _INT_LIKE = re.compile(r"[+-]?[0-9]+(?:\.0*)?")
@@ -95,6 +102,10 @@ _LOSSY_SZ_KAGGLE = re.compile("(?<=[a-z])\u00c3\u0083\\?\u00c3\u0082\\?")
 _LOSSY_SZ_ORIGINAL = re.compile("(?<=[a-z])\u00c3\\?\u00c2\\?")
 # What is left after repair when bytes were lost for good: U+FFFD or "Ã?"/"Â?".
 _UNREPAIRED = re.compile("\ufffd|[\u00c2\u00c3]\\?")
+
+
+class DataError(ValueError):
+    """The dataset cannot give usable tables; the message names the file and the reason."""
 
 
 @dataclass
@@ -136,24 +147,36 @@ class RawTables:
     books: pd.DataFrame
     ratings: pd.DataFrame
     report: IngestReport
+    files: dict[str, Path] = field(default_factory=dict)  # table -> the CSV it was read from
 
 
 def detect_layout(folder: Path) -> str:
-    """'kaggle' or 'original', from the file names in ``folder``."""
+    """'kaggle' or 'original', from the file names in ``folder``; both complete sets is a :class:`DataError`."""
     folder = Path(folder)
-    if _find_files(folder, KAGGLE_FILES) is not None:
+    kaggle = _find_files(folder, KAGGLE_FILES)
+    original = _find_files(folder, ORIGINAL_FILES)
+    if kaggle is not None and original is not None:
+        names = ", ".join(p.name for p in [*kaggle.values(), *original.values()])
+        raise DataError(f"{folder}: holds both layouts ({names}); keep one set of files there")
+    if kaggle is not None:
         return "kaggle"
-    if _find_files(folder, ORIGINAL_FILES) is not None:
+    if original is not None:
         return "original"
+    found = sorted(p.name for p in folder.glob("*.csv")) if folder.is_dir() else []
+    seen = f"found {', '.join(found)}" if found else ("no CSV files" if folder.is_dir() else "no such folder")
     raise FileNotFoundError(
         f"No Book-Crossing dataset in {folder}: expected either the Kaggle files "
         f"{', '.join(KAGGLE_FILES.values())} or the original BX-CSV-Dump files "
-        f"{', '.join(ORIGINAL_FILES.values())}."
+        f"{', '.join(ORIGINAL_FILES.values())} ({seen})."
     )
 
 
 def read_bookcrossing(folder: Path, progress: bool = True) -> RawTables:
-    """Read and clean the dataset in ``folder``; bad rows are counted and skipped."""
+    """Read and clean the dataset in ``folder``; bad rows are counted and skipped.
+
+    Raises :class:`DataError` when a file cannot be read as its layout says, or when a table keeps
+    no rows (a header-only file, every rating naming an unknown book or user).
+    """
     folder = Path(folder)
     layout = detect_layout(folder)
     names = KAGGLE_FILES if layout == "kaggle" else ORIGINAL_FILES
@@ -174,12 +197,33 @@ def read_bookcrossing(folder: Path, progress: bool = True) -> RawTables:
 
     report = IngestReport(layout=layout, counts=_ordered(counts))
     _log_totals(report)
+    _require_rows(paths, report)
     return RawTables(
         users=_users_frame(users),
         books=_books_frame(books),
         ratings=_ratings_frame(ratings),
         report=report,
+        files=paths,
     )
+
+
+def _require_rows(paths: dict[str, Path], report: IngestReport) -> None:
+    """Refuse a table left empty: every later step would fail on it, or worse, succeed."""
+    c = report.counts
+    for table in TABLES:
+        if c[f"{table}.kept"]:
+            continue
+        read = c[f"{table}.rows_read"]
+        if not read:
+            raise DataError(f"{paths[table]}: no {table} kept: the file has no data rows below its header")
+        reasons = [f"{k.split('.bad.', 1)[1]} {v:,}" for k, v in c.items() if k.startswith(f"{table}.bad.") and v]
+        if c.get(f"{table}.duplicates"):
+            reasons.append(f"duplicates {c[f'{table}.duplicates']:,}")
+        if table == "ratings":
+            for key, other in (("unknown_isbn", "books"), ("unknown_user", "users")):
+                if c.get(f"ratings.{key}"):
+                    reasons.append(f"{key} (not in {paths[other].name}) {c[f'ratings.{key}']:,}")
+        raise DataError(f"{paths[table]}: no {table} kept of {read:,} rows read ({'; '.join(reasons)})")
 
 
 # --- files and rows -------------------------------------------------------------
@@ -200,7 +244,7 @@ def _header_key(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.strip().lower())
 
 
-def _column_indexes(header: list[str], table: str, path: Path) -> list[int]:
+def _column_indexes(header: list[str], table: str, path: Path, delimiter: str) -> list[int]:
     """Position of each logical column in ``header``, by name, not position."""
     keys = [_header_key(h) for h in header]
     indexes, missing = [], []
@@ -211,29 +255,70 @@ def _column_indexes(header: list[str], table: str, path: Path) -> list[int]:
         else:
             missing.append(column)
     if missing:
-        raise ValueError(
-            f"{path}: header {header} lacks column(s) {missing} (looked for {[COLUMNS[table][m][0] for m in missing]})"
+        looked_for = [COLUMNS[table][m][0] for m in missing]
+        raise DataError(
+            f"{path}: line 1: header {header} lacks column(s) {missing} (looked for {looked_for})"
+            + _delimiter_hint(header, table, delimiter)
         )
     return indexes
+
+
+def _delimiter_hint(header: list[str], table: str, delimiter: str) -> str:
+    """Why a header may be one field: the file is separated by another character than its layout's."""
+    if len(header) != 1:
+        return ""
+    for other in (",", ";", "\t", "|"):
+        if other != delimiter and len(header[0].split(other)) >= len(COLUMNS[table]):
+            return f"; the header looks {other!r}-separated, this layout's files are {delimiter!r}-separated"
+    return ""
+
+
+def _unterminated(path: Path) -> bool:
+    """Whether the file's last line lacks a line break: a file cut short ends that way."""
+    with open(path, "rb") as f:
+        if f.seek(0, 2) == 0:
+            return False
+        f.seek(-1, 2)
+        return f.read(1) not in (b"\n", b"\r")
+
+
+def _lines(f: Iterable[str], last: list[str]) -> Iterator[str]:
+    """The lines of ``f``; a final line without a line break is also put in ``last``."""
+    for line in f:
+        if not line.endswith(("\n", "\r")):
+            last.append(line)
+        yield line
 
 
 def _read_rows(path: Path, layout: str, table: str, counts: Counter[str], progress: bool) -> Iterator[list[str]]:
     """Yield each data row as the logical columns of ``table``, counting bad ones.
 
     Rows with the wrong number of fields or that the csv module rejects are
-    counted and skipped. ``lines_read`` next to ``rows_read`` shows quoted
-    fields that span line breaks.
+    counted and skipped, and so is a last line without a line break (a file cut
+    short: "...,10" stored as "...,1"). ``lines_read`` next to ``rows_read``
+    shows quoted fields that span line breaks. Rows with bytes the encoding
+    cannot read keep U+FFFD in their place and are counted; past
+    ``MAX_UNDECODABLE_SHARE`` of the rows the file is a :class:`DataError`.
     """
     fmt = _CSV_FORMATS[layout]
-    with open(path, encoding=fmt["encoding"], errors="replace", newline="") as f:
-        reader = csv.reader(f, **fmt["dialect"])
+    # latin-1 reads every byte; the others keep undecodable bytes as surrogates to count them.
+    checked = fmt["encoding"] != "latin-1"
+    try:
+        cut = _unterminated(path)
+        f = open(path, encoding=fmt["encoding"], errors="surrogateescape", newline="")
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read: {err.strerror or err}") from err
+    with f:
+        last: list[str] = []
+        reader = csv.reader(_lines(f, last) if cut else f, **fmt["dialect"])
         header = next(reader, None)
         if header is None:
-            raise ValueError(f"{path}: empty file, expected a header row")
-        indexes = _column_indexes(header, table, path)
+            raise DataError(f"{path}: empty file, expected a header row")
+        indexes = _column_indexes(header, table, path, fmt["dialect"]["delimiter"])
         width = len(header)
         identity = indexes == list(range(len(indexes))) and width == len(indexes)
-        n_rows = n_wrong = n_csv_error = n_blank = 0
+        n_rows = n_wrong = n_csv_error = n_blank = n_cut = n_undecodable = 0
+        first_undecodable = 0
         bar = tqdm(desc=f"{table} ({path.name})", unit=" rows", disable=not progress)
         try:
             while True:
@@ -251,6 +336,20 @@ def _read_rows(path: Path, layout: str, table: str, counts: Counter[str], progre
                 n_rows += 1
                 if n_rows % 4096 == 0:
                     bar.update(4096)
+                if last:
+                    n_cut += 1
+                    LOG.warning(
+                        "%s: line %d, the last, has no line break (a file cut short?): skipped %r",
+                        path,
+                        reader.line_num,
+                        last[0],
+                    )
+                    continue
+                if checked and _undecodable(row):
+                    n_undecodable += 1
+                    first_undecodable = first_undecodable or reader.line_num
+                    # the same U+FFFD as decoding with errors="replace"
+                    row = [v.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for v in row]
                 if len(row) != width:
                     n_wrong += 1
                     continue
@@ -262,7 +361,28 @@ def _read_rows(path: Path, layout: str, table: str, counts: Counter[str], progre
             counts[f"{table}.lines_read"] += reader.line_num
             _add_nonzero(counts, f"{table}.bad.wrong_field_count", n_wrong)
             _add_nonzero(counts, f"{table}.bad.csv_error", n_csv_error)
+            _add_nonzero(counts, f"{table}.bad.unterminated_last_line", n_cut)
+            _add_nonzero(counts, f"{table}.soft.undecodable_rows", n_undecodable)
             _add_nonzero(counts, f"{table}.blank_lines", n_blank)
+        if n_undecodable:
+            _check_decoding(path, fmt["encoding"], n_undecodable, n_rows, first_undecodable)
+
+
+def _undecodable(row: list[str]) -> bool:
+    text = "".join(row)
+    return not text.isascii() and _ESCAPED.search(text) is not None
+
+
+def _check_decoding(path: Path, encoding: str, n_bad: int, n_rows: int, first_line: int) -> None:
+    """A few undecodable rows are a warning; more than ``MAX_UNDECODABLE_SHARE`` is the wrong encoding."""
+    name = "UTF-8" if encoding.startswith("utf-8") else encoding
+    what = f"{n_bad:,} of {n_rows:,} rows are not valid {name} (first at line {first_line})"
+    if n_bad > MAX_UNDECODABLE_SHARE * n_rows:
+        raise DataError(
+            f"{path}: {what}: this layout's files must be {name}; convert it first, "
+            f"e.g. iconv -f cp1252 -t utf-8 {path.name} > {path.stem}.utf8.csv"
+        )
+    LOG.warning("%s: %s; kept with U+FFFD in place of the unreadable bytes", path, what)
 
 
 def _add_nonzero(counts: Counter[str], key: str, value: int) -> None:

@@ -115,11 +115,11 @@ def prepare_features(cfg: Config, progress: bool = True) -> Path:
     if _same_features(cfg, run_dir):
         log.info("sweep: reusing data and features of %s", run_dir)
         return run_dir
-    run_dir = prepare_run(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
     step_data(cfg, run_dir, progress)
     step_distill(cfg, run_dir, progress)  # a no-op unless the encoder is a distilled student
     step_features(cfg, run_dir, progress)
-    return run_dir
+    return prepare_run(cfg)  # only now: _same_features trusts the saved config to describe data and features
 
 
 def train_trial(cfg: Config, catalog: Catalog, data: Any, epochs: int | None) -> dict[str, Any]:
