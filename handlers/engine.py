@@ -16,13 +16,17 @@ import numpy as np
 import torch
 
 from handlers.schema import (
-    BookSpec,
+    INTERNAL_ERROR,
+    CatalogBook,
+    KnownUser,
     Limits,
-    RateRequest,
-    RecommendRequest,
+    NewBook,
+    NewUser,
+    RateBody,
+    RecommendBody,
+    Refusal,
     Request,
     RequestError,
-    UserSpec,
     parse_request,
 )
 from model.artifacts import ModelFolder
@@ -30,7 +34,9 @@ from model.text import book_text, user_text
 
 log = logging.getLogger("bookrec.serve")
 
-Result = tuple[int, dict[str, Any]]
+Result = tuple[int, dict[str, Any]]  # (HTTP status, JSON body) of one answer
+User = KnownUser | NewUser
+Book = CatalogBook | NewBook
 _NO_ROWS = np.zeros(0, dtype=np.int64)
 
 
@@ -72,31 +78,31 @@ class BookrecEngine:
             known_user=self.catalog.user_index.__contains__,
         )
 
-    def validate(self, bodies: list[Any]) -> list[Request | Result]:
-        """Per body, in order: the validated ``Request``, or the (status, error body) refusing it.
+    def validate(self, bodies: list[Any]) -> list[Request | Refusal]:
+        """Per body, in order: the validated ``Request``, or the ``Refusal`` of it.
 
         A validator bug is a 500 for that body alone: it must not take the worker down.
         """
-        out: list[Request | Result] = []
+        out: list[Request | Refusal] = []
         for i, body in enumerate(bodies):
             try:
                 out.append(self.parse(body))
             except RequestError as err:
-                out.append((err.status, err.body()))
+                out.append(err.refusal)
             except Exception:
                 log.exception("request %d: unexpected validation failure", i)
-                out.append(_internal_error())
+                out.append(INTERNAL_ERROR)
         return out
 
-    def answer(self, parsed: list[Request | Result]) -> list[Result]:
+    def answer(self, parsed: list[Request | Refusal]) -> list[Result]:
         """(HTTP status, JSON body) per entry of ``validate``; the valid requests are scored as one batch.
 
         A refused request keeps its 4xx and does not disturb the others. Should the batched scoring
         itself fail, each request is retried alone so one pathological request cannot fail its
         neighbours; what still fails gets a 500.
         """
-        results: list[Result | None] = [p if isinstance(p, tuple) else None for p in parsed]
-        valid = [(i, p) for i, p in enumerate(parsed) if not isinstance(p, tuple)]
+        results: list[Result | None] = [p.result() if isinstance(p, Refusal) else None for p in parsed]
+        valid = [(i, p) for i, p in enumerate(parsed) if not isinstance(p, Refusal)]
         if valid:
             try:
                 for i, answer in zip((i for i, _ in valid), self.score([r for _, r in valid]), strict=True):
@@ -108,8 +114,8 @@ class BookrecEngine:
                         results[i] = (200, self.score([request])[0])
                     except Exception:
                         log.exception("request %d: scoring failed", i)
-                        results[i] = _internal_error()
-        return [r if r is not None else _internal_error() for r in results]
+                        results[i] = INTERNAL_ERROR.result()
+        return [r if r is not None else INTERNAL_ERROR.result() for r in results]
 
     def run(self, bodies: list[Any]) -> list[Result]:
         """(HTTP status, JSON body) per request, in order: ``answer(validate(bodies))``."""
@@ -120,14 +126,14 @@ class BookrecEngine:
         """Answers of validated requests: one encoder call, one pair batch, one top-k batch."""
         users = [r.user for r in requests]
         new_users = [u for u in users if not u.known]
-        new_books = [b for r in requests if isinstance(r, RateRequest) for b in r.books if not b.known]
+        new_books = [b for r in requests if isinstance(r, RateBody) for b in r.books if not b.known]
         texts = [user_text(u.city, u.region, u.country, u.age) for u in new_users]
         texts += [book_text(b.title, b.author, b.year, b.publisher) for b in new_books]
         emb = torch.from_numpy(self.encoder.embed(texts)) if texts else torch.zeros(0, self.encoder.dim)
         user_feats = self._user_features(users, emb[: len(new_users)])
 
         answers: list[dict[str, Any] | None] = [None] * len(requests)
-        rate = [j for j, r in enumerate(requests) if isinstance(r, RateRequest)]
+        rate = [j for j, r in enumerate(requests) if isinstance(r, RateBody)]
         if rate:
             pair_user = [n for n, j in enumerate(rate) for _ in requests[j].books]
             books = [b for j in rate for b in requests[j].books]
@@ -138,7 +144,7 @@ class BookrecEngine:
                 part = ratings[start : start + len(request.books)].tolist()
                 start += len(request.books)
                 answers[j] = self._rate_answer(request, part)
-        recommend = [j for j, r in enumerate(requests) if isinstance(r, RecommendRequest)]
+        recommend = [j for j, r in enumerate(requests) if isinstance(r, RecommendBody)]
         if recommend:
             history = [self._rated_rows(requests[j].user) for j in recommend]
             exclude = [h if requests[j].exclude_rated else _NO_ROWS for h, j in zip(history, recommend, strict=True)]
@@ -154,7 +160,7 @@ class BookrecEngine:
         """Seconds the last recommend batch spent in retrieval and in the rating rerank."""
         return self.recommender.last_timings
 
-    def _user_features(self, users: list[UserSpec], new_emb: torch.Tensor) -> torch.Tensor:
+    def _user_features(self, users: list[User], new_emb: torch.Tensor) -> torch.Tensor:
         """Feature rows: the catalog's for known users, ``Catalog.new_user_features`` for new ones."""
         feats = torch.empty(len(users), self.catalog.user_feats.shape[1])
         known = [j for j, u in enumerate(users) if u.known]
@@ -163,8 +169,8 @@ class BookrecEngine:
         new = [j for j, u in enumerate(users) if not u.known]
         if new:
             hist_user = [n for n, j in enumerate(new) for _ in users[j].ratings]
-            isbns = [isbn for j in new for isbn, _ in users[j].ratings]
-            values = [rating for j in new for _, rating in users[j].ratings]
+            isbns = [r.isbn for j in new for r in users[j].ratings]
+            values = [r.rating for j in new for r in users[j].ratings]
             feats[new] = self.catalog.new_user_features(
                 new_emb,
                 torch.tensor(hist_user, dtype=torch.long),
@@ -175,7 +181,7 @@ class BookrecEngine:
 
     @torch.inference_mode()
     def _rate(
-        self, user_feats: torch.Tensor, pair_user: list[int], books: list[BookSpec], new_emb: torch.Tensor
+        self, user_feats: torch.Tensor, pair_user: list[int], books: list[Book], new_emb: torch.Tensor
     ) -> torch.Tensor:
         """Ratings of (user, book) pairs, each user projected once and catalog books taken from the
         Scorer's precomputed projections, so 100 pairs of one user cost one small matmul."""
@@ -193,19 +199,19 @@ class BookrecEngine:
         user_proj = self.scorer.project_users(user_feats)
         return self.scorer.rate_projected(user_proj, torch.tensor(pair_user, dtype=torch.long), book_proj)
 
-    def _rated_rows(self, user: UserSpec) -> np.ndarray:
+    def _rated_rows(self, user: User) -> np.ndarray:
         """Catalog rows the user already read: training history, or the request's own ratings."""
         if user.known:
             return self.catalog.rated_by(self.catalog.user_index[user.user_id])
-        return self.catalog.book_rows([isbn for isbn, _ in user.ratings]).numpy().astype(np.int64)
+        return self.catalog.book_rows([r.isbn for r in user.ratings]).numpy().astype(np.int64)
 
     # --------------------------------------------------------------------------------- formatting
-    def _user_echo(self, user: UserSpec) -> dict[str, Any]:
+    def _user_echo(self, user: User) -> dict[str, Any]:
         if user.known:
             return {"user_id": user.user_id, "known": True}
         return {"user_id": None, "known": False, "ratings_used": len(user.ratings)}
 
-    def _rate_answer(self, request: RateRequest, ratings: list[float]) -> dict[str, Any]:
+    def _rate_answer(self, request: RateBody, ratings: list[float]) -> dict[str, Any]:
         predictions = []
         for book, rating in zip(request.books, ratings, strict=True):
             item: dict[str, Any] = {"isbn": book.isbn} if book.known else {"isbn": None, "title": book.title}
@@ -219,7 +225,7 @@ class BookrecEngine:
         }
 
     def _recommend_answer(
-        self, request: RecommendRequest, rows: list[int], relevance: list[float], rating: list[float]
+        self, request: RecommendBody, rows: list[int], relevance: list[float], rating: list[float]
     ) -> dict[str, Any]:
         items = []
         for row, rel, score in zip(rows[: request.k], relevance[: request.k], rating[: request.k], strict=True):
@@ -272,7 +278,3 @@ class BookrecEngine:
         for status, body in results:
             if status != 200:
                 raise RuntimeError(f"warm-up request failed with {status}: {body}")
-
-
-def _internal_error() -> Result:
-    return 500, {"error": {"status": 500, "field": None, "message": "internal error; see the model log"}}

@@ -2,10 +2,10 @@
 
 The pydantic classes below are the one statement of the contract: ``parse_request`` validates with
 them and ``request_schema`` (published as ``docs/request.schema.json``) is generated from them.
-A valid body becomes a typed ``RateRequest`` or ``RecommendRequest`` for the engine; anything else
-raises ``RequestError`` naming the offending field as a JSON path, so every bad input becomes a 4xx
-with a JSON body and never reaches the model. Catalog look-ups (unknown ISBN or user id -> 404)
-run inside the same validation, through the validation context.
+A valid body becomes a ``RateBody`` or ``RecommendBody``, the very objects the engine scores; anything
+else raises ``RequestError`` carrying a ``Refusal`` that names the offending field as a JSON path, so
+every bad input becomes a 4xx with a JSON body and never reaches the model. Catalog look-ups
+(unknown ISBN or user id -> 404) run inside the same validation, through the validation context.
 
     python -m handlers.schema                                  # print the JSON Schema
     python -m handlers.schema --write docs/request.schema.json  # regenerate the published copy
@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -62,68 +62,32 @@ class Limits:
         return cls(**values)
 
 
-class RequestError(Exception):
-    """A request the handler refuses: HTTP status, the JSON path of the field and what is wrong."""
+@dataclass(frozen=True)
+class Refusal:
+    """A request the endpoint does not answer: HTTP status, the JSON path of the field (None when no
+    field is to blame) and what is wrong."""
 
-    def __init__(self, status: int, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.status = status
-        self.field = field
-        self.message = message
+    status: int
+    field: str | None
+    message: str
 
     def body(self) -> dict[str, Any]:
         return {"error": {"status": self.status, "field": self.field, "message": self.message}}
 
-
-# ------------------------------------------------------------------------------ typed requests
-# What the engine scores: plain data, built from a validated body (the rules live in the models).
-@dataclass
-class UserSpec:
-    """A known user (``user_id``) or a new one described by location, age and a few ratings."""
-
-    user_id: int | None = None
-    city: str | None = None
-    region: str | None = None
-    country: str | None = None
-    age: int | None = None
-    ratings: list[tuple[str, float]] = field(default_factory=list)
-
-    @property
-    def known(self) -> bool:
-        return self.user_id is not None
+    def result(self) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, JSON body), as the engine answers."""
+        return self.status, self.body()
 
 
-@dataclass
-class BookSpec:
-    """A catalog book (``isbn``) or a new one described by its metadata."""
-
-    isbn: str | None = None
-    title: str | None = None
-    author: str | None = None
-    year: int | None = None
-    publisher: str | None = None
-
-    @property
-    def known(self) -> bool:
-        return self.isbn is not None
+INTERNAL_ERROR = Refusal(500, None, "internal error; see the model log")
 
 
-@dataclass
-class RateRequest:
-    user: UserSpec
-    books: list[BookSpec]
-    action: str = "rate"
+class RequestError(Exception):
+    """Raised by parsing for a body it refuses; ``refusal`` says how."""
 
-
-@dataclass
-class RecommendRequest:
-    user: UserSpec
-    k: int = DEFAULT_K
-    exclude_rated: bool = True
-    action: str = "recommend"
-
-
-Request = RateRequest | RecommendRequest
+    def __init__(self, status: int, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.refusal = Refusal(status, field, message)
 
 
 # ---------------------------------------------------------------------------- field types
@@ -233,10 +197,10 @@ class _Body(BaseModel):
 class KnownUser(_Body):
     """A user of the training data."""
 
-    user_id: Annotated[int, AfterValidator(_catalog_user)]
+    # Which kind the engine scores (users and books alike); a class constant, not a JSON field.
+    known: ClassVar[bool] = True
 
-    def spec(self) -> UserSpec:
-        return UserSpec(user_id=self.user_id)
+    user_id: Annotated[int, AfterValidator(_catalog_user)]
 
 
 class RatedBook(_Body):
@@ -250,6 +214,7 @@ class NewUser(_Body):
     """A user the model has not seen, described by any of these fields."""
 
     model_config = ConfigDict(json_schema_extra={"minProperties": 1})
+    known: ClassVar[bool] = False
 
     city: Text | None = None
     region: Text | None = None
@@ -265,30 +230,29 @@ class NewUser(_Body):
             )
         return self
 
-    def spec(self) -> UserSpec:
-        ratings = [(r.isbn, r.rating) for r in self.ratings]
-        return UserSpec(None, self.city, self.region, self.country, self.age, ratings)
-
 
 class CatalogBook(_Body):
     """A catalog book as an object."""
 
+    known: ClassVar[bool] = True
+
     isbn: Isbn
 
-    def spec(self) -> BookSpec:
-        return BookSpec(isbn=self.isbn)
+    @classmethod
+    def of(cls, isbn: str) -> CatalogBook:
+        """The book of an ISBN already validated as a bare string (not validated again)."""
+        return cls.model_construct(isbn=isbn)
 
 
 class NewBook(_Body):
     """A book the model has not seen, described by its metadata."""
 
+    known: ClassVar[bool] = False
+
     title: NonBlankText
     author: Text | None = None
     year: Annotated[int, Field(ge=YEAR_MIN, le=YEAR_MAX)] | None = None
     publisher: Text | None = None
-
-    def spec(self) -> BookSpec:
-        return BookSpec(None, self.title, self.author, self.year, self.publisher)
 
 
 def _user_kind(value: Any) -> str:
@@ -310,8 +274,10 @@ User = Annotated[
     Annotated[KnownUser, Tag("known_user")] | Annotated[NewUser, Tag("new_user")],
     Discriminator(_user_kind),
 ]
+# A book is an ISBN string, a catalog book's object or a new book's: the string is validated as
+# such (an error names ``books[0]``) and then becomes a ``CatalogBook``, so the engine sees two kinds.
 Book = Annotated[
-    Annotated[Isbn, Tag("catalog_isbn")]
+    Annotated[Isbn, AfterValidator(CatalogBook.of), Tag("catalog_isbn")]
     | Annotated[CatalogBook, Tag("catalog_book")]
     | Annotated[NewBook, Tag("new_book")],
     Discriminator(
@@ -329,9 +295,6 @@ class RateBody(_Body):
     user: User
     books: Annotated[list[Book], Field(min_length=1), Limited("max_books")]
 
-    def spec(self) -> RateRequest:
-        return RateRequest(self.user.spec(), [_book_spec(b) for b in self.books])
-
 
 class RecommendBody(_Body):
     """The user's top-k catalog books."""
@@ -341,16 +304,10 @@ class RecommendBody(_Body):
     k: Annotated[int, Field(ge=1), Limited("max_k")] = DEFAULT_K
     exclude_rated: bool = True
 
-    def spec(self) -> RecommendRequest:
-        return RecommendRequest(self.user.spec(), self.k, self.exclude_rated)
 
-
-def _book_spec(book: str | CatalogBook | NewBook) -> BookSpec:
-    return BookSpec(isbn=book) if isinstance(book, str) else book.spec()
-
-
-RequestBody = Annotated[RateBody | RecommendBody, Field(discriminator="action")]
-_ADAPTER: TypeAdapter[RateBody | RecommendBody] = TypeAdapter(RequestBody)
+Request = RateBody | RecommendBody
+RequestBody = Annotated[Request, Field(discriminator="action")]
+_ADAPTER: TypeAdapter[Request] = TypeAdapter(RequestBody)
 
 
 # ------------------------------------------------------------------------------------ parsing
@@ -400,7 +357,7 @@ def parse_request(
     value = decode_body(body)
     context = {"limits": limits, "known_isbn": known_isbn, "known_user": known_user}
     try:
-        return _ADAPTER.validate_python(value, context=context).spec()
+        return _ADAPTER.validate_python(value, context=context)
     except ValidationError as err:
         raise _request_error(err.errors(include_url=False)[0]) from None
 

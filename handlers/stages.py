@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from handlers.engine import Result
-from handlers.schema import Request
+from handlers.schema import Refusal, Request
 
 
 @dataclass
@@ -14,5 +14,5 @@ class Batch:
     """One TorchServe batch between the stages: the bodies, then what validation and scoring made of them."""
 
     bodies: list[Any]
-    parsed: list[Request | Result]  # preprocess: a validated request, or the 4xx/500 that refused it
+    parsed: list[Request | Refusal]  # preprocess: a validated request, or the 4xx/500 refusing it
     results: list[Result] = field(default_factory=list)  # inference: (HTTP status, JSON body) per request

@@ -24,7 +24,21 @@ import pytest
 import torch
 import yaml
 
-from handlers.schema import Limits, UserSpec, main, request_schema
+from handlers.schema import (
+    DEFAULT_K,
+    INTERNAL_ERROR,
+    CatalogBook,
+    KnownUser,
+    Limits,
+    NewBook,
+    NewUser,
+    RateBody,
+    RatedBook,
+    RecommendBody,
+    Refusal,
+    main,
+    request_schema,
+)
 from model.artifacts import code_identity
 from model.ranges import AGE_MAX, AGE_MIN, RATING_MAX, RATING_MIN, YEAR_MAX, YEAR_MIN
 from serving.archive import HANDLER_FILE, WORKER_FILES, CodeChanged, build_archive
@@ -348,7 +362,7 @@ def test_recommend_ranks_the_catalog_and_excludes_rated_books(loaded: tuple[Any,
     history = engine.catalog.history
     for user_row in range(0, len(engine.catalog.users), 7):
         user_id = int(engine.catalog.users["user_id"].iat[user_row])
-        mine = engine._rated_rows(UserSpec(user_id=user_id))
+        mine = engine._rated_rows(KnownUser(user_id=user_id))
         isbns = history.loc[history["user_id"] == user_id, "isbn"].tolist()
         assert mine.tolist() == engine.catalog.book_rows(isbns).tolist()
 
@@ -485,6 +499,57 @@ def test_every_bad_input_gets_its_own_4xx_and_the_good_ones_succeed(
         assert len(json.dumps(got)) < 600, f"{name}: the error must not echo the whole input"
         ok_status, ok = answers[2 * n + 1]
         assert ok_status == 200 and len(ok["predictions"]) == 2, name
+
+
+def test_validation_hands_each_bad_input_on_as_a_refusal_naming_its_field(
+    loaded: tuple[Any, Any], bad_cases: list
+) -> None:
+    """Between the stages a bad body is a ``Refusal`` (status, field, message), answered as its body."""
+    engine = loaded[0].engine
+    parsed = engine.validate([body for _, body, _, _ in bad_cases])
+    for (name, _, status, field), refusal in zip(bad_cases, parsed, strict=True):
+        assert isinstance(refusal, Refusal), (name, refusal)
+        assert (refusal.status, refusal.field) == (status, field) and refusal.message, (name, refusal)
+    assert engine.answer(parsed) == [(r.status, r.body()) for r in parsed]
+
+
+def test_a_valid_body_is_validated_into_the_models_the_engine_scores(loaded: tuple[Any, Any], samples: dict) -> None:
+    """No copies: the engine gets the pydantic models, a bare ISBN as a ``CatalogBook``, defaults filled."""
+    engine = loaded[0].engine
+    isbn = samples["isbns"][0]
+    rate, recommend = engine.validate(
+        [
+            {"action": "rate", "user": {"user_id": samples["user"]}, "books": [isbn, {"isbn": isbn}, {"title": "t"}]},
+            {"action": "recommend", "user": {"country": "usa", "ratings": [{"isbn": isbn, "rating": 7.0}]}},
+        ]
+    )
+    assert isinstance(rate, RateBody) and rate.user == KnownUser(user_id=samples["user"]) and rate.user.known
+    assert rate.books == [CatalogBook(isbn=isbn), CatalogBook(isbn=isbn), NewBook(title="t")]
+    assert [book.known for book in rate.books] == [True, True, False]
+    assert isinstance(recommend, RecommendBody) and (recommend.k, recommend.exclude_rated) == (DEFAULT_K, True)
+    assert isinstance(recommend.user, NewUser) and not recommend.user.known
+    assert recommend.user.ratings == [RatedBook(isbn=isbn, rating=7.0)]
+
+
+def test_a_validator_failure_is_a_500_refusal_for_that_request_only(
+    loaded: tuple[Any, Any], samples: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in validation refuses that body with the internal error, naming no field."""
+    handler, context = loaded
+    engine = handler.engine
+    original = engine.parse
+
+    def fragile(body: Any) -> Any:
+        if isinstance(body, dict) and body.get("k") == 7:
+            raise RuntimeError("boom")
+        return original(body)
+
+    monkeypatch.setattr(engine, "parse", fragile)
+    good = {"action": "recommend", "user": {"user_id": samples["user"]}, "k": 2}
+    assert engine.validate([{**good, "k": 7}]) == [INTERNAL_ERROR]
+    answers = call(handler, context, [good, {**good, "k": 7}, good])
+    assert [s for s, _ in answers] == [200, 500, 200]
+    assert answers[1][1] == {"error": {"status": 500, "field": None, "message": "internal error; see the model log"}}
 
 
 def test_an_unexpected_failure_is_a_500_for_that_request_only(
