@@ -7,8 +7,6 @@ from pathlib import Path
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
+    """Hex SHA-256 of the file's bytes."""
     with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()

@@ -9,7 +9,11 @@ the OOM killer) and queues the next ones until a new worker has loaded. This cli
 again on such an answer, on a 503 and on a connection error, after an exponential back-off with
 jitter, within a bound on attempts and on total time. Every other answer is final: a bad request
 stays a 4xx naming the field, and the handler's own 500 (an unexpected failure of that request) is
-not repeated.
+not repeated; nor is a read timeout (the server may still be working on that request).
+
+The retrying is urllib3's ``Retry`` in requests' ``HTTPAdapter``, with the policy's back-off and time
+bound; the client itself only tells a "Worker died." answer from the final answers that share its
+statuses, which needs the body (``BookrecClient.predict`` says why).
 """
 
 from __future__ import annotations
@@ -25,12 +29,16 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import MaxRetryError, ReadTimeoutError, ResponseError
+from urllib3.util.retry import RequestHistory, Retry
 
 from serving.healthcheck import inference_key
 
 log = logging.getLogger("bookrec.client")
 
 WORKER_DIED = "worker died."  # TorchServe's error message for the requests a dead worker held
+RETRY_STATUSES = frozenset({503})  # retried whatever the body says
 
 
 @dataclass(frozen=True)
@@ -77,11 +85,82 @@ def worker_died(status: int, text: str) -> bool:
 
 def retry_reason(status: int, text: str) -> str | None:
     """Why an answer is worth sending again, or None when it is final."""
-    if status == 503:
-        return "503 service unavailable"
+    if status in RETRY_STATUSES:
+        return f"{status} service unavailable"
     if worker_died(status, text):
         return f"{status} worker died"
     return None
+
+
+def describe(entry: RequestHistory) -> str:
+    """Why a try was sent again, from an entry of urllib3's retry history (which holds no body: a
+    status other than a ``RETRY_STATUSES`` one is there because its answer said "Worker died.")."""
+    if entry.error is not None:
+        return f"connection error ({type(entry.error).__name__})"
+    return retry_reason(entry.status, "") or f"{entry.status} worker died"
+
+
+class PolicyRetry(Retry):
+    """urllib3's ``Retry`` for one call of ``predict``: what it retries and counts, with the policy's
+    jittered back-off, its bound on total time (counted from ``start``) and a log line per retry.
+
+    A POST is retried (both actions only read the model) on ``RETRY_STATUSES`` and on connection
+    errors, the refused or reset connection included, but not on a read timeout. The waits stay the
+    policy's: urllib3's own back-off sends the first retry at once, adds its jitter instead of scaling
+    by it, and has no bound on time.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        policy: RetryPolicy = NO_RETRY,
+        rng: random.Random | None = None,
+        start: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.policy, self.rng, self.start = policy, rng or random.Random(), start
+        self.wait = 0.0
+
+    @classmethod
+    def starting_now(cls, policy: RetryPolicy, rng: random.Random) -> PolicyRetry:
+        return cls(
+            total=policy.attempts - 1,
+            allowed_methods=frozenset({"POST"}),
+            status_forcelist=RETRY_STATUSES,
+            raise_on_status=False,  # the last answer is returned, whatever it is
+            respect_retry_after_header=False,
+            policy=policy,
+            rng=rng,
+            start=time.monotonic(),
+        )
+
+    def new(self, **kw: Any) -> PolicyRetry:
+        retry = super().new(**kw)
+        retry.policy, retry.rng, retry.start = self.policy, self.rng, self.start
+        return retry
+
+    def increment(
+        self,
+        method: str | None = None,
+        url: str | None = None,
+        response: Any = None,
+        error: Exception | None = None,
+        _pool: Any = None,
+        _stacktrace: Any = None,
+    ) -> PolicyRetry:
+        if isinstance(error, ReadTimeoutError):
+            raise error  # urllib3 would retry it as it does a reset; the server may still be working on it
+        retry = super().increment(method, url, response, error, _pool, _stacktrace)  # MaxRetryError past attempts
+        retry.wait = self.policy.delay(len(retry.history), self.rng)
+        if time.monotonic() - self.start + retry.wait > self.policy.total:
+            reason = error or ResponseError(f"no retry starts {self.policy.total} s after the first try")
+            raise MaxRetryError(_pool, url or "", reason) from reason
+        log.info("retry %d of %s in %.2f s: %s", len(retry.history), url, retry.wait, describe(retry.history[-1]))
+        return retry
+
+    def get_backoff_time(self) -> float:
+        return self.wait
 
 
 @dataclass
@@ -119,6 +198,8 @@ class BookrecClient:
         self.policy = policy or RetryPolicy()
         self.timeout = timeout
         self.session = requests.Session()
+        self._adapter = HTTPAdapter()
+        self.session.mount(self.endpoint, self._adapter)
         self._rng = random.Random(seed)
 
     @classmethod
@@ -130,28 +211,22 @@ class BookrecClient:
         """Send one request; retried as the policy allows. Raises the last connection error when
         no try reached the server."""
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        start = time.monotonic()
-        retries: list[str] = []
-        attempt = 0
-        error: requests.ConnectionError | None = None
+        retry = PolicyRetry.starting_now(self.policy, self._rng)
         while True:
-            attempt += 1
+            self._adapter.max_retries = retry  # this call's budget, so far (one client per thread)
+            resp = self.session.post(self.endpoint, data=data, headers=self.headers, timeout=self.timeout)
+            retry = resp.raw.retries
+            # urllib3 decides on the status alone, but "Worker died." comes with 500, 413 or 507, which
+            # TorchServe also sends as final answers (the handler's own 500, a body over the size limit):
+            # only the body tells them apart, and requests reads the body after urllib3 has returned.
+            if not worker_died(resp.status_code, resp.text):
+                break
             try:
-                resp = self.session.post(self.endpoint, data=data, headers=self.headers, timeout=self.timeout)
-                error = None
-                reason = retry_reason(resp.status_code, resp.text)
-                if reason is None:
-                    return Reply(resp, attempt, retries)
-            except requests.ConnectionError as err:  # refused, reset, or the connect timed out
-                resp, error, reason = None, err, f"connection error ({type(err).__name__})"
-            wait = self.policy.delay(attempt, self._rng)
-            if attempt >= self.policy.attempts or time.monotonic() - start + wait > self.policy.total:
-                if error is not None:
-                    raise error
-                return Reply(resp, attempt, retries)
-            retries.append(reason)
-            log.info("retry %d of %s in %.2f s: %s", attempt, self.endpoint, wait, reason)
-            time.sleep(wait)
+                retry = retry.increment(resp.request.method, resp.request.path_url, response=resp.raw)
+            except MaxRetryError:
+                break
+            retry.sleep()
+        return Reply(resp, len(retry.history) + 1, [describe(entry) for entry in retry.history])
 
     def close(self) -> None:
         self.session.close()
@@ -175,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     data = Path(args.data[1:]).read_bytes() if args.data.startswith("@") else args.data.encode()
     policy = RetryPolicy(attempts=args.attempts, total=args.max_time)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # its warning on a broken connection repeats our retry line
     with BookrecClient.from_key_file(args.url, args.key_file, policy=policy) as client:
         reply = client.predict(data)
     print(reply.response.text.strip())
