@@ -29,8 +29,8 @@ from batch.pipeline import run
 from batch.transforms import ScoreShards, UserBlocks, plan_blocks
 from model import layout
 from model.catalog import Catalog
-from model.config import load_config
 from model.scoring import Scorer
+from train.config import load_config
 
 IN_MEMORY = "--direct_running_mode=in_memory"
 
@@ -98,8 +98,9 @@ def test_output_layout_shards_and_marker(all_pairs) -> None:
 def test_scores_equal_evaluation_handler_and_scorer(all_pairs, tiny_run: Path, catalog: Catalog, model) -> None:
     """Parity: the evaluation code path (build_training_data + predict), the TorchServe handler's
     engine and Scorer.rate give the batch job's numbers for the same pairs, to 1e-5."""
-    from handlers.engine import BookrecEngine
     from train.data.tables import load_tables
+
+    from handlers.engine import BookrecEngine
     from train.rating.dataset import build_training_data
     from train.rating.fit import predict
 

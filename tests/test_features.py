@@ -6,11 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from train.data.tables import load_tables
 
 from model.catalog import Catalog
 from model.encoder import load_saved_encoder
 from model.text import book_text, book_texts, group_key, user_text, user_texts
-from train.data.tables import load_tables
 from train.rating.dataset import build_training_data
 
 

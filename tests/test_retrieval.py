@@ -8,15 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from train.data.tables import load_tables
 
 from model.artifacts import ModelFolder
 from model.catalog import Catalog
 from model.checkpoint import load_scripted
-from model.config import RetrievalConfig
 from model.layout import RETRIEVAL_META
 from model.recommend import RerankSettings, TwoStageRecommender
 from tests.conftest import NEW_BOOK
-from train.data.tables import load_tables
+from train.config import RetrievalConfig
 from train.rating.dataset import build_training_data
 from train.retrieval.step import (
     Interactions,

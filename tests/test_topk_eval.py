@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from train.data.tables import load_tables
 
 from model.catalog import Catalog, group_codes
-from model.config import TopKTuning
 from model.text import group_key
-from train.data.tables import load_tables
+from train.config import TopKTuning
 from train.evaluation.protocols import cold_book_task, cold_user_task, sample_task, warm_task
 from train.evaluation.topk import CONTENT_NAME, MODEL_NAME, RATING_ONLY_NAME
 

@@ -13,9 +13,9 @@ import logging
 import sys
 import warnings
 
-from model.config import load_config
-from model.encoder import EncoderUnavailable
+from train.config import load_config
 from train.data.download import DatasetUnavailable
+from train.features.encoders import EncoderUnavailable
 
 TOOLS = ("sweep",)
 
