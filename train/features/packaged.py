@@ -17,7 +17,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.hashing import file_sha256
+from train.hashing import file_sha256
 
 PREFIX = "packaged:"
 
