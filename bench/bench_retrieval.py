@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from model.artifacts import resolve_device  # noqa: E402
-from model.config import load_config  # noqa: E402
+from train.config import load_config  # noqa: E402
 from train.rating.dataset import load_training_data  # noqa: E402
 from train.retrieval.step import fit_retrieval, new_retrieval_model  # noqa: E402
 

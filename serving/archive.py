@@ -28,6 +28,7 @@ features and scores the model was trained on.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -44,7 +45,6 @@ import yaml
 from handlers.schema import Limits
 from model import layout
 from model.artifacts import ModelFolder, code_identity
-from model.hashing import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_NAME = "bookrec"
@@ -62,6 +62,12 @@ RUN_INFO = {
     "train": layout.TRAIN_REPORT,
     "features": layout.FEATURES_REPORT,
 }
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file (what the archive records of each file it holds)."""
+    with Path(path).open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 class CodeChanged(RuntimeError):

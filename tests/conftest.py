@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from model.config import Config, load_config
+from train.config import Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from model.config import load_config
 from train.__main__ import main
+from train.config import load_config
 from train.data.download import DatasetUnavailable
 from train.data.ingest import DataError, read_bookcrossing
 from train.data.sample import write_sample

@@ -29,8 +29,8 @@ from batch.pipeline import run
 from batch.transforms import ScoreShards, UserBlocks, plan_blocks
 from model import layout
 from model.catalog import Catalog
-from model.config import load_config
 from model.scoring import Scorer
+from train.config import load_config
 
 IN_MEMORY = "--direct_running_mode=in_memory"
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from model import schemas
-from model.config import load_config
+from train.config import load_config
 
 from .conftest import REPO
 
@@ -128,7 +128,6 @@ def test_fine_tuning_the_encoder_rewrites_encoder_and_catalog(tiny_run, tmp_path
 
 def test_fine_tuning_uses_the_configured_optimizer(tiny_run):
     """The same two fine-tuning steps with AdamW and with SGD move the encoder differently."""
-    import dataclasses
 
     import torch
 
@@ -148,7 +147,7 @@ def test_fine_tuning_uses_the_configured_optimizer(tiny_run):
         encoder = load_saved_encoder(tiny_run / "encoder")
         model = new_model(cfg, catalog.spec)
         model.set_standardisation(data.user_table, data.book_table)
-        summary = fine_tune(encoder, model, catalog, data, dataclasses.replace(cfg.train, optimizer=name), False)
+        summary = fine_tune(encoder, model, catalog, data, cfg.train.replace(optimizer=name), False)
         assert summary["optimizer"] == optimizer
         moved[name] = [p.detach() - s for p, s in zip(encoder.model.parameters(), start, strict=True)]
     assert any(d.abs().max() > 0 for d in moved["sgd"]), "SGD must update the encoder"

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from model.config import Config, ConfigError, SplitConfig, load_config
+from train.config import Config, ConfigError, SplitConfig, load_config
 from train.data.split import assign_folds, assign_splits
 
 
@@ -51,11 +51,11 @@ def test_bad_config_is_named(override, message):
 @pytest.mark.parametrize(
     ("key", "value", "problem"),
     [
-        ("train.optimizer", "lamb", "must be one of 'adamw', 'adam', 'sgd', got 'lamb'"),
-        ("encoder.pooling", "max", "must be one of 'mean', 'cls', got 'max'"),
+        ("train.optimizer", "lamb", "must be one of 'adamw', 'adam' or 'sgd', got 'lamb'"),
+        ("encoder.pooling", "max", "must be one of 'mean' or 'cls', got 'max'"),
         ("model.hidden", ["a", 2], "[0]' must be int, got 'a'"),
         ("split.val_frac", -3, "must be a fraction in [0, 1), got -3.0"),
-        ("train.device", "cuda:0", "must be one of 'auto', 'cpu', 'cuda'"),
+        ("train.device", "cuda:0", "must be one of 'auto', 'cpu' or 'cuda'"),
         ("train.lr", 0, "must be > 0"),
         ("train.epochs", 0, "must be > 0"),
         ("train.weight_decay", -0.1, "must be >= 0"),
@@ -66,7 +66,7 @@ def test_bad_config_is_named(override, message):
         ("data.sample_users", 0, "must be > 0"),
         ("eval.ndcg_k", 0, "must be > 0"),
         ("eval.svd_grid", [3], "[0]' must be dict"),
-        ("retrieval.negatives", "hard", "must be one of 'in-batch', 'mixed', 'full', got 'hard'"),
+        ("retrieval.negatives", "hard", "must be one of 'in-batch', 'mixed' or 'full', got 'hard'"),
         ("retrieval.temperature", 0, "must be > 0"),
         ("retrieval.id_dropout", 1.0, "must be a fraction in [0, 1)"),
         ("retrieval.blend_grid", [-0.1], "must list weights >= 0"),

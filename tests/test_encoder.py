@@ -7,9 +7,10 @@ import time
 import numpy as np
 import pytest
 
-from model.config import EncoderConfig
-from model.encoder import EncoderUnavailable, load_encoder, load_saved_encoder
+from model.encoder import load_saved_encoder
+from train.config import EncoderConfig
 from train.features.embed import EmbeddingCache
+from train.features.encoders import EncoderUnavailable, load_encoder
 
 from .conftest import SHARED
 

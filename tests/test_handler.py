@@ -642,7 +642,7 @@ def test_each_stage_is_timed_when_the_archive_profiles(
 def evaluation_pairs(run_dir: Path) -> tuple[Any, np.ndarray]:
     """Test-split and cold-split pairs with the evaluation code's predictions for them."""
     from model.catalog import Catalog
-    from model.config import load_config
+    from train.config import load_config
     from train.rating.dataset import build_training_data
     from train.rating.fit import predict
 

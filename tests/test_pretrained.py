@@ -17,13 +17,14 @@ import pandas as pd
 import pytest
 import requests
 
-from model import layout, packaged
-from model.config import EncoderConfig
-from model.encoder import EncoderUnavailable, load_encoder
+from model import layout
 from serving.archive import build_archive
 from serving.local_server import LocalServer
 from tests.conftest import NEW_BOOK, REPO, SHARED, add_unrated_book, tiny_config
+from train.config import EncoderConfig
+from train.features import packaged
 from train.features.distill.corpus import build_corpus
+from train.features.encoders import EncoderUnavailable, load_encoder
 
 MINILM = "packaged:all-MiniLM-L6-v2"
 BERT_TINY_DIR = SHARED / "data" / "bert-tiny"

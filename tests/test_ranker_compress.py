@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from model.config import RankingConfig
 from model.network import Int8Linear
 from model.ranker import FEATURES, RankerMLP
+from train.config import RankingConfig
 from train.ranking.compress import choose_penalty, prune_ranker, quantize_ranker
 from train.ranking.fit import RankingData, quality
 

@@ -15,8 +15,8 @@ import torch
 from model import layout
 from model.artifacts import ModelFolder
 from model.candidates import AuthorIndex, ItemGraph, RankedRows, history_matrix
-from model.config import ConfigError, load_config
 from model.ranker import FEATURES, merge
+from train.config import ConfigError, load_config
 from train.ranking.graph import rp3beta_graph
 
 

@@ -12,10 +12,10 @@ import torch
 from model.artifacts import ModelFolder
 from model.catalog import Catalog
 from model.checkpoint import load_scripted
-from model.config import RetrievalConfig
 from model.layout import RETRIEVAL_META
 from model.recommend import RerankSettings, TwoStageRecommender
 from tests.conftest import NEW_BOOK
+from train.config import RetrievalConfig
 from train.data.tables import load_tables
 from train.rating.dataset import build_training_data
 from train.retrieval.step import (

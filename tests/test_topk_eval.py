@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from model.catalog import Catalog, group_codes
-from model.config import TopKTuning
 from model.text import group_key
+from train.config import TopKTuning
 from train.data.tables import load_tables
 from train.evaluation.protocols import cold_book_task, cold_user_task, sample_task, warm_task
 from train.evaluation.topk import CONTENT_NAME, MODEL_NAME, RATING_ONLY_NAME

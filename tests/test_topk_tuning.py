@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.config import ConfigError, TopKTuning, load_config
+from train.config import ConfigError, TopKTuning, load_config
 from train.evaluation.protocols import RankingTask
 from train.evaluation.topk_baselines import interaction_matrix
 from train.evaluation.tuning import Validation, settings, tune

@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from model.config import load_config
 from tests.conftest import REPO, tiny_config
+from train.config import load_config
 from train.data.sample import write_sample
 
 pytest.importorskip("wandb")

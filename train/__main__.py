@@ -15,10 +15,10 @@ import warnings
 
 import yaml
 
-from model.config import load_config
-from model.encoder import EncoderUnavailable
+from train.config import load_config
 from train.data.download import DatasetUnavailable
 from train.data.ingest import DataError
+from train.features.encoders import EncoderUnavailable
 
 TOOLS = ("sweep",)
 

@@ -14,8 +14,8 @@ import pandas as pd
 
 from model import layout
 from model.artifacts import code_identity
-from model.config import Config
-from model.hashing import file_sha256
+from train.config import Config
+from train.hashing import file_sha256
 
 PACKAGES = (
     "torch",

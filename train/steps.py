@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from model import layout
-from model.config import Config
+from train.config import Config
 from train.data.step import step_data
 from train.evaluation.step import step_evaluate
 from train.experiments import tracking

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from model.config import DEFAULT_URL, DataConfig
+from train.config import DEFAULT_URL, DataConfig
 from train.data.ingest import detect_layout
 
 LOG = logging.getLogger("bookrec.download")

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from model.config import SplitConfig
+from train.config import SplitConfig
 
 
 def assign_splits(ratings: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:

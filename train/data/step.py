@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model import layout, schemas
-from model.config import Config
+from train.config import Config
 from train.data.download import ENV_VAR, DatasetUnavailable, resolve_data_dir
 from train.data.ingest import DataError, RawTables, read_bookcrossing
 from train.data.sample import write_sample

@@ -14,7 +14,7 @@ import torch
 
 from model import layout
 from model.artifacts import ModelFolder
-from model.config import Config
+from train.config import Config
 from train.evaluation.rating_baselines import SVD_GRID, BiasBaseline, GlobalMean, SurpriseSVD, tune
 from train.evaluation.topk import evaluate_top_k, plot_top_k, topk_markdown
 from train.metrics import mae, ndcg_at_k, rmse

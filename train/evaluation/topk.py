@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +22,8 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from model.catalog import Catalog
-from model.config import EvalConfig, TopKTuning
 from model.recommend import TwoStageRecommender
+from train.config import EvalConfig, TopKTuning
 from train.evaluation.protocols import (
     RankingTask,
     clean,
@@ -176,7 +175,7 @@ class BaselineCache:
             for lists in (task.history, task.exclude, task.relevant, task.liked):
                 for x in lists:
                     digest.update(np.ascontiguousarray(x, np.int64).tobytes() + b"|")
-        setup = [self.VERSION, METHODS, asdict(tuning), ease_max_items, seed, "popularity fallback"]
+        setup = [self.VERSION, METHODS, tuning.model_dump(), ease_max_items, seed, "popularity fallback"]
         digest.update(json.dumps(setup).encode())
         self.key = digest.hexdigest()[:24]
 

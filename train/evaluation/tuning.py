@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from model.config import TopKTuning
+from train.config import TopKTuning
 from train.evaluation.protocols import RankingTask, clean
 from train.evaluation.topk_baselines import (
     ALS,

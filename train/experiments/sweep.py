@@ -34,12 +34,12 @@ from tqdm.auto import tqdm
 
 from model import layout
 from model.catalog import Catalog
-from model.config import Config, load_config
+from train.config import Config, load_config
 from train.experiments import tracking
 
 log = logging.getLogger("bookrec.sweep")
 
-# The search space (the defaults in model/config.py lie inside it).
+# The search space (the defaults in train/config.py lie inside it).
 LR = (1e-4, 1e-2)
 WEIGHT_DECAY = (1e-6, 1e-2)
 DROPOUT = (0.0, 0.5)
@@ -326,8 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         print(f"error: bad config: {err}", file=sys.stderr)
         return 2
-    from model.encoder import EncoderUnavailable
     from train.data.download import DatasetUnavailable
+    from train.features.encoders import EncoderUnavailable
 
     try:
         summary = run_sweep(cfg, args.trials, args.out, args.epochs, args.seed, progress=not args.quiet)

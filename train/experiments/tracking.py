@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from model import layout
-from model.config import Config
+from train.config import Config
 
 log = logging.getLogger("bookrec.tracking")
 

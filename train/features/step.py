@@ -10,10 +10,10 @@ import pandas as pd
 
 from model import layout
 from model.catalog import write_catalog
-from model.config import Config
 from model.encoder import TextEncoder
 from model.features import FeatureSpec
 from model.text import book_texts, user_texts
+from train.config import Config
 from train.data.tables import load_tables
 from train.features.distill.step import configured_encoder
 from train.features.embed import EmbeddingCache

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.config import RankingConfig
 from model.network import Int8Linear
 from model.ranker import RankerMLP
+from train.config import RankingConfig
 from train.ranking.fit import RankingData, fit_ranker, quality
 from train.rating.compress import prune_units, time_in_turns
 

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from model.config import RankingConfig
 from model.ranker import FEATURES, SOURCES, RankerMLP
 from model.recommend import TwoStageRecommender
+from train.config import RankingConfig
 from train.metrics import ndcg_at_k_binary, recall_at_k, top1_share
 from train.rating.fit import EarlyStopping
 

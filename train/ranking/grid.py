@@ -12,13 +12,12 @@ ranking files: rerun ``python -m train ranking`` with the chosen one afterwards.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import logging
 from pathlib import Path
 
-from model.config import load_config
+from train.config import load_config
 from train.ranking.step import step_ranking
 
 log = logging.getLogger("bookrec.ranking")
@@ -37,10 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.config, [*args.overrides, f"run_dir={args.run_dir}"])
     rows = []
     for alpha, beta, neighbours in itertools.product(args.alpha, args.beta, args.neighbours):
-        ranking = dataclasses.replace(
-            cfg.ranking, graph_alpha=alpha, graph_beta=beta, graph_neighbours=neighbours, ablation=False
-        )
-        out = step_ranking(dataclasses.replace(cfg, ranking=ranking), args.run_dir, progress=False)
+        ranking = cfg.ranking.replace(graph_alpha=alpha, graph_beta=beta, graph_neighbours=neighbours, ablation=False)
+        out = step_ranking(cfg.replace(ranking=ranking), args.run_dir, progress=False)
         fp32 = out["compression"]["variants"]["fp32"]
         rows.append(
             {

@@ -22,8 +22,8 @@ from model import layout
 from model.artifacts import ModelFolder
 from model.candidates import history_matrix
 from model.catalog import Catalog
-from model.config import Config
 from model.ranker import RankingSettings
+from train.config import Config
 from train.data.tables import load_tables
 from train.evaluation.protocols import warm_task
 from train.ranking.compress import compress_ranker

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import time
@@ -25,8 +24,8 @@ from torch.nn.utils import prune
 
 from model import layout
 from model.checkpoint import load_checkpoint, load_scripted, save_checkpoint
-from model.config import Config
 from model.network import RatingMLP, quantize_int8
+from train.config import Config
 from train.metrics import mae, rmse
 from train.rating.dataset import TrainingData, load_training_data
 from train.rating.fit import fit, plot_learning_curve, predict
@@ -157,7 +156,7 @@ def step_compress(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
 
     pruned = prune_structured(fp32, cfg.compress.prune_amount)
     if cfg.compress.finetune_epochs > 0 and cfg.compress.prune_amount > 0:
-        tune_cfg = dataclasses.replace(cfg.train, lr=cfg.train.lr / 4)
+        tune_cfg = cfg.train.replace(lr=cfg.train.lr / 4)
         result = fit(
             pruned,
             data,

@@ -15,8 +15,8 @@ import pandas as pd
 import torch
 
 from model.catalog import Catalog
-from model.config import Config
 from model.features import book_feature_table, user_features
+from train.config import Config
 from train.data.split import assign_folds
 from train.data.tables import load_tables
 

@@ -16,11 +16,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from model.catalog import Catalog
-from model.config import TrainConfig
 from model.encoder import TextEncoder
 from model.network import RatingMLP
 from model.text import book_texts as book_texts_of
 from model.text import user_texts as user_texts_of
+from train.config import TrainConfig
 from train.rating.dataset import TrainingData
 from train.rating.fit import make_optimizer
 

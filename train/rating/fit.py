@@ -7,7 +7,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from model.config import TrainConfig
 from model.network import RatingMLP
+from train.config import TrainConfig
 from train.experiments.tracking import active_run, log_epoch, start_run
 from train.metrics import rmse
 from train.rating.dataset import SplitRows, TrainingData
@@ -179,7 +179,7 @@ def _wandb_run(cfg: TrainConfig, stage: str) -> tuple[Any, bool]:
     run = active_run()
     if run is not None:
         return run, False
-    return start_run({"train": asdict(cfg)}, stage, project=cfg.wandb_project), True
+    return start_run({"train": cfg.model_dump()}, stage, project=cfg.wandb_project), True
 
 
 def plot_learning_curve(epochs: list[dict], path: Path) -> None:

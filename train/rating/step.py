@@ -12,10 +12,10 @@ import torch
 from model import layout
 from model.artifacts import resolve_device
 from model.checkpoint import save_checkpoint
-from model.config import Config
 from model.encoder import load_saved_encoder
 from model.features import FeatureSpec
 from model.network import RatingMLP
+from train.config import Config
 from train.features.step import step_features
 from train.rating.dataset import load_training_data
 from train.rating.finetune import fine_tune

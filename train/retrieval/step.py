@@ -25,14 +25,14 @@ from tqdm.auto import tqdm
 from model import layout
 from model.artifacts import ModelFolder, resolve_device
 from model.catalog import Catalog
-from model.config import Config, RetrievalConfig
 from model.features import book_own_stats
 from model.recommend import RerankSettings, embed_book_set
-from model.retrieval import TwoTower
+from train.config import Config, RetrievalConfig
 from train.evaluation.protocols import warm_task
 from train.evaluation.topk import choose_blend
 from train.rating.dataset import TrainingData, load_training_data
 from train.rating.fit import EarlyStopping
+from train.retrieval.towers import TwoTower
 
 log = logging.getLogger("bookrec.retrieval")
 

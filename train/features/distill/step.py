@@ -8,7 +8,6 @@ report (``distill/distill.json``: held-out cosine to the teacher, time, teacher 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -20,9 +19,9 @@ import numpy as np
 
 from model import layout
 from model.artifacts import resolve_device
-from model.config import DISTILLED, Config
-from model.encoder import EncoderUnavailable, TextEncoder, load_encoder, load_saved_encoder
+from model.encoder import TextEncoder, load_saved_encoder
 from model.text import USER_TEXT_PREFIX
+from train.config import DISTILLED, Config
 from train.data.tables import load_tables
 from train.features.distill.corpus import build_corpus
 from train.features.distill.student import (
@@ -34,6 +33,7 @@ from train.features.distill.student import (
     mean_cosine,
 )
 from train.features.embed import EmbeddingCache
+from train.features.encoders import EncoderUnavailable, load_encoder
 
 log = logging.getLogger("bookrec.distill")
 
@@ -65,7 +65,7 @@ def _student_shape_digest(cfg: Config) -> str:
 
 
 def _cache_key(cfg: Config, corpus_digest: str, teacher: TextEncoder) -> str:
-    settings = {k: v for k, v in dataclasses.asdict(cfg.distill).items() if k != "cache_dir"}
+    settings = {k: v for k, v in cfg.distill.model_dump().items() if k != "cache_dir"}
     payload = json.dumps(
         [settings, corpus_digest, teacher.fingerprint(), _student_shape_digest(cfg)], sort_keys=True, default=str
     )
@@ -99,7 +99,7 @@ def step_distill(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     dc = cfg.distill
     users, books, ratings = load_tables(run_dir)
     corpus = build_corpus(books, users, ratings, dc.holdout_frac, dc.request_forms, dc.max_train_texts, dc.seed)
-    teacher_cfg = dataclasses.replace(cfg.encoder, name=dc.teacher, random_init=False, fallback_random_init=False)
+    teacher_cfg = cfg.encoder.replace(name=dc.teacher, random_init=False, fallback_random_init=False)
     teacher = load_encoder(teacher_cfg)
     key = _cache_key(cfg, corpus.digest(), teacher)
     cached = Path(dc.cache_dir) / key

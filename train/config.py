@@ -1,21 +1,20 @@
-"""Typed configuration: one YAML file loaded into dataclasses and passed down.
+"""The training job's typed configuration: one YAML file loaded into pydantic models and passed down.
 
-The same dataclasses are saved beside every model (``config.yaml`` in the run folder),
-so a run can be reproduced from its folder alone. A bad value fails at load, with its key named:
-the loader checks every value against its field's type (``Literal`` choices and the element types
-of lists and dicts included) and each section's ``__post_init__`` checks the ranges.
+The same models are saved beside every model (``config.yaml`` in the run folder), so a run can be
+reproduced from its folder alone. A bad value fails at load, with its dotted key named: pydantic
+checks every value against its field's type, strictly (no bool for an int, no "3" for a 3; an int
+where a float goes becomes a float; ``Literal`` choices and the element types of lists and dicts
+included) and rejects unknown keys; each section's ``_check_ranges`` checks the ranges. Building a
+section in code is checked alike.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DEFAULT_URL = "https://www2.informatik.uni-freiburg.de/~cziegler/BX/BX-CSV-Dump.zip"
 
@@ -27,16 +26,101 @@ VectorPrecision = Literal["auto", "fp32", "bf16"]
 
 
 class ConfigError(ValueError):
-    """A config value that cannot work, named by its dotted key (``train.optimizer``)."""
+    """A config value that cannot work, named by its dotted key (``train.optimizer``; "" is the root)."""
 
-    def __init__(self, key: str, problem: str):
-        super().__init__(f"config key '{key}' {problem}")
+    def __init__(self, key: str, problem: str, template: str = "config key '{key}' {problem}"):
+        super().__init__(template.format(key=key or "root", problem=problem))
         self.key = key
         self.problem = problem
+        self.template = template
 
     def within(self, section: str) -> ConfigError:
-        """The same error with the key prefixed by its section (a dataclass knows only its fields)."""
-        return ConfigError(f"{section}.{self.key}", self.problem) if section else self
+        """The same error with the key prefixed by its section (a section knows only its fields)."""
+        if not section:
+            return self
+        key = f"{section}.{self.key}" if self.key else section
+        return ConfigError(key, self.problem, self.template)
+
+
+_UNKNOWN_KEYS = "unknown config key(s) in '{key}': {problem}"
+_NOT_A_MAPPING = "config section '{key}' must be a mapping, got {problem}"
+
+
+class Section(BaseModel):
+    """A config section: unknown keys and values of the wrong type are rejected, strictly (no bool
+    for an int, no "3" for a 3; an int where a float goes becomes a float), and a sub-section left
+    empty (YAML null) takes its defaults. Each section checks its ranges in ``_check_ranges``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    def __init__(self, **values: Any) -> None:
+        # pydantic calls this for a sub-section too while its parent validates (an overridden
+        # ``__init__``), so each level names the key within itself and the parent prefixes its field.
+        try:
+            super().__init__(**values)
+        except ValidationError as err:
+            raise _config_error(err) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, values: Any) -> Any:
+        """``train:`` with nothing under it is the section at its defaults."""
+        if not isinstance(values, dict):
+            return values
+        sections = {name for name, f in cls.model_fields.items() if _is_section(f.annotation)}
+        return {key: {} if value is None and key in sections else value for key, value in values.items()}
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with ``changes``, checked as a new section is."""
+        return type(self)(**{**dict(self), **changes})
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, Section)
+
+
+# What a value must be, by pydantic's error type (strict mode reports a wrong type as one of these).
+_EXPECTED = {
+    "int_type": "int",
+    "float_type": "float",
+    "bool_type": "bool",
+    "string_type": "str",
+    "list_type": "list",
+    "dict_type": "dict",
+}
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    """A pydantic error location as a config key: ``retrieval.blend_grid[2]``, ``eval.svd_grid[0] key``."""
+    if loc and loc[-1] == "[key]":  # a dict key of the wrong type: the location names the key itself
+        return f"{_dotted(loc[:-2])} key"
+    key = ""
+    for part in loc:
+        key += f"[{part}]" if isinstance(part, int) else f".{part}" if key else str(part)
+    return key
+
+
+def _config_error(err: ValidationError) -> ConfigError:
+    """The first problem pydantic found in a section, named by its key within the section: every
+    unknown key at once, else the value and what it must be. A sub-section's own error (its
+    ``__init__`` raised it while the parent validated) is prefixed with the sub-section's name."""
+    problems = err.errors()
+    unknown = [problem["loc"] for problem in problems if problem["type"] == "extra_forbidden"]
+    if unknown:
+        where = unknown[0][:-1]
+        names = sorted(str(loc[-1]) for loc in unknown if loc[:-1] == where)
+        return ConfigError(_dotted(where), ", ".join(names), _UNKNOWN_KEYS)
+    first = problems[0]
+    key, kind, value, context = _dotted(first["loc"]), first["type"], first["input"], first.get("ctx", {})
+    if isinstance(context.get("error"), ConfigError):
+        return context["error"].within(key)
+    if kind == "model_type":
+        return ConfigError(key, repr(value), _NOT_A_MAPPING)
+    if kind == "literal_error":
+        return ConfigError(key, f"must be one of {context['expected']}, got {value!r}")
+    if kind in _EXPECTED:
+        return ConfigError(key, f"must be {_EXPECTED[kind]}, got {value!r}")
+    return ConfigError(key, f"{first['msg']}, got {value!r}")
 
 
 def _check(ok: bool, key: str, problem: str, value: Any) -> None:
@@ -62,8 +146,7 @@ def _fraction(section: Any, *names: str) -> None:
         _check(0 <= value < 1, name, "must be a fraction in [0, 1)", value)
 
 
-@dataclass
-class DataConfig:
+class DataConfig(Section):
     """Where the Book-Crossing CSVs come from."""
 
     # Folder with the CSVs (either layout). None: $BOOKREC_DATA, then a download, then fail.
@@ -76,12 +159,13 @@ class DataConfig:
     sample_books: int = 300
     sample_ratings: int = 8000
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check_ranges(self) -> Self:
         _positive(self, "sample_users", "sample_books", "sample_ratings")
+        return self
 
 
-@dataclass
-class SplitConfig:
+class SplitConfig(Section):
     """Deterministic warm and cold-start splits."""
 
     seed: int = 42
@@ -92,18 +176,19 @@ class SplitConfig:
     # Rating-derived features of training rows come from the other folds (out-of-fold).
     folds: int = 5
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check_ranges(self) -> Self:
         _fraction(self, "val_frac", "test_frac", "cold_book_frac", "cold_user_frac")
         total = self.val_frac + self.test_frac
         _check(total < 1, "val_frac", "+ test_frac must be < 1 (rows must be left to train on)", total)
         _check(self.folds >= 2, "folds", "must be >= 2 (features of a fold come from the others)", self.folds)
+        return self
 
 
 DISTILLED = "distilled"  # encoder.name of the BERT-tiny student the distill step trains
 
 
-@dataclass
-class EncoderConfig:
+class EncoderConfig(Section):
     """The BERT-tiny text encoder.
 
     ``name`` is a Hugging Face id, a local folder with weights, ``packaged:all-MiniLM-L6-v2`` (weights
@@ -126,12 +211,13 @@ class EncoderConfig:
     cache_dir: str = "cache/embeddings"
     unpack_dir: str = "cache/encoders"  # where packaged encoders are unpacked (checked) on first use
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check_ranges(self) -> Self:
         _positive(self, "max_length", "batch_size", "vocab_size")
+        return self
 
 
-@dataclass
-class DistillConfig:
+class DistillConfig(Section):
     """A BERT-tiny student trained to reproduce a pretrained teacher's sentence embeddings.
 
     Used when ``encoder.name`` is ``distilled``. The student has BERT-tiny's shape (``student_config_dir``:
@@ -154,30 +240,32 @@ class DistillConfig:
     seed: int = 0
     cache_dir: str = "cache/distill"  # students kept under a hash of corpus, teacher and settings
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check_ranges(self) -> Self:
         _positive(self, "epochs", "batch_size", "lr", "max_train_texts")
         _non_negative(self, "weight_decay")
         _fraction(self, "holdout_frac")
         _check(0 <= self.request_forms <= 1, "request_forms", "must be in [0, 1]", self.request_forms)
+        return self
 
 
-@dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """The rating MLP."""
 
-    hidden: list[int] = field(default_factory=lambda: [128, 64])
+    hidden: list[int] = Field(default_factory=lambda: [128, 64])
     dropout: float = 0.42  # with lr and weight_decay below: the best of a 24-trial sweep (EVALUATION.md)
     # Prior weight (in ratings) that shrinks a user's or book's mean rating towards the global mean.
     shrinkage: float = 5.0
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check_ranges(self) -> Self:
         _check(bool(self.hidden) and min(self.hidden) > 0, "hidden", "must list positive layer sizes", self.hidden)
         _fraction(self, "dropout")
         _non_negative(self, "shrinkage")
+        return self
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(Section):
     """Optimisation of the MLP (and optionally the encoder)."""
 
     seed: int = 0
@@ -198,13 +286,14 @@ class TrainConfig:
     wandb: bool = False
     wandb_project: str = "bookrec"
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check_ranges(self) -> Self:
         _positive(self, "lr", "batch_size", "epochs", "fine_tune_batch_size", "encoder_lr")
         _non_negative(self, "weight_decay", "patience", "fine_tune_steps", "threads")
+        return self
 
 
-@dataclass
-class RetrievalConfig:
+class RetrievalConfig(Section):
     """The two-tower retrieval model and the two-stage recommender built on it."""
 
     dim: int = 128  # width of the user and book vectors
@@ -232,12 +321,13 @@ class RetrievalConfig:
     # rescored exactly in fp32; "auto": bf16 where oneDNN / CUDA run bf16 matmuls, else fp32.
     precision: VectorPrecision = "auto"
     # Weights of the predicted rating in the rerank score tried on validation (0: retrieval order).
-    blend_grid: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.4, 0.8])
+    blend_grid: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.4, 0.8])
     # A non-zero blend is kept only when it beats blend 0 by more than this validation recall@10:
     # it makes every request rate all its candidates instead of the k it returns.
     blend_min_gain: float = 0.001
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check_ranges(self) -> Self:
         _positive(self, "dim", "hidden", "temperature", "batch_size", "epochs", "lr", "uniform_negatives")
         _positive(self, "history_samples", "val_k", "val_users", "candidates")
         _fraction(self, "id_dropout")
@@ -246,10 +336,10 @@ class RetrievalConfig:
         _check(
             bool(self.blend_grid) and min(self.blend_grid) >= 0, "blend_grid", "must list weights >= 0", self.blend_grid
         )
+        return self
 
 
-@dataclass
-class RankingConfig:
+class RankingConfig(Section):
     """Extra candidate sources (RP3beta item graph, the reader's authors) and the learned ranker.
 
     The sources are fitted on the training history; the ranker learns from the ``val`` reads (a
@@ -271,7 +361,7 @@ class RankingConfig:
     graph_candidates: int = 100  # the graph's top-N added to the towers' candidates
     author_candidates: int = 50  # books of the reader's authors added (most read first)
     per_author: int = 50  # most read books of one author the author source offers
-    hidden: list[int] = field(default_factory=lambda: [64, 32])
+    hidden: list[int] = Field(default_factory=lambda: [64, 32])
     epochs: int = 30
     patience: int = 4
     lr: float = 3e-3
@@ -289,10 +379,11 @@ class RankingConfig:
     finetune_epochs: int = 3
     max_recall_loss: float = 0.002
     max_top1_share: float = 0.05
-    popularity_penalties: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3])
+    popularity_penalties: list[float] = Field(default_factory=lambda: [0.02, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3])
     latency_repeats: int = 50
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check_ranges(self) -> Self:
         _positive(self, "graph_alpha", "graph_neighbours", "epochs", "lr", "batch_users", "max_users", "per_author")
         _non_negative(self, "graph_beta", "graph_candidates", "author_candidates", "weight_decay", "min_gain")
         _check(self.patience >= 1, "patience", "must be >= 1", self.patience)
@@ -304,10 +395,10 @@ class RankingConfig:
         _check(min(penalties, default=0) >= 0, "popularity_penalties", "must be >= 0", penalties)
         total = self.stop_frac + self.report_frac
         _check(total < 1, "stop_frac", "+ report_frac must be < 1 (val users must be left to fit on)", total)
+        return self
 
 
-@dataclass
-class CompressConfig:
+class CompressConfig(Section):
     """Pruning, quantization and TorchScript export."""
 
     prune_amount: float = 0.25  # fraction of hidden units removed per layer (structured)
@@ -316,44 +407,46 @@ class CompressConfig:
     latency_batch: int = 1024
     latency_repeats: int = 100
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check_ranges(self) -> Self:
         _fraction(self, "prune_amount")
         _non_negative(self, "finetune_epochs", "max_rmse_loss")
         _positive(self, "latency_batch", "latency_repeats")
+        return self
 
 
-@dataclass
-class TopKTuning:
+class TopKTuning(Section):
     """Grids of the top-K baselines: every combination of a method's lists is fitted on the
     training interactions and the one with the best validation recall@10 is scored on test."""
 
     # Settings of one shrink (one RP3β alpha, beta) share a ranking: a neighbour count is a mask.
-    knn_neighbours: list[int] = field(default_factory=lambda: [20, 50, 100])
-    knn_shrink: list[float] = field(default_factory=lambda: [0.0, 10.0])
-    rp3_alpha: list[float] = field(default_factory=lambda: [0.5, 1.0])
-    rp3_beta: list[float] = field(default_factory=lambda: [0.0, 0.3])
-    rp3_neighbours: list[int] = field(default_factory=lambda: [50, 100, 200])
+    knn_neighbours: list[int] = Field(default_factory=lambda: [20, 50, 100])
+    knn_shrink: list[float] = Field(default_factory=lambda: [0.0, 10.0])
+    rp3_alpha: list[float] = Field(default_factory=lambda: [0.5, 1.0])
+    rp3_beta: list[float] = Field(default_factory=lambda: [0.0, 0.3])
+    rp3_neighbours: list[int] = Field(default_factory=lambda: [50, 100, 200])
     # Each lambda costs one dense inverse of the item x item matrix (the Gram matrix is shared).
-    ease_lambda: list[float] = field(default_factory=lambda: [100.0, 500.0])
-    als_factors: list[int] = field(default_factory=lambda: [64, 256])
-    als_regularization: list[float] = field(default_factory=lambda: [0.01, 1.0])
-    als_alpha: list[float] = field(default_factory=lambda: [1.0, 10.0])
+    ease_lambda: list[float] = Field(default_factory=lambda: [100.0, 500.0])
+    als_factors: list[int] = Field(default_factory=lambda: [64, 256])
+    als_regularization: list[float] = Field(default_factory=lambda: [0.01, 1.0])
+    als_alpha: list[float] = Field(default_factory=lambda: [1.0, 10.0])
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check_ranges(self) -> Self:
         for name in ("knn_neighbours", "rp3_alpha", "rp3_neighbours", "ease_lambda", "als_factors"):
             values = getattr(self, name)
             _check(bool(values) and min(values) > 0, name, "must list values > 0", values)
         for name in ("knn_shrink", "rp3_beta", "als_regularization", "als_alpha"):
             values = getattr(self, name)
             _check(bool(values) and min(values) >= 0, name, "must list values >= 0", values)
+        return self
 
 
-@dataclass
-class EvalConfig:
+class EvalConfig(Section):
     """Evaluation and baselines."""
 
     ndcg_k: int = 10
-    svd_grid: list[dict[str, Any]] = field(default_factory=list)
+    svd_grid: list[dict[str, Any]] = Field(default_factory=list)
     # Top-K protocols: ratings a cold-test user reveals, and the largest catalog EASE-R (n² memory) runs on.
     cold_user_reveal: int = 5
     ease_max_items: int = 40_000
@@ -362,83 +455,35 @@ class EvalConfig:
     rating_only_max_pairs: int = 1_000_000_000
     # Top-K baseline reports are kept here under a hash of the split (null: refit every run).
     baseline_cache: str | None = "cache/topk-baselines"
-    topk_tuning: TopKTuning = field(default_factory=TopKTuning)
+    topk_tuning: TopKTuning = Field(default_factory=TopKTuning)
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check_ranges(self) -> Self:
         _positive(self, "ndcg_k", "ease_max_items", "rating_only_max_pairs")
         _non_negative(self, "cold_user_reveal")
+        return self
 
 
-@dataclass
-class Config:
+class Config(Section):
     """Everything one run needs."""
 
     run_dir: str = "runs/latest"
-    data: DataConfig = field(default_factory=DataConfig)
-    split: SplitConfig = field(default_factory=SplitConfig)
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
-    ranking: RankingConfig = field(default_factory=RankingConfig)
-    compress: CompressConfig = field(default_factory=CompressConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    ranking: RankingConfig = Field(default_factory=RankingConfig)
+    compress: CompressConfig = Field(default_factory=CompressConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self.model_dump()
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    """Recursively build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types."""
-    if not isinstance(data, dict):
-        raise ValueError(f"config section '{where or 'root'}' must be a mapping, got {data!r}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ValueError(f"unknown config key(s) in '{where or 'root'}': {', '.join(unknown)}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for name, value in data.items():
-        hint, key = hints[name], f"{where}.{name}".lstrip(".")
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value or {}, key)
-        else:
-            kwargs[name] = _check_type(value, hint, key)
-    try:
-        return cls(**kwargs)
-    except ConfigError as err:  # a range check in __post_init__
-        raise err.within(where) from None
-
-
-def _check_type(value: Any, hint: Any, key: str) -> Any:
-    """``value`` as field type ``hint`` wants it (an int where a float goes becomes a float)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        hint = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin is Literal:
-        if any(value == choice and type(value) is type(choice) for choice in args):
-            return value
-        raise ConfigError(key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    expected = origin or hint
-    if not isinstance(value, expected) or (expected in (int, float) and isinstance(value, bool)):
-        name = hint.__name__ if isinstance(hint, type) else str(hint)
-        raise ConfigError(key, f"must be {name}, got {value!r}")
-    if origin is list and args:
-        return [_check_type(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)]
-    if origin is dict and args:
-        return {_check_type(k, args[0], f"{key} key"): _check_type(v, args[1], f"{key}.{k}") for k, v in value.items()}
-    return value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -460,4 +505,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             node[leaf] = yaml.safe_load(raw)
         except yaml.YAMLError as err:
             raise ValueError(f"override '{item}' is not valid YAML: {getattr(err, 'problem', None) or err}") from err
-    return _build(Config, data, "")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise _config_error(err) from None
