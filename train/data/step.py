@@ -15,16 +15,17 @@ from train.data.download import DatasetUnavailable, resolve_data_dir
 from train.data.ingest import read_bookcrossing
 from train.data.sample import write_sample
 from train.data.split import assign_splits
+from train.run_context import RunContext
 from train.run_folder import data_fingerprint, write_json
 
 log = logging.getLogger("bookrec.pipeline")
 
 
-def _write_parquet(frame: pd.DataFrame, schema: pa.Schema, path: Path) -> None:
-    pq.write_table(
-        pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False),
-        path,
-    )
+def _write_parquet(frame: pd.DataFrame, schema: pa.Schema, path: Path) -> pd.DataFrame:
+    """Write ``frame`` as ``schema`` says; returns the table as reading the file back gives it."""
+    table = pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
+    pq.write_table(table, path)
+    return table.to_pandas()
 
 
 def locate_data(cfg: Config, run_dir: Path) -> Path:
@@ -50,16 +51,20 @@ def locate_data(cfg: Config, run_dir: Path) -> Path:
         return folder
 
 
-def step_data(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
+def step_data(run: RunContext, progress: bool = True) -> dict:
     """Ingest, clean and split Book-Crossing; write Parquet tables and the data fingerprint."""
+    cfg, run_dir = run.cfg, run.dir
     source = locate_data(cfg, run_dir)
     raw = read_bookcrossing(source, progress=progress)
     ratings = assign_splits(raw.ratings, cfg.split)
     out = run_dir / layout.DATA_DIR
     out.mkdir(parents=True, exist_ok=True)
-    _write_parquet(raw.users, schemas.USERS, out / layout.DATA_USERS)
-    _write_parquet(raw.books, schemas.BOOKS, out / layout.DATA_BOOKS)
-    _write_parquet(ratings, schemas.RATINGS_SPLIT, out / layout.DATA_RATINGS)
+    written = (
+        _write_parquet(raw.users, schemas.USERS, out / layout.DATA_USERS),
+        _write_parquet(raw.books, schemas.BOOKS, out / layout.DATA_BOOKS),
+        _write_parquet(ratings, schemas.RATINGS_SPLIT, out / layout.DATA_RATINGS),
+    )
+    run.keep("tables", written)
     write_json(out / layout.INGEST_REPORT, raw.report.to_dict())
     fingerprint = data_fingerprint(source, {"users": raw.users, "books": raw.books, "ratings": ratings})
     write_json(run_dir / layout.FINGERPRINT_FILE, fingerprint)

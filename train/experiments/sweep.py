@@ -109,17 +109,18 @@ def prepare_features(cfg: Config, progress: bool = True) -> Path:
     from train.data.step import step_data
     from train.features.distill.step import step_distill
     from train.features.step import step_features
+    from train.run_context import RunContext
     from train.run_folder import prepare_run
 
     run_dir = Path(cfg.run_dir)
     if _same_features(cfg, run_dir):
         log.info("sweep: reusing data and features of %s", run_dir)
         return run_dir
-    run_dir = prepare_run(cfg)
-    step_data(cfg, run_dir, progress)
-    step_distill(cfg, run_dir, progress)  # a no-op unless the encoder is a distilled student
-    step_features(cfg, run_dir, progress)
-    return run_dir
+    run = RunContext(cfg, prepare_run(cfg))
+    step_data(run, progress)
+    step_distill(run, progress)  # a no-op unless the encoder is a distilled student
+    step_features(run, progress)
+    return run.dir
 
 
 def train_trial(cfg: Config, catalog: Catalog, data: Any, epochs: int | None) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from model.config import load_config
 from train.ranking.step import step_ranking
+from train.run_context import RunContext
 
 log = logging.getLogger("bookrec.ranking")
 
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         ranking = dataclasses.replace(
             cfg.ranking, graph_alpha=alpha, graph_beta=beta, graph_neighbours=neighbours, ablation=False
         )
-        out = step_ranking(dataclasses.replace(cfg, ranking=ranking), args.run_dir, progress=False)
+        out = step_ranking(RunContext(dataclasses.replace(cfg, ranking=ranking), args.run_dir), progress=False)
         fp32 = out["compression"]["variants"]["fp32"]
         rows.append(
             {
