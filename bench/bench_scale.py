@@ -170,7 +170,7 @@ def phase_train(size: float, folder: Path, args: argparse.Namespace) -> dict:
     folder = ModelFolder(run)
     timings = folder.read_json(layout.TIMINGS_FILE)
     features = folder.read_json(layout.FEATURES_REPORT)
-    retrieval = folder.read_json(layout.RETRIEVAL_META)
+    retrieval = folder.read_json(layout.RETRIEVAL_REPORT)
     evaluation = folder.read_json(layout.EVALUATION_REPORT) or {}
     return {
         **out,

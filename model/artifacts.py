@@ -102,7 +102,11 @@ class ModelFolder:
         if variant not in layout.MODEL_FILES:
             raise ValueError(f"model variant must be one of {VARIANTS}, got {variant!r}")
         needed = (layout.MODEL_FILES[variant], *layout.SCORING_FILES, *(layout.SERVING_FILES if serving else ()))
-        return [name for name in needed if not (self.path / name).is_file()]
+        missing = [name for name in needed if not (self.path / name).is_file()]
+        # The ranking stage is optional but whole: part of it (a folder from before its settings had a
+        # file of their own) would otherwise be served as no ranking stage at all.
+        ranking = [name for name in layout.RANKING_FILES if not (self.path / name).is_file()]
+        return missing + (ranking if len(ranking) < len(layout.RANKING_FILES) else [])
 
     def check(self, variant: str = layout.SHIPPED_VARIANT, *, serving: bool = False, shown: str | None = None) -> None:
         """Raise ``IncompleteModelFolder`` naming every missing file."""
@@ -141,11 +145,22 @@ class ModelFolder:
         return torch.from_numpy(np.load(self.path / layout.BOOK_VECTORS))
 
     def rerank_settings(self) -> RerankSettings:
-        return RerankSettings.load(self.path / layout.RETRIEVAL_META)
+        return RerankSettings.load(self.path / layout.RETRIEVAL_SETTINGS)
 
     def has_ranking(self) -> bool:
         """Whether the folder holds the ranking stage (item graph, ranker and its settings)."""
         return all((self.path / name).is_file() for name in layout.RANKING_FILES)
+
+    def ranking_settings(self) -> RankingSettings:
+        return RankingSettings.load(self.path / layout.RANKING_SETTINGS)
+
+    def item_graph(self) -> ItemGraph:
+        return ItemGraph.load(self.path / layout.ITEM_GRAPH)
+
+    def load_ranker(self, device: str | torch.device = "cpu") -> torch.jit.ScriptModule | None:
+        """The shipped ranker; None where the folder has none."""
+        path = self.path / layout.RANKER_FILE
+        return load_scripted(path, device) if path.is_file() else None
 
     def ranking_stage(
         self,
@@ -158,10 +173,10 @@ class ModelFolder:
     ) -> RankingStage:
         """The item graph, author index and ranker over the book set of catalog rows ``book_rows``
         (None: the whole catalog). ``settings`` / ``ranker`` replace the folder's (training)."""
-        graph = ItemGraph.load(self.path / layout.ITEM_GRAPH)
-        settings = settings or RankingSettings.load(self.path / layout.RANKING_META)
-        if ranker is None and (self.path / layout.RANKER_FILE).is_file():
-            ranker = load_scripted(self.path / layout.RANKER_FILE, device)
+        graph = self.item_graph()
+        settings = settings or self.ranking_settings()
+        if ranker is None:
+            ranker = self.load_ranker(device)
         authors = AuthorIndex(
             *(code.numpy() for code in catalog.group_code_columns()),
             np.bincount(catalog.rated_books, minlength=len(catalog.books)),
@@ -218,7 +233,7 @@ class ModelFolder:
         else:
             vectors = self.book_vectors() if book_rows is None else self.book_vectors()[book_rows]
         ranking = None
-        if self.has_ranking() and RankingSettings.load(self.path / layout.RANKING_META).enabled:
+        if self.has_ranking() and self.ranking_settings().enabled:
             rows = None if book_rows is None else book_rows.numpy().astype(np.int64)
             ranking = self.ranking_stage(catalog, rows, scorer.device)
         return TwoStageRecommender(towers, vectors, scorer, self.rerank_settings(), ranking)

@@ -50,24 +50,22 @@ def write_catalog(
     user_emb: np.ndarray,
     history: pd.DataFrame,
     spec: FeatureSpec,
-) -> None:
+) -> tuple[pa.Table, pa.Table, pa.Table]:
     """Write the catalog tables (metadata + text embeddings, training history, feature spec) into
-    the model folder ``folder``."""
+    the model folder ``folder``; returns the (books, users, history) tables written, which
+    ``Catalog.from_tables`` turns into the catalog ``Catalog.load`` would read back."""
     folder = Path(folder) / layout.CATALOG_DIR
     folder.mkdir(parents=True, exist_ok=True)
     book_table = pa.Table.from_pandas(books[schemas.BOOKS.names], schema=schemas.BOOKS, preserve_index=False)
-    pq.write_table(
-        book_table.append_column("embedding", embedding_column(book_emb)),
-        folder / layout.BOOKS_FILE,
-    )
+    book_table = book_table.append_column("embedding", embedding_column(book_emb))
+    pq.write_table(book_table, folder / layout.BOOKS_FILE)
     user_table = pa.Table.from_pandas(users[schemas.USERS.names], schema=schemas.USERS, preserve_index=False)
-    pq.write_table(
-        user_table.append_column("embedding", embedding_column(user_emb)),
-        folder / layout.USERS_FILE,
-    )
+    user_table = user_table.append_column("embedding", embedding_column(user_emb))
+    pq.write_table(user_table, folder / layout.USERS_FILE)
     hist = pa.Table.from_pandas(history[schemas.RATINGS.names], schema=schemas.RATINGS, preserve_index=False)
     pq.write_table(hist, folder / layout.HISTORY_FILE)
     spec.save(folder / layout.SPEC_FILE)
+    return book_table, user_table, hist
 
 
 def group_codes(values: pd.Series) -> tuple[torch.Tensor, dict[str, int]]:
@@ -104,14 +102,22 @@ class Catalog:
     def load(cls, run_dir: Path) -> Catalog:
         """Load the catalog of a model folder and compute every feature vector from the training history."""
         folder = Path(run_dir) / layout.CATALOG_DIR
-        spec = FeatureSpec.load(folder / layout.SPEC_FILE)
-        book_table = pq.read_table(folder / layout.BOOKS_FILE)
-        user_table = pq.read_table(folder / layout.USERS_FILE)
+        return cls.from_tables(
+            FeatureSpec.load(folder / layout.SPEC_FILE),
+            pq.read_table(folder / layout.BOOKS_FILE),
+            pq.read_table(folder / layout.USERS_FILE),
+            pq.read_table(folder / layout.HISTORY_FILE),
+        )
+
+    @classmethod
+    def from_tables(cls, spec: FeatureSpec, book_table: pa.Table, user_table: pa.Table, history: pa.Table) -> Catalog:
+        """The catalog of the tables ``write_catalog`` writes (books and users with their embedding
+        column, the training history), every feature vector computed from the training history."""
         books = book_table.drop(["embedding"]).to_pandas()
         users = user_table.drop(["embedding"]).to_pandas()
         book_emb = torch.tensor(embedding_matrix(book_table["embedding"]))
         user_emb = torch.tensor(embedding_matrix(user_table["embedding"]))
-        history = pq.read_table(folder / layout.HISTORY_FILE).to_pandas()
+        history = history.to_pandas()
         book_index = {isbn: i for i, isbn in enumerate(books["isbn"].tolist())}
         user_index = {int(u): i for i, u in enumerate(users["user_id"].tolist())}
         all_b = history["isbn"].map(book_index).to_numpy(np.int64)

@@ -16,17 +16,19 @@ MODEL_FILES = {
 }
 SHIPPED_VARIANT = "scripted"
 
-# The retrieval towers (TorchScript), their rerank settings, and one unit vector per catalog book.
+# The retrieval towers (TorchScript), their rerank settings (candidates, blend, precision), and one
+# unit vector per catalog book.
 RETRIEVAL_FILE = "retrieval_scripted.pt"
-RETRIEVAL_META = "retrieval.json"
+RETRIEVAL_SETTINGS = "retrieval_settings.json"
 BOOK_VECTORS = "book_vectors.npy"
 
 # The ranking stage (optional: a run without the ranking step serves the towers' order): the
-# RP3beta item-item graph over catalog rows, the learned ranker (TorchScript) and its settings.
+# RP3beta item-item graph over catalog rows, the learned ranker (TorchScript) and its settings
+# (whether it is on, how many candidates each extra source adds).
 ITEM_GRAPH = "item_graph.npz"
 RANKER_FILE = "ranker_scripted.pt"
-RANKING_META = "ranking.json"
-RANKING_FILES = (ITEM_GRAPH, RANKER_FILE, RANKING_META)
+RANKING_SETTINGS = "ranking_settings.json"
+RANKING_FILES = (ITEM_GRAPH, RANKER_FILE, RANKING_SETTINGS)
 
 # The text encoder (weights, tokenizer, encoder.json) and its own description.
 ENCODER_DIR = "encoder"
@@ -41,14 +43,16 @@ HISTORY_FILE = "history.parquet"
 SPEC_FILE = "feature_spec.json"
 CATALOG_FILES = (BOOKS_FILE, USERS_FILE, HISTORY_FILE, SPEC_FILE)
 
-# What the run was made from and what it measured.
+# Run folder only: what the run was made from and what it measured (the model folder reads none of
+# these; the settings serving needs are files of their own above).
 CONFIG_FILE = "config.yaml"
 VERSIONS_FILE = "versions.json"
 FINGERPRINT_FILE = "fingerprint.json"
 FEATURES_REPORT = "features.json"
 TRAIN_REPORT = "train.json"
 COMPRESSION_REPORT = "compression.json"
-RETRIEVAL_REPORT = RETRIEVAL_META
+RETRIEVAL_REPORT = "retrieval.json"
+RANKING_REPORT = "ranking.json"
 EVALUATION_REPORT = "evaluation.json"
 EVALUATION_TABLE = "evaluation.md"
 TIMINGS_FILE = "timings.json"
@@ -84,6 +88,6 @@ def encoder_path(name: str) -> str:
 
 
 # What scoring needs in any model folder (run folder or .mar), besides the rating model variant.
-SCORING_FILES = (RETRIEVAL_FILE, RETRIEVAL_META, BOOK_VECTORS, *(catalog_path(f) for f in CATALOG_FILES))
+SCORING_FILES = (RETRIEVAL_FILE, RETRIEVAL_SETTINGS, BOOK_VECTORS, *(catalog_path(f) for f in CATALOG_FILES))
 # What serving needs on top: new users and books are embedded with the run's own encoder.
 SERVING_FILES = (encoder_path(ENCODER_META), encoder_path(ENCODER_CONFIG))

@@ -88,8 +88,9 @@ class RankingSettings:
     author_candidates: int = 50
     per_author: int = 50
 
-    def save(self, path: Path, **extra: object) -> None:
-        path.write_text(json.dumps({**asdict(self), **extra}, indent=2, default=str) + "\n")
+    def save(self, path: Path) -> None:
+        """The settings file of a model folder (``layout.RANKING_SETTINGS``): these fields only."""
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> RankingSettings:

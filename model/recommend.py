@@ -78,9 +78,10 @@ class RerankSettings:
     blend: float = 0.0
     precision: str = "auto"  # of the retrieval matmul (``vector_dtype``)
 
-    def save(self, path: Path, **extra: object) -> None:
+    def save(self, path: Path) -> None:
+        """The settings file of a model folder (``layout.RETRIEVAL_SETTINGS``): these three only."""
         own = {"candidates": self.candidates, "blend": self.blend, "precision": self.precision}
-        path.write_text(json.dumps({**own, **extra}, indent=2) + "\n")
+        path.write_text(json.dumps(own, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> RerankSettings:

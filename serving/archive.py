@@ -6,8 +6,11 @@ The archive holds everything the handler reads, laid out like a run folder so th
 ``Catalog.load`` / ``load_saved_encoder`` code loads it:
 
     model_scripted.pt        TorchScript MLP (the serialized file)
-    retrieval_scripted.pt    TorchScript retrieval towers; retrieval.json: rerank settings;
+    retrieval_scripted.pt    TorchScript retrieval towers; retrieval_settings.json: rerank settings;
                              book_vectors.npy: the towers' vector of every catalog book
+    item_graph.npz           the ranking stage, where the run has one: item graph, TorchScript
+    ranker_scripted.pt       ranker and ranking_settings.json (the run's reports, retrieval.json
+    ranking_settings.json    and ranking.json, stay in the run folder)
     bookrec_handler.py       the handler (TorchServe's entry point), from handlers/
     encoder/                 BERT-tiny weights, config, tokenizer, encoder.json
     catalog/                 books (ISBN, title, author, year, publisher + text embeddings),
@@ -206,7 +209,7 @@ def build_archive(
         payload.mkdir()
         for name in (layout.ENCODER_DIR, layout.CATALOG_DIR):
             shutil.copytree(run_dir / name, payload / name)
-        for name in (layout.RETRIEVAL_FILE, layout.RETRIEVAL_META, layout.BOOK_VECTORS):
+        for name in (layout.RETRIEVAL_FILE, layout.RETRIEVAL_SETTINGS, layout.BOOK_VECTORS):
             shutil.copy2(run_dir / name, payload / name)
         # The ranking stage ships when the run has all of it (a run without the ranking step serves
         # the towers' order, as before).

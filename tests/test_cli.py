@@ -13,7 +13,7 @@ import yaml
 from model import schemas
 from train.config import load_config
 
-from .conftest import REPO
+from .conftest import REPO, tiny_config
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -108,6 +108,7 @@ def test_fine_tuning_the_encoder_rewrites_encoder_and_catalog(tiny_run, tmp_path
 
     from model.catalog import Catalog
     from train.rating.step import step_train
+    from train.run_context import RunContext
 
     run = tmp_path / "ft"
     shutil.copytree(tiny_run, run)
@@ -116,7 +117,7 @@ def test_fine_tuning_the_encoder_rewrites_encoder_and_catalog(tiny_run, tmp_path
         [f"run_dir={run}", "train.fine_tune_encoder=true", "train.fine_tune_steps=3", "train.fine_tune_batch_size=32"],
     )
     before = Catalog.load(run).book_emb.numpy()
-    summary = step_train(cfg, run, progress=False)
+    summary = step_train(RunContext(cfg, run), progress=False)
     assert summary["fine_tune"]["steps"] == 3
     features = json.loads((run / "features.json").read_text())
     assert features["encoder"].endswith("+fine-tuned:3x32")
@@ -152,3 +153,45 @@ def test_fine_tuning_uses_the_configured_optimizer(tiny_run):
         moved[name] = [p.detach() - s for p, s in zip(encoder.model.parameters(), start, strict=True)]
     assert any(d.abs().max() > 0 for d in moved["sgd"]), "SGD must update the encoder"
     assert any(not torch.equal(a, b) for a, b in zip(moved["adamw"], moved["sgd"], strict=True))
+
+
+def _figures(payload: dict, skip: tuple[str, ...] = ("seconds", "machine")) -> dict:
+    """Every figure of a JSON report by its path, timings and the machine left out."""
+    out = {}
+    for key, value in payload.items():
+        if key in skip:
+            continue
+        if isinstance(value, dict):
+            out.update({f"{key}/{k}": v for k, v in _figures(value, skip).items()})
+        elif isinstance(value, list):
+            out.update(
+                {f"{key}[{i}]/{k}": v for i, item in enumerate(value) for k, v in _figures({"": item}, skip).items()}
+            )
+        else:
+            out[key] = value
+    return out
+
+
+def test_run_all_hands_over_in_memory_and_a_step_alone_reads_the_folder(tmp_path):
+    """``run_all`` builds the training tensors once for the four steps that use them and reads
+    nothing back that an earlier step wrote (but the fp32 checkpoint, which the compress step starts
+    from); the evaluate step alone, from the folder, computes the same figures."""
+    from train.data.sample import write_sample
+    from train.run_context import RunContext
+    from train.run_folder import prepare_run
+    from train.steps import STEPS, run_all
+
+    write_sample(tmp_path / "csv", layout="kaggle", n_users=150, n_books=100, n_ratings=2000, seed=2)
+    cfg = tiny_config(tmp_path / "run", tmp_path / "csv", tmp_path / "cache")
+    cfg.train.epochs = 2
+    run = RunContext(cfg, prepare_run(cfg))
+    run_all(cfg, progress=False, run=run)
+    assert dict(run.folder.made) == {"training_data": 1, "rating:fp32": 1}
+    handed_over = json.loads((tmp_path / "run" / "evaluation.json").read_text())
+
+    alone = RunContext(cfg, tmp_path / "run")
+    STEPS["evaluate"](alone, False)
+    read = {"tables", "catalog", "training_data", "towers", "book_vectors", "rerank_settings", "item_graph", "ranker"}
+    assert read | {f"rating:{v}" for v in ("fp32", "pruned", "int8", "scripted")} <= set(alone.folder.made)
+    from_folder = json.loads((tmp_path / "run" / "evaluation.json").read_text())
+    assert _figures(from_folder) == _figures(handed_over)

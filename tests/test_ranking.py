@@ -97,13 +97,16 @@ def loaded(tiny_run: Path):
 
 
 def test_the_run_ships_a_ranking_stage(tiny_run: Path, loaded, tiny_store: Path) -> None:
-    meta = json.loads((tiny_run / layout.RANKING_META).read_text())
+    meta = json.loads((tiny_run / layout.RANKING_REPORT).read_text())
     assert {"towers", "ranker", "recall_by_source", "enabled"} <= set(meta)
     assert ModelFolder(tiny_run).has_ranking()
+    assert ModelFolder(tiny_run).ranking_settings().enabled == meta["enabled"]
     if meta["enabled"]:
         assert loaded.recommender.ranking is not None
     with zipfile.ZipFile(tiny_store / "bookrec.mar") as zf:
-        assert set(layout.RANKING_FILES) <= set(zf.namelist())
+        shipped = set(zf.namelist())
+    assert {*layout.RANKING_FILES, layout.RETRIEVAL_SETTINGS} <= shipped
+    assert not {layout.RANKING_REPORT, layout.RETRIEVAL_REPORT} & shipped  # reports stay in the run folder
     # The shipped file is the variant compression chose: its widths, its int8 weights, its penalty.
     compression = meta["compression"]
     choice = compression["shipped"]["from"]
@@ -183,8 +186,8 @@ def test_a_subset_book_set_recommends_inside_it(tiny_run: Path) -> None:
 def test_disabled_ranking_keeps_the_towers_path(tiny_run: Path, tmp_path: Path) -> None:
     copy = tmp_path / "run"
     shutil.copytree(tiny_run, copy)
-    meta = json.loads((copy / layout.RANKING_META).read_text())
-    (copy / layout.RANKING_META).write_text(json.dumps({**meta, "enabled": False}))
+    settings = json.loads((copy / layout.RANKING_SETTINGS).read_text())
+    (copy / layout.RANKING_SETTINGS).write_text(json.dumps({**settings, "enabled": False}))
     rec = ModelFolder(copy).load().recommender
     assert rec.ranking is None
     catalog = ModelFolder(copy).load_catalog()
@@ -226,5 +229,5 @@ def test_the_graph_grid_refits_per_setting_and_tables_it(tiny_run: Path, tmp_pat
     for r in rows:
         assert 0 < r["graph_edges"] <= 2 * n_books
         assert 0 <= r["stop_recall@10"] <= 1
-    meta = json.loads((copy / layout.RANKING_META).read_text())
+    meta = json.loads((copy / layout.RANKING_REPORT).read_text())
     assert meta["graph_edges"] == rows[-1]["graph_edges"]

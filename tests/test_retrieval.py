@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from model.artifacts import ModelFolder
+from model import layout
+from model.artifacts import IncompleteModelFolder, ModelFolder
 from model.catalog import Catalog
 from model.checkpoint import load_scripted
-from model.layout import RETRIEVAL_META
+from model.layout import RETRIEVAL_REPORT, RETRIEVAL_SETTINGS
 from model.recommend import RerankSettings, TwoStageRecommender
 from tests.conftest import NEW_BOOK
 from train.config import RetrievalConfig
@@ -79,8 +80,25 @@ def test_shipped_book_vectors_are_the_towers_of_the_catalog(tiny_run: Path) -> N
     assert shipped.shape[0] == len(catalog.books)
     assert np.allclose(shipped, catalog_book_vectors(towers, catalog).numpy(), atol=1e-6)
     assert np.allclose(np.linalg.norm(shipped, axis=1), 1.0, atol=1e-5)
-    meta = json.loads((tiny_run / RETRIEVAL_META).read_text())
-    assert meta["blend"] in RetrievalConfig().blend_grid and meta["candidates"] == RetrievalConfig().candidates
+    settings = json.loads((tiny_run / RETRIEVAL_SETTINGS).read_text())
+    assert set(settings) == {"candidates", "blend", "precision"}
+    assert settings["blend"] in RetrievalConfig().blend_grid and settings["candidates"] == RetrievalConfig().candidates
+    report = json.loads((tiny_run / RETRIEVAL_REPORT).read_text())
+    assert report["blend"] == settings["blend"] and report["epochs"] and "candidates" not in report
+
+
+def test_a_folder_without_the_settings_files_names_them(tiny_run: Path, tmp_path: Path) -> None:
+    """A run folder from before the settings had files of their own (settings inside the reports)."""
+    import shutil
+
+    old = tmp_path / "old-run"
+    shutil.copytree(tiny_run, old)
+    for report, settings in ((RETRIEVAL_REPORT, RETRIEVAL_SETTINGS), (layout.RANKING_REPORT, layout.RANKING_SETTINGS)):
+        merged = {**json.loads((old / settings).read_text()), **json.loads((old / report).read_text())}
+        (old / report).write_text(json.dumps(merged))
+        (old / settings).unlink()
+    with pytest.raises(IncompleteModelFolder, match=f"missing {RETRIEVAL_SETTINGS}, {layout.RANKING_SETTINGS}$"):
+        ModelFolder(old).check()
 
 
 def test_an_unrated_book_is_in_the_catalog_and_reaches_a_top_k(tiny_run: Path) -> None:

@@ -4,7 +4,9 @@
 ``distill`` does work only when ``encoder.name`` is ``distilled``.
 
 The one list of steps: ``python -m train STEP`` runs one, ``python -m train run`` (``run_all``)
-runs them all, and dvc.yaml has a stage per step.
+runs them all, and dvc.yaml has a stage per step. Every step takes the run's ``RunContext``
+(``train/run_context.py``): ``run_all`` passes one to all of them, so each step starts from what the
+previous ones built in memory; a step run alone gets a fresh one, which reads the run folder.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from train.ranking.step import step_ranking
 from train.rating.compress import step_compress
 from train.rating.step import step_train
 from train.retrieval.step import step_retrieval
+from train.run_context import RunContext
 from train.run_folder import prepare_run, write_json
 
 log = logging.getLogger("bookrec.pipeline")
 
-Step = Callable[[Config, Path, bool], dict]
+Step = Callable[[RunContext, bool], dict]
 STEPS: dict[str, Step] = {
     "data": step_data,
     "distill": step_distill,
@@ -43,25 +46,28 @@ STEPS: dict[str, Step] = {
 
 
 def run_step(name: str, cfg: Config, progress: bool = True) -> dict:
-    """One step on the configured run folder; the run's record (config, versions) is written once the step
-    succeeded, so a failed step leaves the record of what the folder still holds."""
+    """One step on the configured run folder, starting from what the folder holds; the run's record
+    (config, versions) is written once the step succeeded, so a failed step leaves the record of what
+    the folder still holds."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    result = STEPS[name](cfg, run_dir, progress)
+    result = STEPS[name](RunContext(cfg, run_dir), progress)
     prepare_run(cfg)
     return result
 
 
-def run_all(cfg: Config, progress: bool = True) -> dict:
-    """Every step in order; returns each step's summary and its wall time. The record is written once the
-    data step succeeded (as ``run_step`` does)."""
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+def run_all(cfg: Config, progress: bool = True, run: RunContext | None = None) -> dict:
+    """Every step in order, handing each other what they build through one ``RunContext`` (``run``
+    where the caller holds one); returns each step's summary and its wall time. The record is written
+    once the data step succeeded (as ``run_step`` does)."""
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    run = run or RunContext(cfg, Path(cfg.run_dir))
+    run_dir = run.dir
     tracker = tracking.start_training_run(cfg, run_dir)  # None unless train.wandb
     out = {}
     for name, step in STEPS.items():
         start = time.perf_counter()
-        out[name] = step(cfg, run_dir, progress)
+        out[name] = step(run, progress)
         if name == "data":
             prepare_run(cfg)
         out[f"{name}_seconds"] = round(time.perf_counter() - start, 1)

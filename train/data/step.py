@@ -20,16 +20,17 @@ from train.data.download import ENV_VAR, DatasetUnavailable, resolve_data_dir
 from train.data.ingest import DataError, RawTables, read_bookcrossing
 from train.data.sample import write_sample
 from train.data.split import assign_splits
+from train.run_context import RunContext
 from train.run_folder import data_fingerprint, write_json
 
 log = logging.getLogger("bookrec.pipeline")
 
 
-def _write_parquet(frame: pd.DataFrame, schema: pa.Schema, path: Path) -> None:
-    pq.write_table(
-        pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False),
-        path,
-    )
+def _write_parquet(frame: pd.DataFrame, schema: pa.Schema, path: Path) -> pd.DataFrame:
+    """Write ``frame`` as ``schema`` says; returns the table as reading the file back gives it."""
+    table = pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
+    pq.write_table(table, path)
+    return table.to_pandas()
 
 
 def locate_data(cfg: Config, run_dir: Path) -> Path:
@@ -86,23 +87,27 @@ def _replaced_folder(folder: Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def step_data(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
+def step_data(run: RunContext, progress: bool = True) -> dict:
     """Ingest, clean and split Book-Crossing; write Parquet tables and the data fingerprint.
 
     A dataset that leaves a table or the training split empty is a :class:`DataError`. The tables
     are written to a new folder that replaces ``data/`` only once all are written, and the
     fingerprint after it: a failed step leaves the previous data and fingerprint as they were.
     """
+    cfg, run_dir = run.cfg, run.dir
     source = locate_data(cfg, run_dir)
     raw = read_bookcrossing(source, progress=progress)
     ratings = assign_splits(raw.ratings, cfg.split)
     _require_training_rows(ratings, raw)
     fingerprint = data_fingerprint(source, {"users": raw.users, "books": raw.books, "ratings": ratings})
     with _replaced_folder(run_dir / layout.DATA_DIR) as out:
-        _write_parquet(raw.users, schemas.USERS, out / layout.DATA_USERS)
-        _write_parquet(raw.books, schemas.BOOKS, out / layout.DATA_BOOKS)
-        _write_parquet(ratings, schemas.RATINGS_SPLIT, out / layout.DATA_RATINGS)
+        written = (
+            _write_parquet(raw.users, schemas.USERS, out / layout.DATA_USERS),
+            _write_parquet(raw.books, schemas.BOOKS, out / layout.DATA_BOOKS),
+            _write_parquet(ratings, schemas.RATINGS_SPLIT, out / layout.DATA_RATINGS),
+        )
         write_json(out / layout.INGEST_REPORT, raw.report.to_dict())
+    run.keep("tables", written)
     partial = run_dir / f".{layout.FINGERPRINT_FILE}.new"
     write_json(partial, fingerprint)
     partial.replace(run_dir / layout.FINGERPRINT_FILE)

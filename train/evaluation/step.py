@@ -18,8 +18,9 @@ from train.config import Config
 from train.evaluation.rating_baselines import SVD_GRID, BiasBaseline, GlobalMean, SurpriseSVD, tune
 from train.evaluation.topk import evaluate_top_k, plot_top_k, topk_markdown
 from train.metrics import mae, ndcg_at_k, rmse
-from train.rating.dataset import TrainingData, load_training_data
+from train.rating.dataset import TrainingData
 from train.rating.fit import predict
+from train.run_context import RunContext
 from train.run_folder import machine
 
 log = logging.getLogger("bookrec.evaluate")
@@ -81,9 +82,9 @@ VARIANT_NAMES = {
 }
 
 
-def load_variants(run_dir: Path) -> dict[str, torch.nn.Module]:
+def load_variants(folder: ModelFolder) -> dict[str, torch.nn.Module]:
     """Every rating-model variant the run wrote, by its name in the table."""
-    return {VARIANT_NAMES[v]: model for v, model in ModelFolder(run_dir).rating_models().items()}
+    return {VARIANT_NAMES[v]: model for v, model in folder.rating_models().items()}
 
 
 def markdown_table(results: dict[str, dict], k: int) -> str:
@@ -124,13 +125,14 @@ def plot_results(results: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def step_evaluate(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
+def step_evaluate(run: RunContext, progress: bool = True) -> dict:
     """Print and write ``evaluation.json`` / ``evaluation.md`` for the run."""
+    cfg, run_dir = run.cfg, run.dir
     start = time.perf_counter()
-    loaded = ModelFolder(run_dir).load()
-    catalog, ratings, data = load_training_data(cfg, run_dir, loaded.catalog)
+    loaded = run.folder.load()
+    catalog, ratings, data = loaded.catalog, run.tables()[2], run.training_data()
     results = evaluate_baselines(data, cfg)
-    for name, model in load_variants(run_dir).items():
+    for name, model in load_variants(run.folder).items():
         results[name] = {
             s: score_split(
                 data,
@@ -140,7 +142,7 @@ def step_evaluate(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
             )
             for s in TEST_SPLITS
         }
-    features = json.loads((run_dir / layout.FEATURES_REPORT).read_text())
+    features = run.report(layout.FEATURES_REPORT)
     meta = {
         "encoder": features["encoder"],
         "pooling": features["pooling"],

@@ -109,6 +109,7 @@ def prepare_features(cfg: Config, progress: bool = True) -> Path:
     from train.data.step import step_data
     from train.features.distill.step import step_distill
     from train.features.step import step_features
+    from train.run_context import RunContext
     from train.run_folder import prepare_run
 
     run_dir = Path(cfg.run_dir)
@@ -116,9 +117,10 @@ def prepare_features(cfg: Config, progress: bool = True) -> Path:
         log.info("sweep: reusing data and features of %s", run_dir)
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    step_data(cfg, run_dir, progress)
-    step_distill(cfg, run_dir, progress)  # a no-op unless the encoder is a distilled student
-    step_features(cfg, run_dir, progress)
+    run = RunContext(cfg, run_dir)
+    step_data(run, progress)
+    step_distill(run, progress)  # a no-op unless the encoder is a distilled student
+    step_features(run, progress)
     return prepare_run(cfg)  # only now: _same_features trusts the saved config to describe data and features
 
 

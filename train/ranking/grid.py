@@ -19,6 +19,7 @@ from pathlib import Path
 
 from train.config import load_config
 from train.ranking.step import step_ranking
+from train.run_context import RunContext
 
 log = logging.getLogger("bookrec.ranking")
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for alpha, beta, neighbours in itertools.product(args.alpha, args.beta, args.neighbours):
         ranking = cfg.ranking.replace(graph_alpha=alpha, graph_beta=beta, graph_neighbours=neighbours, ablation=False)
-        out = step_ranking(cfg.replace(ranking=ranking), args.run_dir, progress=False)
+        out = step_ranking(RunContext(cfg.replace(ranking=ranking), args.run_dir), progress=False)
         fp32 = out["compression"]["variants"]["fp32"]
         rows.append(
             {

@@ -2,9 +2,9 @@
 ranker, compare it with the towers' order on held-out val readers, and ship what serving needs.
 
 Writes ``item_graph.npz``, ``ranker_scripted.pt`` (pruned, int8 and penalised as
-``train/ranking/compress.py`` chose) and ``ranking.json`` (settings, whether the ranker is enabled,
-the compression report and the validation comparison) into the run folder; the archive ships all
-three.
+``train/ranking/compress.py`` chose) and ``ranking_settings.json`` (whether the ranker is enabled,
+how many candidates each source adds), which the archive ships, and the report ``ranking.json``
+(the compression report and the validation comparison) into the run folder.
 """
 
 from __future__ import annotations
@@ -12,24 +12,21 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
 from model import layout
-from model.artifacts import ModelFolder
-from model.candidates import history_matrix
+from model.candidates import ItemGraph, history_matrix
 from model.catalog import Catalog
 from model.ranker import RankingSettings
-from train.config import Config
-from train.data.tables import load_tables
 from train.evaluation.protocols import warm_task
 from train.ranking.compress import compress_ranker
 from train.ranking.fit import collect, fit_ranker, quality, source_recall, towers_scores
 from train.ranking.graph import rp3beta_graph
 from train.rating.compress import script_model
+from train.run_context import RunContext
 
 log = logging.getLogger("bookrec.ranking")
 
@@ -58,18 +55,23 @@ def split_users(n: int, cfg, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     return np.sort(order[n_stop + n_report :]), np.sort(order[:n_stop]), np.sort(order[n_stop : n_stop + n_report])
 
 
-def step_ranking(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
+def step_ranking(run: RunContext, progress: bool = True) -> dict:
+    cfg, run_dir = run.cfg, run.dir
     rc = cfg.ranking
     start = time.perf_counter()
-    for name in (layout.RANKER_FILE, layout.RANKING_META):  # a stale ranker must not be loaded below
+    # A stale ranker must not be loaded below.
+    for name in (layout.RANKER_FILE, layout.RANKING_SETTINGS, layout.RANKING_REPORT):
         (run_dir / name).unlink(missing_ok=True)
-    folder = ModelFolder(run_dir)
-    catalog = folder.load_catalog()
-    ratings = load_tables(run_dir)[2]
+    run.drop("ranking_settings")
+    run.keep("ranker", None)
+    folder = run.folder
+    catalog = run.catalog()
+    ratings = run.tables()[2]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scipy's SparseEfficiencyWarning of the diagonal drop
         graph = rp3beta_graph(training_history(catalog), rc.graph_alpha, rc.graph_beta, rc.graph_neighbours)
     graph.save(run_dir / layout.ITEM_GRAPH)
+    run.keep("item_graph", ItemGraph.load(run_dir / layout.ITEM_GRAPH))  # as served: float32 weights
     graph_seconds = time.perf_counter() - start
     log.info("item graph: %d books, %d edges (%.0f s)", graph.n_books, graph.weights.nnz, graph_seconds)
 
@@ -95,7 +97,7 @@ def step_ranking(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     towers = quality(report, towers_scores(report))
     gain = ranked["recall@10"] - towers["recall@10"]
     enabled = rc.enabled and (gain > rc.min_gain or not rc.require_gain)
-    script_model(model, run_dir / layout.RANKER_FILE)
+    run.keep("ranker", script_model(model, run_dir / layout.RANKER_FILE))
 
     summary = {
         "val_report_users": len(report),
@@ -110,6 +112,8 @@ def step_ranking(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
         "best_epoch": history["best_epoch"],
     }
     settings = RankingSettings(enabled, rc.graph_candidates, rc.author_candidates, rc.per_author)
+    settings.save(run_dir / layout.RANKING_SETTINGS)
+    run.keep("ranking_settings", settings)
 
     def save() -> None:
         summary["seconds"] = {
@@ -117,7 +121,7 @@ def step_ranking(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
             "features": round(collect_seconds, 1),
             "total": round(time.perf_counter() - start, 1),
         }
-        settings.save(run_dir / layout.RANKING_META, **summary, epochs=history["epochs"])
+        run.write_report(layout.RANKING_REPORT, {"enabled": enabled, **summary, "epochs": history["epochs"]})
 
     save()  # before the ablation refits, which take a while
     if rc.ablation:

@@ -23,12 +23,12 @@ from torch import nn
 from torch.nn.utils import prune
 
 from model import layout
-from model.checkpoint import load_checkpoint, load_scripted, save_checkpoint
+from model.checkpoint import load_scripted, save_checkpoint
 from model.network import RatingMLP, quantize_int8
-from train.config import Config
 from train.metrics import mae, rmse
-from train.rating.dataset import TrainingData, load_training_data
+from train.rating.dataset import TrainingData
 from train.rating.fit import fit, plot_learning_curve, predict
+from train.run_context import RunContext
 
 log = logging.getLogger("bookrec.compress")
 
@@ -148,11 +148,12 @@ def latencies(models: dict[str, nn.Module], data: TrainingData, batch: int, repe
     }
 
 
-def step_compress(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
+def step_compress(run: RunContext, progress: bool = True) -> dict:
     """Write pruned, int8 and scripted artifacts and ``compression.json`` with their costs."""
-    _, _, data = load_training_data(cfg, run_dir)
+    cfg, run_dir = run.cfg, run.dir
+    data = run.training_data()
     files = layout.MODEL_FILES
-    fp32 = load_checkpoint(run_dir / files["fp32"])
+    fp32 = run.folder.load_rating_model("fp32")
 
     pruned = prune_structured(fp32, cfg.compress.prune_amount)
     if cfg.compress.finetune_epochs > 0 and cfg.compress.prune_amount > 0:
@@ -200,6 +201,9 @@ def step_compress(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     timing = latencies(variants, data, cfg.compress.latency_batch, cfg.compress.latency_repeats)
     for name, entry in timing.items():
         report["variants"][name]["latency_ms"] = entry
+    # Later steps score with these: each is what its file reads back as (eval mode, on the CPU).
+    for name, model in variants.items():
+        run.keep(f"rating:{name}", model.eval())
     report["shipped"] = {
         "file": files["scripted"],
         "from": choice,

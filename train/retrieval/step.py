@@ -15,7 +15,6 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,16 +22,19 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from model import layout
-from model.artifacts import ModelFolder, resolve_device
+from model.artifacts import resolve_device
 from model.catalog import Catalog
+from model.checkpoint import load_scripted
 from model.features import book_own_stats
-from model.recommend import RerankSettings, embed_book_set
-from train.config import Config, RetrievalConfig
+from model.recommend import RerankSettings, TwoStageRecommender, embed_book_set
+from model.scoring import Scorer
+from train.config import RetrievalConfig
 from train.evaluation.protocols import warm_task
 from train.evaluation.topk import choose_blend
-from train.rating.dataset import TrainingData, load_training_data
+from train.rating.dataset import TrainingData
 from train.rating.fit import EarlyStopping
 from train.retrieval.towers import TwoTower
+from train.run_context import RunContext
 
 log = logging.getLogger("bookrec.retrieval")
 
@@ -326,11 +328,13 @@ def fit_retrieval(
     return result
 
 
-def step_retrieval(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
+def step_retrieval(run: RunContext, progress: bool = True) -> dict:
     """Train the towers, ship them scripted with the catalog's book vectors, and choose the rerank
-    blend on validation with the shipped rating model."""
+    blend on validation with the shipped rating model; the settings go to ``retrieval_settings.json``,
+    the report to ``retrieval.json``."""
+    cfg, run_dir = run.cfg, run.dir
     torch.manual_seed(cfg.retrieval.seed)
-    catalog, ratings, data = load_training_data(cfg, run_dir)
+    catalog, ratings, data = run.catalog(), run.tables()[2], run.training_data()
     device = resolve_device(cfg.train.device)
     model = new_retrieval_model(catalog, cfg.retrieval).to(device)
     result = fit_retrieval(model, catalog, data, cfg.retrieval, progress)
@@ -338,16 +342,29 @@ def step_retrieval(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.jit.script(model).save(str(run_dir / layout.RETRIEVAL_FILE))
-    folder = ModelFolder(run_dir)
-    np.save(run_dir / layout.BOOK_VECTORS, catalog_book_vectors(folder.load_towers(), catalog).numpy())
-    RerankSettings(cfg.retrieval.candidates, precision=cfg.retrieval.precision).save(run_dir / layout.RETRIEVAL_META)
+    # Scored from here on as served: the scripted file read back.
+    towers = load_scripted(run_dir / layout.RETRIEVAL_FILE)
+    vectors = catalog_book_vectors(towers, catalog)
+    np.save(run_dir / layout.BOOK_VECTORS, vectors.numpy())
+    run.keep("towers", towers)
+    run.keep("book_vectors", vectors)
+
+    # The blend is chosen with the recommender in memory: the shipped rating model over the catalog,
+    # these towers and vectors, the configured candidates and precision (no ranking stage);
+    # ``choose_blend`` tries every blend of the grid.
+    scorer = Scorer(run.folder.load_rating_model(), catalog.book_feats, torch.device("cpu"))
+    unblended = RerankSettings(cfg.retrieval.candidates, precision=cfg.retrieval.precision)
     blend, blend_table = choose_blend(
-        folder.load().recommender,
+        TwoStageRecommender(towers, vectors, scorer, unblended),
         warm_task(catalog, ratings, "val"),
         cfg.retrieval.blend_grid,
         min_gain=cfg.retrieval.blend_min_gain,
     )
+    settings = RerankSettings(cfg.retrieval.candidates, blend, cfg.retrieval.precision)
+    settings.save(run_dir / layout.RETRIEVAL_SETTINGS)
+    run.keep("rerank_settings", settings)
     summary = {
+        "blend": blend,
         "best_epoch": result.best_epoch,
         f"best_val_recall@{cfg.retrieval.val_k}": round(result.best_val_recall, 5),
         "epochs": result.epochs,
@@ -355,7 +372,6 @@ def step_retrieval(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
         "val_recall@10_by_blend": blend_table,
         "device": str(device),
     }
-    settings = RerankSettings(cfg.retrieval.candidates, blend, cfg.retrieval.precision)
-    settings.save(run_dir / layout.RETRIEVAL_META, **summary)
+    run.write_report(layout.RETRIEVAL_REPORT, summary)
     log.info("retrieval: best epoch %d, blend %g (val recall@10 by blend %s)", result.best_epoch, blend, blend_table)
-    return {"blend": blend, **{k: v for k, v in summary.items() if k != "epochs"}}
+    return {k: v for k, v in summary.items() if k != "epochs"}

@@ -22,7 +22,6 @@ from model.artifacts import resolve_device
 from model.encoder import TextEncoder, load_saved_encoder
 from model.text import USER_TEXT_PREFIX
 from train.config import DISTILLED, Config
-from train.data.tables import load_tables
 from train.features.distill.corpus import build_corpus
 from train.features.distill.student import (
     Projection,
@@ -34,6 +33,7 @@ from train.features.distill.student import (
 )
 from train.features.embed import EmbeddingCache
 from train.features.encoders import EncoderUnavailable, load_encoder
+from train.run_context import RunContext
 
 log = logging.getLogger("bookrec.distill")
 
@@ -86,9 +86,10 @@ def _copy_into_run(cached: Path, out: Path) -> dict:
     return json.loads((out / layout.DISTILL_REPORT).read_text())
 
 
-def step_distill(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
+def step_distill(run: RunContext, progress: bool = True) -> dict:
     """Distil ``distill.teacher`` into a BERT-tiny student on the run's texts (only for ``encoder.name: distilled``)."""
-    out = run_dir / layout.DISTILL_DIR
+    cfg = run.cfg
+    out = run.dir / layout.DISTILL_DIR
     if not uses_student(cfg):
         # A report all the same, so the step's output exists whichever encoder runs (DVC tracks it).
         shutil.rmtree(out, ignore_errors=True)
@@ -97,7 +98,7 @@ def step_distill(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
         (out / layout.DISTILL_REPORT).write_text(json.dumps(report, indent=2) + "\n")
         return report
     dc = cfg.distill
-    users, books, ratings = load_tables(run_dir)
+    users, books, ratings = run.tables()
     corpus = build_corpus(books, users, ratings, dc.holdout_frac, dc.request_forms, dc.max_train_texts, dc.seed)
     teacher_cfg = cfg.encoder.replace(name=dc.teacher, random_init=False, fallback_random_init=False)
     teacher = load_encoder(teacher_cfg)
