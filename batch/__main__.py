@@ -9,14 +9,15 @@ from batch.console import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Before Beam is imported: its import-time warnings meet the console filter already.
+    # Before Beam is imported (the plan imports it): its import-time warnings meet the console
+    # filter already, so this one flag is looked at ahead of the plan.
     setup_logging(verbose="--verbose" in (sys.argv[1:] if argv is None else argv))
-    from batch.options import BatchUsageError, parse
+    from batch.options import BatchUsageError
     from batch.pipeline import JobFailed, run
+    from batch.plan import plan_job
 
     try:
-        args = parse(argv)
-        summary = run(args)
+        summary = run(plan_job(argv))
     except BatchUsageError as err:
         if str(err):
             print(f"python -m batch: error: {err}", file=sys.stderr)

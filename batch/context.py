@@ -5,7 +5,8 @@
 (``batch/model_cache.py``: ``ModelFolder``, as serving and the evaluation load it) into a
 ``LoadedModel`` over the job's book set, validates every feature row and
 prepares the exclusion index. Each user block then costs one user projection, one
-``Scorer.score_projected`` (or one ``TwoStageRecommender.recommend``) and one Arrow record batch.
+``AllPairsScorer.score_projected`` (or one ``TwoStageRecommender.recommend``) and one Arrow record
+batch.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ import torch
 from apache_beam.io.filesystems import FileSystems
 
 from batch import model_cache, schemas
+from batch.all_pairs import DEFAULT_BLOCK_PAIRS, AllPairsScorer
 from batch.io import _local, is_local
 from batch.model_source import ModelError, model_dims, resolve
 from batch.native_head import attach
 from model import layout
 from model.artifacts import LoadedModel, release_unused_memory, resolve_device
 from model.catalog import Catalog
-from model.scoring import DEFAULT_BLOCK_PAIRS, Scorer
+from model.scoring import Scorer
 
 log = logging.getLogger("bookrec.batch")
 
@@ -154,16 +156,16 @@ class ScoringContext:
                 isbns.append(isbn)
         self.isbn_dictionary = pa.array(isbns, pa.string())
         self.n_books = len(isbns)
-        block_pairs = DEFAULT_BLOCK_PAIRS if self.device.type == "cpu" else 1 << 22
-        scorer = Scorer(
-            model,
-            books.feats[torch.tensor(rows, dtype=torch.long)],
-            self.device,
-            precision=spec.precision,
-            threads=spec.threads,
-            block_pairs=block_pairs,
-        )
-        self.scorer = attach(scorer, spec.kernel)
+        self.scorer = Scorer(model, books.feats[torch.tensor(rows, dtype=torch.long)], self.device)
+        # All pairs: the head kernel (compiled where it can be) over the projected book set. Top-k
+        # rates only the recommender's candidates, through the scorer.
+        self.all_pairs: AllPairsScorer | None = None
+        if spec.mode == "all":
+            block_pairs = DEFAULT_BLOCK_PAIRS if self.device.type == "cpu" else 1 << 22
+            self.all_pairs = attach(
+                AllPairsScorer(self.scorer, precision=spec.precision, threads=spec.threads, block_pairs=block_pairs),
+                spec.kernel,
+            )
         recommender = None
         if spec.mode == "topk":
             catalog_rows = torch.tensor([catalog.book_index.get(i, -1) for i in isbns], dtype=torch.long)
@@ -234,7 +236,7 @@ class ScoringContext:
         """One record batch with every output row of a block of resolved users."""
         feats = self.users.feats[rows]
         if self.spec.mode == "all":
-            return self._all_pairs(user_ids, self.scorer.score_projected(self.scorer.project_users(feats)))
+            return self._all_pairs(user_ids, self.all_pairs.score_projected(self.scorer.project_users(feats)))
         return self._top_k(user_ids, feats)
 
     def _all_pairs(self, user_ids: np.ndarray, scores: torch.Tensor) -> pa.RecordBatch:

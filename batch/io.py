@@ -99,6 +99,14 @@ def _local(path: str) -> Path:
     return Path(path[len("file://") :] if path.startswith("file://") else path)
 
 
+def read_bytes(path: str) -> bytes:
+    """The whole content of a small file (an id list), local or on any Beam filesystem."""
+    if is_local(path):
+        return _local(path).read_bytes()
+    with FileSystems.open(path) as fh:
+        return fh.read()
+
+
 def join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts) if is_local(base) else FileSystems.join(base, *parts)
 

@@ -1,7 +1,7 @@
 """The batch job's compiled head kernel: one user against every book of the set, in AVX2/FMA C.
 
-``Scorer`` (model/scoring.py) evaluates the rating head with torch ops; the all-pairs batch job
-scores ~10^9 pairs, so it plugs in this kernel as the scorer's ``row_kernel`` (``attach``). It is
+``AllPairsScorer`` (batch/all_pairs.py) evaluates the rating head with torch ops; the all-pairs batch
+job scores ~10^9 pairs, so it plugs in this kernel as the scorer's ``row_kernel`` (``attach``). It is
 compiled once per machine and head shape with the system C compiler and loaded through ctypes (which
 releases the GIL): the first tail layer's matmul runs register-blocked with the ``maximum`` folded in
 and the output unit fused, so no activation leaves L1. Serving never needs it, so it lives here.
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from model.scoring import HeadKernel, Scorer
+from batch.all_pairs import AllPairsScorer, HeadKernel
 
 log = logging.getLogger("bookrec.batch")
 
@@ -167,7 +167,7 @@ class NativeHead:
         )
 
 
-def attach(scorer: Scorer, kernel: str) -> Scorer:
+def attach(scorer: AllPairsScorer, kernel: str) -> AllPairsScorer:
     """Give ``scorer`` the compiled head as its row kernel: "native" (error when unavailable),
     "auto" (when available) or "torch" (never)."""
     if kernel not in KERNELS:
@@ -181,7 +181,7 @@ def attach(scorer: Scorer, kernel: str) -> Scorer:
     return scorer
 
 
-def _checked(scorer: Scorer) -> NativeHead | None:
+def _checked(scorer: AllPairsScorer) -> NativeHead | None:
     """The compiled head for the scorer's shape, after checking it against the torch path."""
     kernel = scorer.kernel
     usable = (

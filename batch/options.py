@@ -1,20 +1,19 @@
-"""Command line of the batch job: its own flags, plus any Apache Beam pipeline option.
+"""Command line of the batch job: its own flags, plus any Apache Beam pipeline option, into ``JobOptions``.
 
-Every check that can fail before the pipeline starts happens here, with a message naming the flag
-(``BatchUsageError``; the CLI turns it into exit code 2 without a traceback): unknown flags
-(ours or Beam's), an unknown mode, ``--k`` < 1, a model path without a model, an output that
-cannot be written or holds foreign files, id lists that do not parse.
+The flags are checked here, with a message naming the flag (``BatchUsageError``; the CLI turns it
+into exit code 2 without a traceback): unknown flags (ours or Beam's), an unknown mode, ``--k`` < 1
+or without ``--mode topk``, an input file that does not exist, ``--device cuda`` without a GPU on a
+local runner. What needs the inputs read (a model path without a model, id lists that do not parse,
+an output that holds foreign files) is checked by the plan (``batch/plan.py``), once.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from apache_beam.options.pipeline_options import (
     DirectOptions,
     PipelineOptions,
@@ -38,32 +37,41 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-@dataclass
-class BatchArgs:
-    """The job's own flags (Beam's live in ``beam_args``)."""
+@dataclass(frozen=True)
+class RunnerOptions:
+    """The Beam runner and how the job uses it, resolved from Beam's flags and ``--workers``/``--threads``."""
 
-    model: str
-    output: str
-    mode: str = "all"
-    k: int = 10
-    exclude_rated: bool = False
-    users: str | None = None
-    books: str | None = None
-    max_users: int | None = None
-    user_features: str | None = None
-    book_features: str | None = None
-    variant: str = "scripted"
-    num_shards: int | None = None
-    block_users: int | None = None
-    compression: str = "zstd"
-    device: str = "cpu"
-    precision: str = "fp32"
-    kernel: str = "auto"
-    threads: int | None = None
-    workers: int | None = None
-    progress: bool = True
-    verbose: bool = False
-    beam_args: list[str] = field(default_factory=list)
+    name: str  # "DirectRunner" when no --runner is given
+    local: bool  # runs on this machine (the DirectRunner, the FnApiRunner, the DaskRunner)
+    workers: int  # worker processes of a local runner; 1 on a remote one (the cluster's business)
+    threads: int  # scoring threads per worker
+    flags: tuple[str, ...]  # Beam's pipeline options as given, plus this job's defaults
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """The checked command line: the job's own flags, typed, and the runner's options."""
+
+    model: str  # as given: a run folder or a .mar, local or remote
+    output: str  # as given
+    mode: str
+    k: int
+    exclude_rated: bool
+    users: str | None  # --users file
+    books: str | None  # --books file
+    max_users: int | None
+    user_features: str | None
+    book_features: str | None
+    variant: str
+    num_shards: int | None  # None: chosen by the plan from the users and the runner
+    block_users: int | None  # None: chosen by the plan from the mode and the book set
+    compression: str
+    device: str
+    precision: str
+    kernel: str
+    progress: bool
+    verbose: bool
+    runner: RunnerOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,8 +133,9 @@ def _unknown_beam_flags(args: list[str]) -> list[str]:
     return [a for a in unknown if a.startswith("-")]
 
 
-def parse(argv: list[str] | None = None) -> BatchArgs:
-    """Parse and check the command line; ``BatchUsageError`` on anything wrong."""
+def parse(argv: list[str] | None = None) -> JobOptions:
+    """Parse and check the command line; ``BatchUsageError`` on anything wrong. Reads nothing but
+    whether the local files named exist (the model and the id lists are the plan's, batch/plan.py)."""
     parser = build_parser()
     try:
         ns, rest = parser.parse_known_args(argv)
@@ -138,21 +147,22 @@ def parse(argv: list[str] | None = None) -> BatchArgs:
     stray = [a for a in rest if not a.startswith("-") and a not in _flag_values(rest)]
     if stray:
         raise BatchUsageError(f"unexpected argument(s): {' '.join(stray)}")
-    args = BatchArgs(**{k: v for k, v in vars(ns).items()}, beam_args=rest)
-    if args.k is not None and args.mode != "topk":
+    flags = vars(ns)
+    if flags["k"] is not None and flags["mode"] != "topk":
         raise BatchUsageError("--k applies to --mode topk only")
-    args.k = 10 if args.k is None else args.k
+    flags["k"] = 10 if flags["k"] is None else flags["k"]
     for name in ("k", "max_users", "num_shards", "block_users", "threads", "workers"):
-        value = getattr(args, name)
+        value = flags[name]
         if value is not None and value < 1:
             raise BatchUsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     for name in ("users", "books", "user_features", "book_features"):
-        path = getattr(args, name)
+        path = flags[name]
         if path is not None and is_local(path) and not Path(path).is_file():
             raise BatchUsageError(f"--{name.replace('_', '-')} {path}: no such file")
-    if args.device == "cuda" and is_local_runner(args) and not _cuda_available():
+    runner = runner_options(rest, flags["device"], flags.pop("workers"), flags.pop("threads"))
+    if flags["device"] == "cuda" and runner.local and not _cuda_available():
         raise BatchUsageError("--device cuda: no CUDA device on this machine (local runner)")
-    return args
+    return JobOptions(**flags, runner=runner)
 
 
 def _flag_values(rest: list[str]) -> set[str]:
@@ -166,82 +176,44 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def runner_name(args: BatchArgs) -> str:
-    return PipelineOptions(args.beam_args).view_as(StandardOptions).runner or "DirectRunner"
-
-
-def is_local_runner(args: BatchArgs) -> bool:
-    return runner_name(args).split(".")[-1] in LOCAL_RUNNERS
-
-
-def local_workers(args: BatchArgs) -> int:
-    """Worker processes of a local runner (1 for a remote one: workers are the cluster's business)."""
-    if not is_local_runner(args):
-        return 1
-    direct = PipelineOptions(args.beam_args).view_as(DirectOptions)
-    if runner_name(args) != "DaskRunner" and any(a.startswith("--direct_num_workers") for a in args.beam_args):
-        return max(1, direct.direct_num_workers)
-    return args.workers or cores()
-
-
-def pipeline_options(args: BatchArgs) -> PipelineOptions:
-    """Beam options with this job's defaults: the DirectRunner runs multi-process on every core
-    (explicitly, so Beam never tries to download the Prism runner)."""
+def runner_options(beam_args: list[str], device: str, workers: int | None, threads: int | None) -> RunnerOptions:
+    """The runner named by Beam's flags, its worker processes and scoring threads, and its flags with
+    this job's defaults: the DirectRunner runs multi-process on every core (explicitly, so Beam never
+    tries to download the Prism runner)."""
+    given = PipelineOptions(beam_args)
+    name = given.view_as(StandardOptions).runner or "DirectRunner"
+    local = name.split(".")[-1] in LOCAL_RUNNERS
+    if not local:
+        n_workers = 1
+    elif name != "DaskRunner" and any(a.startswith("--direct_num_workers") for a in beam_args):
+        n_workers = max(1, given.view_as(DirectOptions).direct_num_workers)
+    else:
+        n_workers = workers or cores()
     extra: list[str] = []
-    flags = " ".join(args.beam_args)
-    if runner_name(args) in ("DirectRunner", "SwitchingDirectRunner"):
-        if "--direct_running_mode" not in flags:
+    joined = " ".join(beam_args)
+    if name in ("DirectRunner", "SwitchingDirectRunner"):
+        if "--direct_running_mode" not in joined:
             extra.append("--direct_running_mode=multi_processing")
-        if "--direct_num_workers" not in flags and "in_memory" not in flags:
-            extra.append(f"--direct_num_workers={local_workers(args)}")
-        if "--default_sdk_harness_log_level" not in flags:
+        if "--direct_num_workers" not in joined and "in_memory" not in joined:
+            extra.append(f"--direct_num_workers={n_workers}")
+        if "--default_sdk_harness_log_level" not in joined:
             extra.append("--default_sdk_harness_log_level=WARNING")
-    return PipelineOptions([*args.beam_args, *extra])
+    flags = (*beam_args, *extra)
+    threads = _scoring_threads(name, local, n_workers, device, threads, flags)
+    return RunnerOptions(name, local, n_workers, threads, flags)
 
 
-def scoring_threads(args: BatchArgs, options: PipelineOptions) -> int:
+def _scoring_threads(
+    name: str, local: bool, workers: int, device: str, threads: int | None, flags: tuple[str, ...]
+) -> int:
     """Threads per worker: the cores a local worker has to itself; 1 on clusters (one SDK process
     per core there) and on GPUs."""
-    if args.threads:
-        return args.threads
-    if args.device != "cpu" or not is_local_runner(args):
+    if threads:
+        return threads
+    if device != "cpu" or not local:
         return 1
-    if runner_name(args) in ("DirectRunner", "SwitchingDirectRunner", "FnApiRunner"):
-        direct = options.view_as(DirectOptions)
-        workers = 1 if direct.direct_running_mode == "in_memory" else max(1, direct.direct_num_workers)
-        return max(1, cores() // workers)
-    return max(1, cores() // local_workers(args))
-
-
-def read_id_list(path: str, column: str, kind: type) -> list:
-    """Ids from a Parquet file (``column``) or a text file (one per line; blank lines and a header
-    equal to ``column`` skipped). Raises ``BatchUsageError`` naming the first bad line."""
-    from batch.io import _local
-
-    local = _local(path) if is_local(path) else None
-    data = local.read_bytes() if local is not None else _read_remote(path)
-    if data[:4] == b"PAR1":
-        table = pq.read_table(pa.BufferReader(data))
-        if column not in table.column_names:
-            raise BatchUsageError(f"{path}: Parquet file without a {column!r} column")
-        values = table[column].to_pylist()
-        if any(v is None for v in values):
-            raise BatchUsageError(f"{path}: null {column}")
-        return [kind(v) for v in values]
-    out = []
-    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
-        token = line.strip().split(",")[0].strip()
-        if not token or (n == 1 and token == column):
-            continue
-        try:
-            out.append(kind(token))
-        except ValueError:
-            raise BatchUsageError(f"{path} line {n}: {token!r} is not a valid {column}") from None
-    return out
-
-
-def _read_remote(path: str) -> bytes:
-    from apache_beam.io.filesystems import FileSystems
-
-    with FileSystems.open(path) as fh:
-        return fh.read()
+    if name in ("DirectRunner", "SwitchingDirectRunner", "FnApiRunner"):
+        direct = PipelineOptions(list(flags)).view_as(DirectOptions)
+        in_process = 1 if direct.direct_running_mode == "in_memory" else max(1, direct.direct_num_workers)
+        return max(1, cores() // in_process)
+    return max(1, cores() // workers)

@@ -5,7 +5,7 @@
 One run measures, on this machine:
 
 1. the dense matmul peak (``torch.mm``, large square fp32 and bf16 matrices; all cores and one core);
-2. the scorer core alone (``model.scoring.Scorer.score_projected`` on a fixed user subset against
+2. the scorer core alone (``batch.all_pairs.AllPairsScorer.score_projected`` on a fixed user subset against
    the whole catalog): pairs/s, achieved FLOP/s and the fraction of the same-run peak;
 3. the full Beam job (``python -m batch``, default DirectRunner, every core): top-K over every
    user x book, and all pairs for N and 2N users (rows/s, output bytes per row, peak memory);
@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from batch.all_pairs import AllPairsScorer  # noqa: E402
 from batch.native_head import attach  # noqa: E402
 from model import layout  # noqa: E402
 from model.artifacts import ModelFolder  # noqa: E402
@@ -144,7 +145,7 @@ def mm_peak(dtype: torch.dtype, n: int, threads: int, repeats: int) -> float:
 
 
 # ----------------------------------------------------------------------------------- scorer core
-def score_rate(scorer: Scorer, user_proj: torch.Tensor, repeats: int) -> tuple[float, list[float]]:
+def score_rate(scorer: AllPairsScorer, user_proj: torch.Tensor, repeats: int) -> tuple[float, list[float]]:
     """Median pairs/s of ``score_projected`` over ``repeats`` timed calls (after one warm-up)."""
     out = torch.empty(user_proj.shape[0], scorer.n_books)
     scorer.score_projected(user_proj[: max(1, user_proj.shape[0] // 8)])
@@ -301,7 +302,7 @@ def write_report(path: Path, r: dict[str, Any], phases: list[Phase], command: st
         lines.append(f"| {row['dtype']} | {row['threads']} | {row['n']} | {fmt(row['gflops'], 1)} |")
     lines += [
         "",
-        "## Scorer core alone (`Scorer.score_projected`, "
+        "## Scorer core alone (`AllPairsScorer.score_projected`, "
         f"{core['users']} users x {r['n_books']:,} books = {core['users'] * r['n_books'] / 1e6:.1f} M pairs per call)",
         "",
         "| kernel | precision | threads | M pairs/s | GFLOP/s (matmul) | GFLOP/s (with elementwise) | "
@@ -316,7 +317,7 @@ def write_report(path: Path, r: dict[str, Any], phases: list[Phase], command: st
     lines += [
         "",
         "native: the compiled AVX2/FMA head (`--kernel auto`, the batch default); torch: torch ops "
-        "(`Scorer`'s default, the fallback). Threads: the scorer's own thread pool with torch's intra-op pool "
+        "(`AllPairsScorer`'s default, the fallback). Threads: the scorer's own thread pool with torch's intra-op pool "
         "at 1, as in the Beam workers. Median of the timed calls. bf16 has no hardware support on this CPU "
         "(AVX2, no AVX512-BF16/AMX): `torch.mm` in bf16 is emulated and slower than the scorer's bf16 path, "
         "so that fraction is not meaningful; bf16 is for GPUs and bf16-capable CPUs.",
@@ -496,10 +497,10 @@ def main(argv: list[str] | None = None) -> None:
         configs = [("native", "fp32", cores()), ("native", "fp32", 1), ("torch", "fp32", cores()), ("torch", "fp32", 1)]
         configs.append(("torch", "bf16", cores()))
         for kernel, precision, threads in tqdm(configs, desc="scorer core", leave=False):
-            scorer = Scorer(model, catalog.book_feats, precision=precision, threads=threads)
+            scorer = AllPairsScorer(Scorer(model, catalog.book_feats), precision=precision, threads=threads)
             if attach(scorer, "auto" if kernel == "native" else "torch").row_kernel is None and kernel == "native":
                 continue
-            proj = scorer.project_users(users if precision == "fp32" else users[:16])
+            proj = scorer.scorer.project_users(users if precision == "fp32" else users[:16])
             rate, all_rates = score_rate(scorer, proj, args.repeats if precision == "fp32" else 1)
             flops = scorer.kernel.flops_per_pair(include_elementwise=False)
             flops_all = scorer.kernel.flops_per_pair(include_elementwise=True)

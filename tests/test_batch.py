@@ -24,8 +24,8 @@ from apache_beam.utils.shared import Shared
 from batch import io, model_cache, schemas
 from batch.__main__ import main
 from batch.context import JobSpec, worker_name
-from batch.options import parse
 from batch.pipeline import run
+from batch.plan import plan_job
 from batch.transforms import ScoreShards, UserBlocks, plan_blocks
 from model import layout
 from model.catalog import Catalog
@@ -37,7 +37,7 @@ IN_MEMORY = "--direct_running_mode=in_memory"
 
 def batch(model: Path | str, output: Path, *flags: str) -> dict:
     """Run the job in-process and return its ``_SUCCESS`` summary."""
-    return run(parse(["--model", str(model), "--output", str(output), "--no-progress", IN_MEMORY, *flags]))
+    return run(plan_job(["--model", str(model), "--output", str(output), "--no-progress", IN_MEMORY, *flags]))
 
 
 def read(output: Path) -> pd.DataFrame:
@@ -408,7 +408,7 @@ def test_dask_runner_writes_the_output(tiny_run: Path, tmp_path: Path, catalog: 
     pytest.importorskip("dask.distributed")
     out = tmp_path / "out"
     summary = run(
-        parse(
+        plan_job(
             [
                 *("--model", str(tiny_run), "--output", str(out), "--runner=DaskRunner", "--workers", "2"),
                 *("--mode", "topk", "--k", "3", "--num-shards", "2", "--no-progress"),

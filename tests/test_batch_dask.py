@@ -22,8 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from batch import io
-from batch.options import parse
 from batch.pipeline import run
+from batch.plan import plan_job
 from model.catalog import Catalog
 
 pytest.importorskip("distributed", reason="the dask extra (dask[distributed]) is not installed")
@@ -76,7 +76,7 @@ def finish(proc: subprocess.Popen) -> dict:
 def direct(tiny_run: Path, out: Path, *flags: str) -> dict:
     """The same job on the DirectRunner (in-process), absolute paths."""
     return run(
-        parse(
+        plan_job(
             ["--model", str(tiny_run), "--output", str(out), "--no-progress", "--direct_running_mode=in_memory", *flags]
         )
     )

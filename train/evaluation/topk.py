@@ -21,6 +21,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+from batch.all_pairs import AllPairsScorer
 from model.catalog import Catalog
 from model.recommend import TwoStageRecommender
 from train.config import EvalConfig, TopKTuning
@@ -66,9 +67,10 @@ def model_top_k(
 def rating_only_top_k(recommender: TwoStageRecommender, task: RankingTask, k: int = DEPTH) -> np.ndarray:
     """[U, k] by predicted rating alone over the whole book set (how ``recommend`` ranked before)."""
     out = np.full((len(task), k), -1, np.int64)
+    all_pairs = AllPairsScorer(recommender.scorer)
     for s in range(0, len(task), USER_BLOCK):
         sl = slice(s, s + USER_BLOCK)
-        _, rows = recommender.scorer.top_k(task.feats[sl], k, task.exclude[sl])
+        _, rows = all_pairs.top_k(task.feats[sl], k, task.exclude[sl])
         out[s : s + rows.shape[0], : rows.shape[1]] = rows.numpy()
     return out
 
