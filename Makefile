@@ -9,7 +9,7 @@ RUN ?= $(call run_of,$(CONFIG))
 MODEL_STORE ?= model-store
 BATCH_OUT ?= $(RUN)/batch-scores
 
-.PHONY: help install minilm distill data train evaluate archive image serve stop batch sweep drift repro demo test lint format clean
+.PHONY: help install minilm distill data train evaluate archive image serve stop batch sweep drift repro demo test test-fast lint format clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -73,6 +73,9 @@ repro: $(STAMP) ## the DVC pipeline (dvc.yaml; needs pip install ".[dvc]")
 
 test: $(STAMP) ## the test suite
 	$(PYTHON) -m pytest -q
+
+test-fast: $(STAMP) ## the tests that start no TorchServe, Beam pipeline, training job or image build (under a minute)
+	$(PYTHON) -m pytest -q -m "not (training or torchserve or beam or image)"
 
 lint: $(STAMP) ## ruff lint and format check
 	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check .

@@ -48,6 +48,19 @@ def tiny_config(run_dir: Path, source: Path, cache: Path) -> Config:
     )
 
 
+# Fixtures whose use makes a test one of the slow kinds (see pyproject's markers).
+SLOW_FIXTURES = {"tiny_run": "training"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses the tiny run (directly or through the store or the unpacked archive built
+    from it) needs the training job: mark it so ``-m "not training"`` leaves it out."""
+    for item in items:
+        for fixture, marker in SLOW_FIXTURES.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(marker)
+
+
 # A new arrival: in the books file, rated by nobody: a new edition of the sample's most-read book.
 NEW_BOOK = "0999999990"
 

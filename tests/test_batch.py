@@ -32,6 +32,8 @@ from model.catalog import Catalog
 from model.scoring import Scorer
 from train.config import load_config
 
+pytestmark = pytest.mark.beam
+
 IN_MEMORY = "--direct_running_mode=in_memory"
 
 

@@ -11,8 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from batch import io
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.beam
 
 CHATTER = ("semi_persistent_directory", "Discarding unparseable args", "apitools not found", "sdk_worker")
 

@@ -30,6 +30,8 @@ pytest.importorskip("distributed", reason="the dask extra (dask[distributed]) is
 
 from batch.dask_cluster import LoopbackCluster
 
+pytestmark = pytest.mark.beam
+
 REPO = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT = 300
 

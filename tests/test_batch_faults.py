@@ -21,6 +21,8 @@ import pytest
 from batch import io
 from batch.__main__ import main
 
+pytestmark = pytest.mark.beam
+
 IN_MEMORY = "--direct_running_mode=in_memory"
 
 

@@ -15,6 +15,8 @@ import pytest
 
 from .conftest import REPO
 
+pytestmark = pytest.mark.image
+
 WHEEL = "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
 
 

@@ -18,7 +18,10 @@ from tests.conftest import REPO, tiny_config
 from train.data.sample import write_sample
 
 DVC = shutil.which("dvc", path=str(Path(sys.executable).parent)) or shutil.which("dvc")
-pytestmark = pytest.mark.skipif(DVC is None, reason="dvc not installed (pip install '.[dvc]')")
+pytestmark = [
+    pytest.mark.training,
+    pytest.mark.skipif(DVC is None, reason="dvc not installed (pip install '.[dvc]')"),
+]
 
 
 def dvc(clone: Path, *args: str) -> subprocess.CompletedProcess:

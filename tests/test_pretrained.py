@@ -26,6 +26,8 @@ from train.features import packaged
 from train.features.distill.corpus import build_corpus
 from train.features.encoders import EncoderUnavailable, load_encoder
 
+pytestmark = pytest.mark.torchserve
+
 MINILM = "packaged:all-MiniLM-L6-v2"
 BERT_TINY_DIR = SHARED / "data" / "bert-tiny"
 

@@ -30,6 +30,8 @@ from tests.test_handler import (
     rate_requests,
 )
 
+pytestmark = pytest.mark.torchserve
+
 REPO = Path(__file__).resolve().parents[1]
 
 

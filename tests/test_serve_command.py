@@ -27,6 +27,8 @@ import requests
 from serving.local_server import LocalServer, free_port, read_properties, write_properties
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.torchserve
+
 SERVE = "torchserve --start --models bookrec.mar"
 PORT_KEYS = {
     "inference": "inference_address",

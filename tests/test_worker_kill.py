@@ -20,6 +20,8 @@ from serving import healthcheck
 from serving.client import NO_RETRY, BookrecClient, RetryPolicy, worker_died
 from serving.local_server import LocalServer
 
+pytestmark = pytest.mark.torchserve
+
 BODY = {"action": "recommend", "user": {"country": "usa"}, "k": 2}
 
 
