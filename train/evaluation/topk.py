@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from model.catalog import Catalog
 from model.config import EvalConfig, TopKTuning
 from model.recommend import TwoStageRecommender
+from model.topk import top_k_excluding
 from train.evaluation.protocols import (
     RankingTask,
     clean,
@@ -44,7 +45,7 @@ from train.evaluation.topk_baselines import (
     recommend_top_k,
 )
 from train.evaluation.tuning import METHODS, Validation, tune
-from train.metrics import recall_at_k, top_k_excluding, topk_report
+from train.metrics import recall_at_k, topk_report
 
 log = logging.getLogger("bookrec.topk")
 
@@ -246,7 +247,7 @@ def content_top_k(model: SameAuthor, task: RankingTask, candidates: np.ndarray, 
     block = max(1, SCORE_BUDGET // max(len(candidates), 1))
     for s in range(0, len(task), block):
         scores = model.score(history[s : s + block], candidates)
-        out[s : s + scores.shape[0]] = top_k_excluding(scores, [np.zeros(0, np.int64)] * scores.shape[0], k)
+        out[s : s + scores.shape[0]] = top_k_excluding(scores, None, k)[1].numpy()
     return out
 
 

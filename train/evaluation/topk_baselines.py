@@ -25,7 +25,7 @@ import numpy.typing as npt
 import scipy.sparse as sp
 import torch
 
-from train.metrics import top_k_excluding
+from model.topk import top_k_excluding
 
 __all__ = [
     "ALS",
@@ -495,8 +495,8 @@ class SameAuthor(_Fitted):
         return self.rank[cols][None, :] + np.float32(self.n_items) * same.astype(np.float32)
 
 
-# Most scores one block of users holds (float32): 2^25 = 128 MB; ``top_k_excluding`` takes about
-# three times that at its peak (its copy, and the partition's).
+# Most scores one block of users holds (float32): 2^25 = 128 MB; ``top_k_excluding`` works on them in
+# place, with sortable keys for 2^22 of them at a time (32 MB) besides.
 SCORE_BUDGET = 1 << 25
 
 
@@ -520,5 +520,5 @@ def recommend_top_k(
     out = np.empty((history.shape[0], k), dtype=np.int64)
     for start in range(0, history.shape[0], block):
         stop = min(start + block, history.shape[0])
-        out[start:stop] = top_k_excluding(model.score(history[start:stop]), exclude[start:stop], k)
+        out[start:stop] = top_k_excluding(model.score(history[start:stop]), exclude[start:stop], k)[1].numpy()
     return out
