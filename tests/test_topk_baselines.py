@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from model.candidates import interaction_matrix
 from model.topk import top_k_excluding
 from train.evaluation.topk_baselines import (
     ALS,
@@ -16,7 +17,6 @@ from train.evaluation.topk_baselines import (
     RP3beta,
     SameAuthor,
     TopKBaseline,
-    interaction_matrix,
     recommend_top_k,
 )
 

@@ -22,6 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+from model.candidates import history_matrix, interaction_matrix
 from model.catalog import Catalog
 from model.config import EvalConfig, TopKTuning
 from model.recommend import TwoStageRecommender
@@ -40,8 +41,6 @@ from train.evaluation.topk_baselines import (
     MostPopular,
     SameAuthor,
     TopKBaseline,
-    interaction_matrix,
-    lists_matrix,
     recommend_top_k,
 )
 from train.evaluation.tuning import METHODS, Validation, tune
@@ -197,7 +196,7 @@ class BaselineCache:
         n_items = self.train.shape[1]
         popularity = np.asarray(self.train.sum(axis=0)).ravel()
         # Each protocol's history and exclusion matrices, built once for every baseline.
-        inputs = {t.name: (lists_matrix(t.history, n_items), lists_matrix(t.exclude, n_items)) for t in self.tasks}
+        inputs = {t.name: (history_matrix(t.history, n_items), history_matrix(t.exclude, n_items)) for t in self.tasks}
         popular = MostPopular().fit(self.train)
         start = time.perf_counter()
         # Its lists are also the fallback of every other baseline for readers with no history.
@@ -242,7 +241,7 @@ COLD_PROTOCOLS = {"cold-book": False, "new-author": True}  # protocol: only book
 
 def content_top_k(model: SameAuthor, task: RankingTask, candidates: np.ndarray, k: int) -> np.ndarray:
     """[U, k] candidate positions by the same-author baseline, scored from each reader's history."""
-    history = lists_matrix(task.history, model.n_items or 0)
+    history = history_matrix(task.history, model.n_items or 0)
     out = np.empty((len(task), k), np.int64)
     block = max(1, SCORE_BUDGET // max(len(candidates), 1))
     for s in range(0, len(task), block):

@@ -1,11 +1,11 @@
 """Top-K recommendation baselines sharing one fit/score interface.
 
 Every baseline is fitted on a scipy CSR matrix [n_users, n_items] of implicit interactions (1.0 per
-rated pair, see :func:`interaction_matrix`) and scores the rows of ``history``, a CSR [U, n_items]
-holding each scored user's known items: their training interactions for a warm user, or the few
-items a new user revealed (fold-in), so one call serves both. ``score`` returns a dense float32
-[U, n_items]; the caller scores users in blocks (:func:`recommend_top_k` does) so that memory stays at
-about ``block * n_items * 4`` bytes, e.g. 2,048 users x 27,108 books = 222 MB.
+rated pair, see :func:`model.candidates.interaction_matrix`) and scores the rows of ``history``, a
+CSR [U, n_items] holding each scored user's known items: their training interactions for a warm
+user, or the few items a new user revealed (fold-in), so one call serves both. ``score`` returns a
+dense float32 [U, n_items]; the caller scores users in blocks (:func:`recommend_top_k` does) so that
+memory stays at about ``block * n_items * 4`` bytes, e.g. 2,048 users x 27,108 books = 222 MB.
 
 The constructor defaults are plain starting points: ``train.evaluation.tuning`` fits each
 method's grid (``eval.topk_tuning`` in the config) on the training split and keeps the setting with
@@ -25,6 +25,7 @@ import numpy.typing as npt
 import scipy.sparse as sp
 import torch
 
+from model.candidates import interaction_matrix
 from model.topk import top_k_excluding
 
 __all__ = [
@@ -36,8 +37,6 @@ __all__ = [
     "RP3beta",
     "SameAuthor",
     "TopKBaseline",
-    "interaction_matrix",
-    "lists_matrix",
     "recommend_top_k",
 ]
 
@@ -55,39 +54,15 @@ class TopKBaseline(Protocol):
     def score(self, history: sp.csr_matrix) -> np.ndarray: ...
 
 
-def interaction_matrix(user_rows: npt.ArrayLike, item_rows: npt.ArrayLike, n_users: int, n_items: int) -> sp.csr_matrix:
-    """CSR float32 [n_users, n_items] with 1.0 at every (user, item) pair; duplicate pairs collapse to 1.0."""
-    u = np.asarray(user_rows, dtype=np.int64).ravel()
-    i = np.asarray(item_rows, dtype=np.int64).ravel()
-    if u.shape != i.shape:
-        raise ValueError(f"length mismatch: user_rows has {u.size}, item_rows has {i.size}")
-    if u.size and (u.min() < 0 or u.max() >= n_users):
-        raise ValueError(f"user_rows outside 0..{n_users - 1}")
-    if i.size and (i.min() < 0 or i.max() >= n_items):
-        raise ValueError(f"item_rows outside 0..{n_items - 1}")
-    m = sp.csr_matrix((np.ones(u.size, dtype=np.float32), (u, i)), shape=(n_users, n_items))
-    m.sum_duplicates()
-    m.data[:] = 1.0
-    return m
-
-
-def lists_matrix(lists: list[np.ndarray], n_items: int) -> sp.csr_matrix:
-    """:func:`interaction_matrix` of one row per entry of ``lists`` (each an array of item indices)."""
-    users = np.repeat(np.arange(len(lists)), [len(x) for x in lists])
-    flat = np.concatenate(lists) if lists else np.zeros(0, np.int64)
-    return interaction_matrix(users, flat, len(lists), n_items)
-
-
 def _binary(m: sp.spmatrix, what: str, n_items: int | None = None) -> sp.csr_matrix:
     """``m`` as a CSR float32 matrix of ones at its non-zero entries; checks its width."""
     if not sp.issparse(m) or m.ndim != 2:
         raise ValueError(f"{what} must be a 2-D scipy sparse matrix, got {type(m).__name__}")
     if n_items is not None and m.shape[1] != n_items:
         raise ValueError(f"{what} has {m.shape[1]} item columns, the model was fitted on {n_items}")
-    out = sp.csr_matrix(m, dtype=np.float32, copy=True)
-    out.eliminate_zeros()
-    out.data[:] = 1.0
-    return out
+    coo = m.tocoo()
+    stored = coo.data != 0
+    return interaction_matrix(coo.row[stored], coo.col[stored], *m.shape)
 
 
 class _Fitted:

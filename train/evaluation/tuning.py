@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from model.candidates import history_matrix
 from model.config import TopKTuning
 from train.evaluation.protocols import RankingTask, clean
 from train.evaluation.topk_baselines import (
@@ -30,7 +31,6 @@ from train.evaluation.topk_baselines import (
     MostPopular,
     RP3beta,
     TopKBaseline,
-    lists_matrix,
     recommend_top_k,
 )
 from train.metrics import recall_at_k
@@ -80,13 +80,13 @@ class Validation:
         self.task = task
         self.relevant = clean(task.relevant)
         self.active = np.flatnonzero([len(h) > 0 for h in task.history])
-        self.history = lists_matrix([task.history[i] for i in self.active], n_items)
-        self.exclude = lists_matrix([task.exclude[i] for i in self.active], n_items)
+        self.history = history_matrix([task.history[i] for i in self.active], n_items)
+        self.exclude = history_matrix([task.exclude[i] for i in self.active], n_items)
         idle = np.setdiff1d(np.arange(len(task)), self.active)
         self.fallback = np.full((len(task), K), -1, np.int64)
         if idle.size:
-            idle_history = lists_matrix([task.history[i] for i in idle], n_items)
-            idle_exclude = lists_matrix([task.exclude[i] for i in idle], n_items)
+            idle_history = history_matrix([task.history[i] for i in idle], n_items)
+            idle_exclude = history_matrix([task.exclude[i] for i in idle], n_items)
             self.fallback[idle] = recommend_top_k(MostPopular().fit(train), idle_history, idle_exclude, K)
 
     def recall(self, model: TopKBaseline) -> float:
