@@ -65,6 +65,27 @@ class RankedRows:
         rank[order] = np.arange(m.nnz) - np.repeat(m.indptr[:-1], counts)
         return cls(m, rank)
 
+    def head(self, n: int | None) -> RankedRows:
+        """Only each row's ``n`` best entries (None: all of them), still ranked, so any smaller
+        ``n`` is a mask of these."""
+        if n is None:
+            return self
+        m = self.matrix
+        keep = self.rank < n
+        rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))[keep]
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=m.shape[0]))])
+        return RankedRows(sp.csr_matrix((m.data[keep], m.indices[keep], indptr), shape=m.shape), self.rank[keep])
+
+    @classmethod
+    def stack(cls, parts: Sequence[RankedRows], n_cols: int) -> RankedRows:
+        """The rows of ``parts`` (each ``n_cols`` wide) one below the other."""
+        ms = [p.matrix for p in parts]
+        counts = np.concatenate([np.zeros(1, np.int64), *(np.diff(m.indptr) for m in ms)])
+        data = np.concatenate([np.zeros(0, np.float32), *(m.data for m in ms)])
+        indices = np.concatenate([np.zeros(0, np.int64), *(m.indices for m in ms)])
+        rank = np.concatenate([np.zeros(0, np.int64), *(p.rank for p in parts)])
+        return cls(sp.csr_matrix((data, indices, np.cumsum(counts)), shape=(len(counts) - 1, n_cols)), rank)
+
     def top(self, n: int) -> np.ndarray:
         """[U, n] columns of each row's ``n`` best entries, best first, -1 where a row has fewer."""
         m = self.matrix

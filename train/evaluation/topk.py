@@ -154,7 +154,7 @@ class BaselineCache:
     """The top-K baselines of one split, tuned on validation and scored on the test protocols,
     computed once and kept on disk."""
 
-    VERSION = 2  # bump when what is cached changes meaning
+    VERSION = 3  # bump when what is cached changes meaning (3: item-kNN and RP3β cut heavy readers as the graph)
 
     def __init__(
         self,

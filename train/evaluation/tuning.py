@@ -3,8 +3,8 @@ training interactions only and read on the validation protocol (warm users' vali
 never on test; the setting with the best validation recall@10 is the one the test tables report.
 
 The grids are full products of the config's lists. EASE's lambdas share one Gram matrix, so each
-costs only its dense inverse; item-kNN's settings share the co-occurrence counts and RP3β's of one
-(alpha, beta) share the walk, so a neighbour count is only a mask; ALS refits per setting.
+costs only its dense inverse; item-kNN's settings of one shrink share the similarity and RP3β's of
+one (alpha, beta) the walk, so a neighbour count is only a mask; ALS refits per setting.
 Validation users with no training history get the most-popular list under every setting, so only
 the others are scored per setting (their fallback lists are computed once).
 """

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -66,9 +65,7 @@ def step_ranking(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     folder = ModelFolder(run_dir)
     catalog = folder.load_catalog()
     ratings = load_tables(run_dir)[2]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # scipy's SparseEfficiencyWarning of the diagonal drop
-        graph = rp3beta_graph(training_history(catalog), rc.graph_alpha, rc.graph_beta, rc.graph_neighbours)
+    graph = rp3beta_graph(training_history(catalog), rc.graph_alpha, rc.graph_beta, rc.graph_neighbours)
     graph.save(run_dir / layout.ITEM_GRAPH)
     graph_seconds = time.perf_counter() - start
     log.info("item graph: %d books, %d edges (%.0f s)", graph.n_books, graph.weights.nnz, graph_seconds)
