@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from model.network import RATING_MAX, RATING_MIN
-from model.scoring import Scorer, top_k_excluding
+from model.scoring import Scorer
+from model.topk import top_k_excluding
 
 PRECISIONS = ("fp32", "bf16")
 # Pairs per block: H [pairs, h0] plus the hidden activations stay within a core's L2/L3 share;

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from model.candidates import interaction_matrix  # noqa: E402
 from train.evaluation.topk import TABLE_COLUMNS as COLUMNS  # noqa: E402
 from train.evaluation.topk_baselines import (  # noqa: E402
     ALS,
@@ -50,7 +51,6 @@ from train.evaluation.topk_baselines import (  # noqa: E402
     ItemKNN,
     MostPopular,
     TopKBaseline,
-    interaction_matrix,
     recommend_top_k,
 )
 from train.metrics import topk_report  # noqa: E402

@@ -13,22 +13,37 @@ A new user's history is the books rated in the request, so they go through the s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import scipy.sparse as sp
 
 
-def history_matrix(history: list[np.ndarray], n_books: int) -> sp.csr_matrix:
-    """Binary [U, n_books] CSR of the catalog rows each user read (repeats count once)."""
-    lengths = [len(h) for h in history]
-    rows = np.repeat(np.arange(len(history)), lengths)
-    cols = np.concatenate([np.asarray(h, np.int64) for h in history]) if sum(lengths) else np.zeros(0, np.int64)
-    m = sp.csr_matrix((np.ones(len(cols), np.float32), (rows, cols)), shape=(len(history), n_books))
+def interaction_matrix(user_rows: npt.ArrayLike, item_rows: npt.ArrayLike, n_users: int, n_items: int) -> sp.csr_matrix:
+    """CSR float32 [n_users, n_items] with 1.0 at every (user, item) pair; repeated pairs count once."""
+    u = np.asarray(user_rows, dtype=np.int64).ravel()
+    i = np.asarray(item_rows, dtype=np.int64).ravel()
+    if u.shape != i.shape:
+        raise ValueError(f"length mismatch: user_rows has {u.size}, item_rows has {i.size}")
+    if u.size and (u.min() < 0 or u.max() >= n_users):
+        raise ValueError(f"user_rows outside 0..{n_users - 1}")
+    if i.size and (i.min() < 0 or i.max() >= n_items):
+        raise ValueError(f"item_rows outside 0..{n_items - 1}")
+    m = sp.csr_matrix((np.ones(u.size, dtype=np.float32), (u, i)), shape=(n_users, n_items))
     m.sum_duplicates()
     m.data[:] = 1.0
     return m
+
+
+def history_matrix(history: Sequence[npt.ArrayLike], n_books: int) -> sp.csr_matrix:
+    """:func:`interaction_matrix` with one row per user, ``history[u]`` the catalog rows user u read."""
+    lengths = [len(h) for h in history]
+    rows = np.repeat(np.arange(len(history)), lengths)
+    cols = np.concatenate([np.asarray(h, np.int64) for h in history]) if sum(lengths) else np.zeros(0, np.int64)
+    return interaction_matrix(rows, cols, len(history), n_books)
 
 
 @dataclass
@@ -49,6 +64,27 @@ class RankedRows:
         rank = np.empty(m.nnz, np.int64)
         rank[order] = np.arange(m.nnz) - np.repeat(m.indptr[:-1], counts)
         return cls(m, rank)
+
+    def head(self, n: int | None) -> RankedRows:
+        """Only each row's ``n`` best entries (None: all of them), still ranked, so any smaller
+        ``n`` is a mask of these."""
+        if n is None:
+            return self
+        m = self.matrix
+        keep = self.rank < n
+        rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))[keep]
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=m.shape[0]))])
+        return RankedRows(sp.csr_matrix((m.data[keep], m.indices[keep], indptr), shape=m.shape), self.rank[keep])
+
+    @classmethod
+    def stack(cls, parts: Sequence[RankedRows], n_cols: int) -> RankedRows:
+        """The rows of ``parts`` (each ``n_cols`` wide) one below the other."""
+        ms = [p.matrix for p in parts]
+        counts = np.concatenate([np.zeros(1, np.int64), *(np.diff(m.indptr) for m in ms)])
+        data = np.concatenate([np.zeros(0, np.float32), *(m.data for m in ms)])
+        indices = np.concatenate([np.zeros(0, np.int64), *(m.indices for m in ms)])
+        rank = np.concatenate([np.zeros(0, np.int64), *(p.rank for p in parts)])
+        return cls(sp.csr_matrix((data, indices, np.cumsum(counts)), shape=(len(counts) - 1, n_cols)), rank)
 
     def top(self, n: int) -> np.ndarray:
         """[U, n] columns of each row's ``n`` best entries, best first, -1 where a row has fewer."""

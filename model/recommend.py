@@ -29,7 +29,8 @@ import torch
 
 from model.catalog import Catalog
 from model.ranker import MergedCandidates, RankingStage, merge
-from model.scoring import Scorer, exclusion_coords
+from model.scoring import Scorer
+from model.topk import exclusion_coords
 
 # Most retrieval logits held at once (users x books slice): 2^24 floats = 64 MB.
 LOGIT_BLOCK = 1 << 24

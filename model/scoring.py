@@ -12,9 +12,7 @@ evaluation's rating-only top-K) is not a worker's job: ``batch/all_pairs.py`` do
 from __future__ import annotations
 
 import functools
-import math
 
-import numpy as np
 import torch
 
 
@@ -78,24 +76,3 @@ class Scorer:
         """Ratings [U, N] of each projected user against its own N book-set rows (``rows`` [U, N]):
         the rerank of retrieved candidates, on the scorer's device."""
         return self.model.head(user_proj.unsqueeze(1) + self.book_proj[rows]).float()
-
-
-def exclusion_coords(
-    exclude: list[np.ndarray], device: torch.device | str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(user index, book row) of every excluded pair of a block, ``exclude[i]`` being user i's rows."""
-    users = np.repeat(np.arange(len(exclude)), [len(e) for e in exclude])
-    rows = np.concatenate([np.asarray(e, np.int64) for e in exclude]) if len(users) else np.zeros(0, np.int64)
-    return torch.from_numpy(users).to(device), torch.from_numpy(rows).to(device)
-
-
-def top_k_excluding(
-    scores: torch.Tensor, exclude: list[np.ndarray] | None, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` (values, columns) per row of ``scores`` [U, B] (modified in place) with the
-    ``exclude[i]`` columns of row i left out; columns are -1 (values -inf) where fewer remain."""
-    if exclude is not None:
-        users, rows = exclusion_coords(exclude, scores.device)
-        scores[users, rows] = -math.inf
-    values, rows = torch.topk(scores, min(k, scores.shape[1]), dim=1)
-    return values, rows.masked_fill(torch.isinf(values), -1)

@@ -29,6 +29,20 @@ def test_ranked_rows_top_and_lookup() -> None:
     assert rank.tolist() == [2, -1, -1, 1, -1]
 
 
+def test_ranked_rows_head_and_stack() -> None:
+    m = sp.csr_matrix(np.array([[0.0, 3.0, 1.0, 2.0], [0.0, 0.0, 0.0, 0.0], [5.0, 0.0, 0.0, 4.0]], np.float32))
+    ranked = RankedRows.of(m)
+    assert ranked.head(None) is ranked
+    head = ranked.head(2)
+    assert head.matrix.toarray().tolist() == [[0, 3, 0, 2], [0, 0, 0, 0], [5, 0, 0, 4]]
+    assert head.rank.tolist() == [0, 1, 0, 1]
+    assert head.top(3).tolist() == [[1, 3, -1], [-1, -1, -1], [0, 3, -1]]
+    both = RankedRows.stack([head, RankedRows.of(m[:1])], 4)
+    assert both.matrix.shape == (4, 4) and both.rank.tolist() == [0, 1, 0, 1, 0, 2, 1]
+    assert both.top(3).tolist() == [*head.top(3).tolist(), [1, 3, 2]]
+    assert RankedRows.stack([], 4).matrix.shape == (0, 4)
+
+
 def test_rp3beta_graph_matches_the_dense_formula() -> None:
     rng = np.random.default_rng(0)
     x = (rng.random((30, 12)) < 0.3).astype(np.float32)

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from model.candidates import interaction_matrix
+from model.topk import top_k_excluding
 from train.evaluation.topk_baselines import (
     ALS,
     EASE,
@@ -15,10 +17,9 @@ from train.evaluation.topk_baselines import (
     RP3beta,
     SameAuthor,
     TopKBaseline,
-    interaction_matrix,
     recommend_top_k,
 )
-from train.metrics import top_k_excluding
+from train.ranking.graph import MAX_READS, cap_heavy_users, rp3beta_graph
 
 N_ITEMS = 40
 
@@ -161,25 +162,39 @@ def test_recommend_top_k_default_block_shrinks_with_the_catalog(monkeypatch: pyt
     assert max(seen) == 10 and sum(seen) == train.shape[0]
 
 
-def test_item_knn_and_rp3beta_cut_the_heaviest_readers_only_beyond_their_pair_budget() -> None:
-    from train.evaluation.topk_baselines import _cap_heavy_rows
-
+def test_item_knn_and_rp3beta_cut_the_readers_above_max_reads_to_a_seeded_sample() -> None:
     train = planted()
-    lengths = np.diff(train.indptr)
-    pairs = int((lengths**2).sum())
-    assert _cap_heavy_rows(train, pairs, seed=0) is train  # within the budget: untouched
+    assert cap_heavy_users(train, int(np.diff(train.indptr).max()), seed=0) is train  # nobody above: untouched
     heavy = interaction_matrix([0] * 30 + [1] * 3, [*range(30), 0, 1, 2], 2, N_ITEMS)
-    cut = _cap_heavy_rows(heavy, 10**2 + 3**2, seed=0)
+    cut = cap_heavy_users(heavy, 10, seed=0)
     assert np.diff(cut.indptr).tolist() == [10, 3]  # the 30-item reader cut to 10, the light one kept
     assert set(cut[0].indices) <= set(range(30)) and cut[1].indices.tolist() == [0, 1, 2]
-    capped = ItemKNN(neighbours=None, max_pairs=pairs // 2).fit(train)
-    assert capped.sim.shape == (N_ITEMS, N_ITEMS) and capped.sim.nnz > 0
-    # RP3β cuts the same readers the same way: its walk is the one of the cut matrix.
-    budget = 10**2 + 3**2
-    walk = RP3beta(alpha=0.5, beta=0.0, neighbours=5, max_pairs=budget).fit(heavy).weights
-    by_hand = RP3beta(alpha=0.5, beta=0.0, neighbours=5, max_pairs=10**9).fit(cut).weights
-    assert (walk != by_hand).nnz == 0 and walk.nnz > 0
-    assert (RP3beta(alpha=0.5, beta=0.0, neighbours=5, max_pairs=10**9).fit(heavy).weights != walk).nnz > 0
+    assert (cap_heavy_users(heavy, 10, seed=0) != cut).nnz == 0  # seeded
+    # Both baselines cut the same readers the same way: each is its fit on the cut matrix.
+    train = sp.vstack([planted(), heavy]).tocsr()
+    by_hand = sp.vstack([planted(), cut]).tocsr()
+    for fit in (
+        lambda x, reads: ItemKNN(neighbours=None, max_reads=reads).fit(x).sim,
+        lambda x, reads: RP3beta(alpha=0.5, beta=0.0, neighbours=5, max_reads=reads).fit(x).weights,
+    ):
+        capped = fit(train, 10)
+        assert (capped != fit(by_hand, 10**9)).nnz == 0 and capped.nnz > 0
+        assert (fit(train, 10**9) != capped).nnz > 0
+
+
+def test_rp3beta_baseline_is_the_shipped_graph() -> None:
+    """One builder and one heavy-reader rule: with the graph's settings and seed the baseline's W is
+    the graph, array for array, also with a reader above the default ``MAX_READS``."""
+    rng = np.random.default_rng(0)
+    n_items = MAX_READS + 50
+    users = [0] * n_items + [u for u in range(1, 60) for _ in range(5)]
+    items = [*range(n_items), *rng.integers(0, 100, 59 * 5)]
+    train = interaction_matrix(users, items, 60, n_items)
+    graph = rp3beta_graph(train, 0.5, 0.0, 20).weights
+    weights = RP3beta(alpha=0.5, beta=0.0, neighbours=20).fit(train).weights
+    for name in ("data", "indices", "indptr"):
+        np.testing.assert_array_equal(getattr(weights, name), getattr(graph, name))
+    assert (RP3beta(alpha=0.5, beta=0.0, neighbours=20, max_reads=n_items).fit(train).weights != graph).nnz > 0
 
 
 def test_rp3beta_matches_the_walk_worked_out_by_hand() -> None:
@@ -200,7 +215,7 @@ def test_rp3beta_matches_the_walk_worked_out_by_hand() -> None:
     np.testing.assert_allclose(one.weights.toarray()[1], [1 / 6, 0, 0], rtol=1e-6)
     np.testing.assert_allclose(one.score(interaction_matrix([0], [1], 1, 3)), [[1 / 6, 0, 0]], rtol=1e-6)
     # Built a block of items at a time, the same matrix.
-    blocked = RP3beta(alpha=1.0, beta=0.5, neighbours=3, block=2).fit(train).weights.toarray()
+    blocked = RP3beta(alpha=1.0, beta=0.5, neighbours=3, max_entries=2).fit(train).weights.toarray()
     np.testing.assert_array_equal(blocked, w)
 
 
@@ -217,7 +232,7 @@ def test_same_author_ranks_the_readers_author_first_then_popularity() -> None:
     train = interaction_matrix([0, 1, 2, 3], [3, 3, 3, 1], 4, 6)
     model = SameAuthor(authors, seed=0).fit(train)
     reader_of_0 = interaction_matrix([0], [0], 1, 6)  # read a book by A
-    top = top_k_excluding(model.score(reader_of_0), reader_of_0, 5)[0]
+    top = top_k_excluding(model.score(reader_of_0), reader_of_0, 5)[1][0].numpy()
     assert top[0] == 2  # the other book by A, although nobody read it in training
     assert list(top[1:3]) == [3, 1]  # then by training popularity
     # Scored on candidates only (a cold-book protocol): same author, then a seeded order of the unread.
@@ -238,7 +253,7 @@ def test_knn_and_rp3beta_grids_equal_separate_fits() -> None:
         np.testing.assert_array_equal(model.sim.toarray(), expected)
         assert (model.neighbours, model.shrink) == (setting["neighbours"], setting["shrink"])
     rp3 = [{"alpha": a, "beta": b, "neighbours": n} for a in (0.5, 1.0) for b in (0.0, 0.5) for n in (3, 50)]
-    for setting, model in zip(rp3, RP3beta.grid(train, rp3, block=16), strict=True):
+    for setting, model in zip(rp3, RP3beta.grid(train, rp3, max_entries=16), strict=True):
         expected = RP3beta(**setting).fit(train).weights.toarray()
         np.testing.assert_allclose(model.weights.toarray(), expected, rtol=1e-6)
         assert model.name == RP3beta(**setting).name

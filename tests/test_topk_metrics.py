@@ -1,4 +1,5 @@
-"""Top-K metrics of train.metrics on hand-made lists with answers worked out by hand."""
+"""Top-K metrics of train.metrics, and model.topk's top-k with exclusions, on hand-made lists with
+answers worked out by hand."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from model.topk import top_k_excluding
 from train.metrics import (
     catalog_coverage,
     mean_popularity,
     ndcg_at_k_binary,
     recall_at_k,
     top1_share,
-    top_k_excluding,
     topk_report,
 )
 
@@ -127,47 +128,64 @@ SCORES = np.array(
 )
 
 
+def top(scores, exclude, k: int) -> np.ndarray:
+    """The columns of :func:`top_k_excluding`, as the evaluation reads them."""
+    return top_k_excluding(scores, exclude, k)[1].numpy()
+
+
 def test_top_k_orders_best_first() -> None:
-    got = top_k_excluding(SCORES, [[], []], 3)
-    np.testing.assert_array_equal(got, [[1, 3, 2], [2, 3, 0]])
-    assert got.dtype == np.int64
+    values, columns = top_k_excluding(SCORES, None, 3)
+    np.testing.assert_array_equal(columns, [[1, 3, 2], [2, 3, 0]])
+    assert columns.dtype == torch.int64 and values.dtype == torch.float32
+    np.testing.assert_allclose(values, [[0.9, 0.7, 0.5], [0.8, 0.6, 0.4]])
 
 
 def test_top_k_excludes_from_csr_and_lists_alike() -> None:
     exclude = sp.csr_matrix(np.array([[0, 1, 0, 1, 0], [0, 0, 1, 0, 0]], dtype=np.float32))
     want = [[2, 4, 0], [3, 0, 1]]
-    np.testing.assert_array_equal(top_k_excluding(SCORES, exclude, 3), want)
-    np.testing.assert_array_equal(top_k_excluding(SCORES, [np.array([1, 3]), np.array([2])], 3), want)
-    # The caller's scores are untouched.
+    np.testing.assert_array_equal(top(SCORES, exclude, 3), want)
+    np.testing.assert_array_equal(top(SCORES, [np.array([1, 3]), np.array([2])], 3), want)
+    # Float64 scores are converted, so the caller's stay as they were; float32 ones are overwritten
+    # at the excluded entries, shared rather than copied.
     assert SCORES[0, 1] == 0.9
+    shared = SCORES.astype(np.float32)
+    np.testing.assert_array_equal(top(shared, exclude, 3), want)
+    assert np.isneginf(shared[exclude.toarray() > 0]).all() and np.isfinite(shared[exclude.toarray() == 0]).all()
+    with pytest.raises(ValueError, match="exclude has 1 rows"):
+        top(SCORES, [[]], 3)
+    with pytest.raises(ValueError, match=r"outside 0\.\.4"):
+        top(SCORES, [[5], []], 3)
 
 
 def test_top_k_pads_when_too_few_items_remain() -> None:
     # User 0 may get only items 0 and 4; k larger than the catalog pads too.
-    got = top_k_excluding(SCORES, [np.array([1, 2, 3]), np.array([], dtype=int)], 7)
-    np.testing.assert_array_equal(got[0], [4, 0, -1, -1, -1, -1, -1])
-    np.testing.assert_array_equal(got[1], [2, 3, 0, 1, 4, -1, -1])
+    values, columns = top_k_excluding(SCORES, [np.array([1, 2, 3]), np.array([], dtype=int)], 7)
+    np.testing.assert_array_equal(columns[0], [4, 0, -1, -1, -1, -1, -1])
+    np.testing.assert_array_equal(columns[1], [2, 3, 0, 1, 4, -1, -1])
+    assert torch.isneginf(values[columns < 0]).all() and torch.isfinite(values[columns >= 0]).all()
 
 
 def test_top_k_breaks_ties_by_lower_index() -> None:
     scores = np.array([[1.0, 2.0, 2.0, 2.0, 2.0, 0.5]])
-    np.testing.assert_array_equal(top_k_excluding(scores, [[]], 2), [[1, 2]])
-    np.testing.assert_array_equal(top_k_excluding(scores, [[2]], 3), [[1, 3, 4]])
-    np.testing.assert_array_equal(top_k_excluding(np.zeros((2, 4)), [[], [0]], 2), [[0, 1], [1, 2]])
+    np.testing.assert_array_equal(top(scores, [[]], 2), [[1, 2]])
+    np.testing.assert_array_equal(top(scores, [[2]], 3), [[1, 3, 4]])
+    np.testing.assert_array_equal(top(np.zeros((2, 4)), [[], [0]], 2), [[0, 1], [1, 2]])
+    np.testing.assert_array_equal(top(np.array([[0.0, -0.0, 0.0]]), None, 3), [[0, 1, 2]])  # the zeros tie
 
 
-def test_top_k_accepts_torch() -> None:
-    got = top_k_excluding(torch.tensor(SCORES, dtype=torch.float32), [[], [2]], 2)
-    np.testing.assert_array_equal(got, [[1, 3], [3, 0]])
+def test_top_k_accepts_torch_and_tensor_exclusions() -> None:
+    scores = torch.tensor(SCORES, dtype=torch.float32)
+    values, columns = top_k_excluding(scores, [torch.tensor([], dtype=torch.long), torch.tensor([2])], 2)
+    np.testing.assert_array_equal(columns, [[1, 3], [3, 0]])
+    torch.testing.assert_close(values, scores.gather(1, columns))
 
 
 def test_top_k_matches_full_sort_on_random_scores() -> None:
     rng = np.random.default_rng(0)
     scores = rng.normal(size=(50, 200)).astype(np.float32)
     exclude = sp.random(50, 200, density=0.1, format="csr", random_state=1)
-    got = top_k_excluding(scores, exclude, 20)
     masked = np.where(exclude.toarray() != 0, -np.inf, scores)
-    np.testing.assert_array_equal(got, np.argsort(-masked, axis=1, kind="stable")[:, :20])
+    np.testing.assert_array_equal(top(scores, exclude, 20), np.argsort(-masked, axis=1, kind="stable")[:, :20])
 
 
 # ------------------------------------------------------------------------ report

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from model.candidates import interaction_matrix
 from train.config import ConfigError, TopKTuning, load_config
 from train.evaluation.protocols import RankingTask
-from train.evaluation.topk_baselines import interaction_matrix
 from train.evaluation.tuning import Validation, settings, tune
 
 N_ITEMS = 40

@@ -12,13 +12,10 @@ and ``relevant``, a sequence of U int arrays (each user's held-out items).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
-import scipy.sparse as sp
-import torch
 
 __all__ = [
     "catalog_coverage",
@@ -30,7 +27,6 @@ __all__ = [
     "recall_at_k",
     "rmse",
     "top1_share",
-    "top_k_excluding",
     "topk_report",
 ]
 
@@ -247,72 +243,6 @@ def mean_popularity(recommended: npt.ArrayLike, k: int, popularity: npt.ArrayLik
     if items.max() >= pop.size:
         raise ValueError(f"recommended item {int(items.max())} is outside popularity (length {pop.size})")
     return float(pop[items].mean())
-
-
-def _exclusion_coords(exclude: Any, n_users: int) -> tuple[np.ndarray, np.ndarray]:
-    """(row, column) of every excluded entry, from a CSR matrix or a sequence of index arrays."""
-    if sp.issparse(exclude):
-        csr = sp.csr_matrix(exclude)
-        if csr.shape[0] != n_users:
-            raise ValueError(f"exclude has {csr.shape[0]} rows, scores has {n_users}")
-        counts = np.diff(csr.indptr)
-        return np.repeat(np.arange(n_users), counts), csr.indices.astype(np.int64)
-    if len(exclude) != n_users:
-        raise ValueError(f"exclude has {len(exclude)} rows, scores has {n_users}")
-    parts = [np.asarray(e, dtype=np.int64).ravel() for e in exclude]
-    counts = np.fromiter((p.size for p in parts), dtype=np.int64, count=n_users)
-    cols = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    return np.repeat(np.arange(n_users), counts), cols
-
-
-def _sortable_keys(s: torch.Tensor) -> torch.Tensor:
-    """int64 keys ordered like the float32 scores ``s`` [R, I], ties ordered by lower column index first.
-
-    The float bits are mapped to an order-preserving int32 (negative floats have their magnitude bits
-    flipped) in the high half; the low half holds ``I - 1 - column``, so every key is unique and a
-    plain top-k over the keys is deterministic.
-    """
-    bits = (s + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0, so the two zeros tie
-    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    col = torch.arange(s.shape[1] - 1, -1, -1, dtype=torch.int64)
-    return (bits.to(torch.int64) << 32) + col
-
-
-def top_k_excluding(scores: Any, exclude: Any, k: int) -> np.ndarray:
-    """Top-``k`` item indices per user, best first, never returning an excluded item.
-
-    ``scores`` is float [U, I] (numpy or torch; not modified; compared as float32); ``exclude`` a
-    scipy sparse [U, I] whose stored entries are the items each user must not get (e.g. their
-    training items), or a sequence of U index arrays. Returns int64 [U, k]; where fewer than k items
-    remain for a user the tail is -1. Ties are broken by the lower item index, so the result is
-    deterministic. NaN scores are rejected. Works through the rows in chunks of about 4M scores, so
-    the extra memory is bounded whatever U is.
-    """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    s = torch.as_tensor(scores).detach().to(device="cpu", dtype=torch.float32, copy=True)
-    if s.ndim != 2 or s.shape[0] == 0 or s.shape[1] == 0:
-        raise ValueError(
-            f"empty input: scores must be a non-empty 2-D [users, items] array, got shape {tuple(s.shape)}"
-        )
-    if torch.isnan(s).any():
-        raise ValueError("scores contain NaN")
-    n_users, n_items = s.shape
-    rows, cols = _exclusion_coords(exclude, n_users)
-    if cols.size and (cols.min() < 0 or cols.max() >= n_items):
-        raise ValueError(f"exclude holds item indices outside 0..{n_items - 1}")
-    s[torch.from_numpy(rows), torch.from_numpy(cols)] = -torch.inf
-
-    kk = min(k, n_items)
-    excluded_key = int(_sortable_keys(torch.tensor([[-torch.inf]]))[0, 0] >> 32)
-    top = torch.full((n_users, k), -1, dtype=torch.int64)
-    step = max(1, (1 << 22) // n_items)
-    for a in range(0, n_users, step):
-        keys = torch.topk(_sortable_keys(s[a : a + step]), kk, dim=1, sorted=True).values
-        items = (n_items - 1) - (keys & 0xFFFFFFFF)
-        items[(keys >> 32) == excluded_key] = -1
-        top[a : a + step, :kk] = items
-    return top.numpy()
 
 
 def topk_report(

@@ -22,8 +22,10 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from batch.all_pairs import AllPairsScorer
+from model.candidates import history_matrix, interaction_matrix
 from model.catalog import Catalog
 from model.recommend import TwoStageRecommender
+from model.topk import top_k_excluding
 from train.config import EvalConfig, TopKTuning
 from train.evaluation.protocols import (
     RankingTask,
@@ -39,12 +41,10 @@ from train.evaluation.topk_baselines import (
     MostPopular,
     SameAuthor,
     TopKBaseline,
-    interaction_matrix,
-    lists_matrix,
     recommend_top_k,
 )
 from train.evaluation.tuning import METHODS, Validation, tune
-from train.metrics import recall_at_k, top_k_excluding, topk_report
+from train.metrics import recall_at_k, topk_report
 
 log = logging.getLogger("bookrec.topk")
 
@@ -155,7 +155,7 @@ class BaselineCache:
     """The top-K baselines of one split, tuned on validation and scored on the test protocols,
     computed once and kept on disk."""
 
-    VERSION = 2  # bump when what is cached changes meaning
+    VERSION = 3  # bump when what is cached changes meaning (3: item-kNN and RP3β cut heavy readers as the graph)
 
     def __init__(
         self,
@@ -197,7 +197,7 @@ class BaselineCache:
         n_items = self.train.shape[1]
         popularity = np.asarray(self.train.sum(axis=0)).ravel()
         # Each protocol's history and exclusion matrices, built once for every baseline.
-        inputs = {t.name: (lists_matrix(t.history, n_items), lists_matrix(t.exclude, n_items)) for t in self.tasks}
+        inputs = {t.name: (history_matrix(t.history, n_items), history_matrix(t.exclude, n_items)) for t in self.tasks}
         popular = MostPopular().fit(self.train)
         start = time.perf_counter()
         # Its lists are also the fallback of every other baseline for readers with no history.
@@ -242,12 +242,12 @@ COLD_PROTOCOLS = {"cold-book": False, "new-author": True}  # protocol: only book
 
 def content_top_k(model: SameAuthor, task: RankingTask, candidates: np.ndarray, k: int) -> np.ndarray:
     """[U, k] candidate positions by the same-author baseline, scored from each reader's history."""
-    history = lists_matrix(task.history, model.n_items or 0)
+    history = history_matrix(task.history, model.n_items or 0)
     out = np.empty((len(task), k), np.int64)
     block = max(1, SCORE_BUDGET // max(len(candidates), 1))
     for s in range(0, len(task), block):
         scores = model.score(history[s : s + block], candidates)
-        out[s : s + scores.shape[0]] = top_k_excluding(scores, [np.zeros(0, np.int64)] * scores.shape[0], k)
+        out[s : s + scores.shape[0]] = top_k_excluding(scores, None, k)[1].numpy()
     return out
 
 

@@ -1,11 +1,11 @@
 """Top-K recommendation baselines sharing one fit/score interface.
 
 Every baseline is fitted on a scipy CSR matrix [n_users, n_items] of implicit interactions (1.0 per
-rated pair, see :func:`interaction_matrix`) and scores the rows of ``history``, a CSR [U, n_items]
-holding each scored user's known items: their training interactions for a warm user, or the few
-items a new user revealed (fold-in), so one call serves both. ``score`` returns a dense float32
-[U, n_items]; the caller scores users in blocks (:func:`recommend_top_k` does) so that memory stays at
-about ``block * n_items * 4`` bytes, e.g. 2,048 users x 27,108 books = 222 MB.
+rated pair, see :func:`model.candidates.interaction_matrix`) and scores the rows of ``history``, a
+CSR [U, n_items] holding each scored user's known items: their training interactions for a warm
+user, or the few items a new user revealed (fold-in), so one call serves both. ``score`` returns a
+dense float32 [U, n_items]; the caller scores users in blocks (:func:`recommend_top_k` does) so that
+memory stays at about ``block * n_items * 4`` bytes, e.g. 2,048 users x 27,108 books = 222 MB.
 
 The constructor defaults are plain starting points: ``train.evaluation.tuning`` fits each
 method's grid (``eval.topk_tuning`` in the config) on the training split and keeps the setting with
@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -25,7 +24,9 @@ import numpy.typing as npt
 import scipy.sparse as sp
 import torch
 
-from train.metrics import top_k_excluding
+from model.candidates import interaction_matrix
+from model.topk import top_k_excluding
+from train.ranking.graph import MAX_ENTRIES, MAX_READS, cap_heavy_users, co_read_rows, rp3beta_rows
 
 __all__ = [
     "ALS",
@@ -36,8 +37,6 @@ __all__ = [
     "RP3beta",
     "SameAuthor",
     "TopKBaseline",
-    "interaction_matrix",
-    "lists_matrix",
     "recommend_top_k",
 ]
 
@@ -55,39 +54,15 @@ class TopKBaseline(Protocol):
     def score(self, history: sp.csr_matrix) -> np.ndarray: ...
 
 
-def interaction_matrix(user_rows: npt.ArrayLike, item_rows: npt.ArrayLike, n_users: int, n_items: int) -> sp.csr_matrix:
-    """CSR float32 [n_users, n_items] with 1.0 at every (user, item) pair; duplicate pairs collapse to 1.0."""
-    u = np.asarray(user_rows, dtype=np.int64).ravel()
-    i = np.asarray(item_rows, dtype=np.int64).ravel()
-    if u.shape != i.shape:
-        raise ValueError(f"length mismatch: user_rows has {u.size}, item_rows has {i.size}")
-    if u.size and (u.min() < 0 or u.max() >= n_users):
-        raise ValueError(f"user_rows outside 0..{n_users - 1}")
-    if i.size and (i.min() < 0 or i.max() >= n_items):
-        raise ValueError(f"item_rows outside 0..{n_items - 1}")
-    m = sp.csr_matrix((np.ones(u.size, dtype=np.float32), (u, i)), shape=(n_users, n_items))
-    m.sum_duplicates()
-    m.data[:] = 1.0
-    return m
-
-
-def lists_matrix(lists: list[np.ndarray], n_items: int) -> sp.csr_matrix:
-    """:func:`interaction_matrix` of one row per entry of ``lists`` (each an array of item indices)."""
-    users = np.repeat(np.arange(len(lists)), [len(x) for x in lists])
-    flat = np.concatenate(lists) if lists else np.zeros(0, np.int64)
-    return interaction_matrix(users, flat, len(lists), n_items)
-
-
 def _binary(m: sp.spmatrix, what: str, n_items: int | None = None) -> sp.csr_matrix:
     """``m`` as a CSR float32 matrix of ones at its non-zero entries; checks its width."""
     if not sp.issparse(m) or m.ndim != 2:
         raise ValueError(f"{what} must be a 2-D scipy sparse matrix, got {type(m).__name__}")
     if n_items is not None and m.shape[1] != n_items:
         raise ValueError(f"{what} has {m.shape[1]} item columns, the model was fitted on {n_items}")
-    out = sp.csr_matrix(m, dtype=np.float32, copy=True)
-    out.eliminate_zeros()
-    out.data[:] = 1.0
-    return out
+    coo = m.tocoo()
+    stored = coo.data != 0
+    return interaction_matrix(coo.row[stored], coo.col[stored], *m.shape)
 
 
 class _Fitted:
@@ -115,67 +90,11 @@ class MostPopular(_Fitted):
         return np.tile(self.counts, (h.shape[0], 1))
 
 
-@dataclass
-class _RankedColumns:
-    """The entries of a sparse matrix, each with its rank in its column (0 = largest; ties: lower
-    row index first), so keeping the top k of every column is a mask, for any k."""
-
-    shape: tuple[int, int]
-    rows: np.ndarray
-    cols: np.ndarray
-    data: np.ndarray
-    rank: np.ndarray
-
-    @classmethod
-    def of(cls, s: sp.spmatrix) -> _RankedColumns:
-        csc = sp.csc_matrix(s)
-        csc.sort_indices()
-        counts = np.diff(csc.indptr)
-        cols = np.repeat(np.arange(csc.shape[1]), counts)
-        order = np.lexsort((csc.indices, -csc.data, cols))  # by column, then value desc, then row
-        rank = np.empty(order.size, dtype=np.int64)
-        rank[order] = np.arange(order.size) - np.repeat(csc.indptr[:-1], counts)
-        return cls(csc.shape, csc.indices.copy(), cols, csc.data.astype(np.float32), rank)
-
-    def head(self, k: int) -> _RankedColumns:
-        """Only the entries ranked below ``k`` (what any top-k with a smaller k needs)."""
-        keep = self.rank < k
-        return _RankedColumns(self.shape, self.rows[keep], self.cols[keep], self.data[keep], self.rank[keep])
-
-    def top(self, k: int | None) -> sp.csr_matrix:
-        """The ``k`` largest entries of every column (None: all of them) as a CSR float32."""
-        keep = self.rank < k if k is not None else slice(None)
-        return sp.csr_matrix((self.data[keep], (self.rows[keep], self.cols[keep])), shape=self.shape, dtype=np.float32)
-
-
-def _keep_top_per_column(s: sp.csr_matrix, k: int) -> sp.csr_matrix:
-    """Keep the ``k`` largest entries of every column of ``s`` (ties: lower row index first)."""
-    return _RankedColumns.of(s).top(k)
-
-
-def _cap_heavy_rows(x: sp.csr_matrix, max_pairs: int, seed: int) -> sp.csr_matrix:
-    """``x`` with the longest rows cut to a seeded sample of ``cap`` items, ``cap`` the largest that
-    keeps ``sum(min(len(row), cap) ** 2)`` (the co-occurrence pairs ``x.T @ x`` builds) within
-    ``max_pairs``. A reader of 10,000 books alone adds 10^8 pairs (over a GB) and says little about
-    any two of them; a matrix within the budget is returned unchanged."""
-    lengths = np.diff(x.indptr)
-    if int((lengths.astype(np.int64) ** 2).sum()) <= max_pairs:
-        return x
-    lo, hi = 1, int(lengths.max())
-    while lo < hi:  # the largest cap within the budget
-        mid = (lo + hi + 1) // 2
-        if int((np.minimum(lengths, mid).astype(np.int64) ** 2).sum()) <= max_pairs:
-            lo = mid
-        else:
-            hi = mid - 1
-    rng = np.random.default_rng(seed)
-    keep = np.ones(x.nnz, dtype=bool)
-    for row in np.flatnonzero(lengths > lo):
-        start = x.indptr[row]
-        drop = rng.choice(lengths[row], lengths[row] - lo, replace=False)
-        keep[start + drop] = False
-    rows = np.repeat(np.arange(x.shape[0]), lengths)[keep]
-    return sp.csr_matrix((x.data[keep], (rows, x.indices[keep])), shape=x.shape, dtype=np.float32)
+def _widest(settings: list[dict[str, Any]], n: int, key: Callable[[dict[str, Any]], Any]) -> int | None:
+    """The most ``neighbours`` among the run of settings from ``n`` on that share ``key`` with
+    ``settings[n]`` (None, all of them, where one keeps all): what one build must keep for the run."""
+    run = list(itertools.takewhile(lambda s: key(s) == key(settings[n]), settings[n:]))
+    return None if any(s["neighbours"] is None for s in run) else max(s["neighbours"] for s in run)
 
 
 class ItemKNN(_Fitted):
@@ -183,14 +102,19 @@ class ItemKNN(_Fitted):
 
     ``S[i, j] = co(i, j) / (|i| |j| + shrink)`` with co the number of users who have both items and
     |i| the square root of item i's user count; the diagonal is zero. For each target item j only its
-    ``neighbours`` most similar items are kept (None keeps all), the classic item-kNN prune, which also
-    bounds the memory of S to ``neighbours * n_items`` entries. Readers with very long histories are
-    cut to a seeded sample so the co-occurrence count stays within ``max_pairs`` (see
-    :func:`_cap_heavy_rows`); below that budget (every shared-data run) nothing is cut.
+    ``neighbours`` most similar items are kept (None keeps all; ties: the lower item), the classic
+    item-kNN prune, which also bounds the memory of S to ``neighbours * n_items`` entries. S is built
+    a block of items at a time and its heaviest readers are cut first, as the RP3beta graph is
+    (``train.ranking.graph``: ``co_read_rows``, ``cap_heavy_users``).
     """
 
     def __init__(
-        self, neighbours: int | None = 100, shrink: float = 0.0, max_pairs: int = 50_000_000, seed: int = 0
+        self,
+        neighbours: int | None = 100,
+        shrink: float = 0.0,
+        max_reads: int = MAX_READS,
+        max_entries: int = MAX_ENTRIES,
+        seed: int = 0,
     ) -> None:
         if neighbours is not None and neighbours < 1:
             raise ValueError(f"neighbours must be >= 1 or None, got {neighbours}")
@@ -198,41 +122,49 @@ class ItemKNN(_Fitted):
             raise ValueError(f"shrink must be >= 0, got {shrink}")
         self.neighbours = neighbours
         self.shrink = shrink
-        self.max_pairs = max_pairs
-        self.seed = seed
+        self.max_reads, self.max_entries, self.seed = max_reads, max_entries, seed
         self.name = f"item-kNN (cosine, {neighbours or 'all'} nn" + (f", shrink {shrink:g})" if shrink else ")")
 
     def fit(self, train: sp.csr_matrix) -> ItemKNN:
         setting = {"neighbours": self.neighbours, "shrink": self.shrink}
-        fitted = next(self.grid(train, [setting], self.max_pairs, self.seed))
+        fitted = next(self.grid(train, [setting], self.max_reads, self.max_entries, self.seed))
         self.n_items, self.sim = fitted.n_items, fitted.sim
         return self
 
     @classmethod
     def grid(
-        cls, train: sp.csr_matrix, settings: list[dict[str, Any]], max_pairs: int = 50_000_000, seed: int = 0
+        cls,
+        train: sp.csr_matrix,
+        settings: list[dict[str, Any]],
+        max_reads: int = MAX_READS,
+        max_entries: int = MAX_ENTRIES,
+        seed: int = 0,
     ) -> Iterator[ItemKNN]:
-        """One fitted model per setting (``neighbours``, ``shrink``), in order. The co-occurrence
-        counts are computed once, the similarity and its ranking once per run of equal shrinks (so
-        list settings of one shrink together); each ``neighbours`` is then a mask of the ranking."""
-        x = _binary(train, "train")
+        """One fitted model per setting (``neighbours``, ``shrink``), in order. S is built once per
+        run of equal shrinks, keeping the run's widest ``neighbours`` ranked, so each ``neighbours``
+        is a mask (list settings of one shrink together)."""
+        x = cap_heavy_users(_binary(train, "train"), max_reads, seed)
         n_items = x.shape[1]
-        x = _cap_heavy_rows(x, max_pairs, seed)
-        co = (x.T @ x).tocoo()
-        off = co.row != co.col
+        by_item = x.T.tocsr()
         norm = np.sqrt(np.asarray(x.sum(axis=0), dtype=np.float64).ravel())
-        rows, cols, counts = co.row[off], co.col[off], co.data[off].astype(np.float64)
+
+        def cosine(shrink: float) -> Callable[[int, int], sp.spmatrix]:
+            def block(start: int, end: int) -> sp.spmatrix:
+                co = (by_item[start:end] @ x).tocoo()
+                sim = co.data.astype(np.float64) / (norm[co.row + start] * norm[co.col] + shrink)
+                return sp.csr_matrix((sim.astype(np.float32), (co.row, co.col)), shape=co.shape)
+
+            return block
+
         ranked, current = None, None
-        for setting in settings:
-            model = cls(**setting, max_pairs=max_pairs, seed=seed)
+        for n, setting in enumerate(settings):
+            model = cls(**setting, max_reads=max_reads, max_entries=max_entries, seed=seed)
             if ranked is None or model.shrink != current:
                 ranked = None  # the previous ranking goes before the next is built
-                sim = (counts / (norm[rows] * norm[cols] + model.shrink)).astype(np.float32)
-                ranked, current = (
-                    _RankedColumns.of(sp.csr_matrix((sim, (rows, cols)), shape=(n_items, n_items))),
-                    model.shrink,
-                )
-            model.n_items, model.sim = n_items, ranked.top(model.neighbours)
+                widest = _widest(settings, n, lambda s: s["shrink"])
+                ranked, current = co_read_rows(x, cosine(model.shrink), widest, max_entries), model.shrink
+            # S is symmetric, so the best of its row j are the best of its column j: S keeps them as columns.
+            model.n_items, model.sim = n_items, ranked.head(model.neighbours).matrix.T.tocsr()
             yield model
 
     def score(self, history: sp.csr_matrix) -> np.ndarray:
@@ -370,9 +302,9 @@ class RP3beta(_Fitted):
     With binary interactions, ``W[i, j] = deg(i)^-alpha * sum_u x_ui x_uj deg(u)^-alpha * deg(j)^-beta``
     (the walk's transition probabilities raised to ``alpha``; ``beta`` divides by the target's
     popularity), the diagonal zero, and only each item's ``neighbours`` largest entries kept (per row,
-    as the reference implementation of Dacrema et al. 2019 does); score = history @ W. W is built
-    ``block`` items at a time, so memory stays at one block's co-occurrences plus the kept
-    ``neighbours * n_items`` entries whatever the catalog size.
+    as the reference implementation of Dacrema et al. 2019 does); score = history @ W. W is the
+    ranking stage's item graph (``train.ranking.graph``), heavy readers cut and built a block of items
+    at a time alike, so with the graph's settings and seed it is the shipped graph.
     """
 
     def __init__(
@@ -380,8 +312,8 @@ class RP3beta(_Fitted):
         alpha: float = 1.0,
         beta: float = 0.5,
         neighbours: int = 100,
-        block: int = 4096,
-        max_pairs: int = 50_000_000,
+        max_reads: int = MAX_READS,
+        max_entries: int = MAX_ENTRIES,
         seed: int = 0,
     ) -> None:
         if alpha <= 0:
@@ -390,13 +322,13 @@ class RP3beta(_Fitted):
             raise ValueError(f"beta must be >= 0, got {beta}")
         if neighbours < 1:
             raise ValueError(f"neighbours must be >= 1, got {neighbours}")
-        self.alpha, self.beta, self.neighbours, self.block = alpha, beta, neighbours, block
-        self.max_pairs, self.seed = max_pairs, seed
+        self.alpha, self.beta, self.neighbours = alpha, beta, neighbours
+        self.max_reads, self.max_entries, self.seed = max_reads, max_entries, seed
         self.name = f"RP3β (α {alpha:g}, β {beta:g}, {neighbours} nn)"
 
     def fit(self, train: sp.csr_matrix) -> RP3beta:
         setting = {"alpha": self.alpha, "beta": self.beta, "neighbours": self.neighbours}
-        fitted = next(self.grid(train, [setting], self.block, self.max_pairs, self.seed))
+        fitted = next(self.grid(train, [setting], self.max_reads, self.max_entries, self.seed))
         self.n_items, self.weights = fitted.n_items, fitted.weights
         return self
 
@@ -405,53 +337,24 @@ class RP3beta(_Fitted):
         cls,
         train: sp.csr_matrix,
         settings: list[dict[str, Any]],
-        block: int = 4096,
-        max_pairs: int = 50_000_000,
+        max_reads: int = MAX_READS,
+        max_entries: int = MAX_ENTRIES,
         seed: int = 0,
     ) -> Iterator[RP3beta]:
         """One fitted model per setting (``alpha``, ``beta``, ``neighbours``), in order. The walk is
-        built once per run of equal (alpha, beta), keeping the largest ``neighbours`` of that run
-        ranked per item, so each ``neighbours`` is a mask (list settings of one walk together).
-        The heaviest readers are cut as item-kNN's are (:func:`_cap_heavy_rows`): at full size one
-        reader of 24k books made every block of the walk nearly dense."""
-        x = _cap_heavy_rows(_binary(train, "train"), max_pairs, seed)
-        n_items = x.shape[1]
-        deg_user = np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
-        deg_item = np.asarray(x.sum(axis=0), dtype=np.float64).ravel()
-        blocks: list[_RankedColumns] = []
-        current = None
+        built once per run of equal (alpha, beta), keeping the run's widest ``neighbours`` ranked
+        per item, so each ``neighbours`` is a mask (list settings of one walk together)."""
+        x = cap_heavy_users(_binary(train, "train"), max_reads, seed)
+        ranked, current = None, None
         for n, setting in enumerate(settings):
-            model = cls(**setting, block=block, max_pairs=max_pairs, seed=seed)
+            model = cls(**setting, max_reads=max_reads, max_entries=max_entries, seed=seed)
             walk = (model.alpha, model.beta)
             if walk != current:
-                blocks = []  # the previous walk goes before the next is built
-                same = itertools.takewhile(lambda s, w=walk: (s["alpha"], s["beta"]) == w, settings[n:])
-                widest = max(s["neighbours"] for s in same)
-                blocks, current = list(cls._walk(x, deg_user, deg_item, *walk, widest, block)), walk
-            # Each block holds W's rows as columns: its per-column ranks are W's per-row ones.
-            model.n_items = n_items
-            model.weights = sp.vstack([b.top(model.neighbours).T for b in blocks], format="csr", dtype=np.float32)
+                ranked = None  # the previous walk goes before the next is built
+                widest = _widest(settings, n, lambda s: (s["alpha"], s["beta"]))
+                ranked, current = rp3beta_rows(x, *walk, widest, max_entries), walk
+            model.n_items, model.weights = x.shape[1], ranked.head(model.neighbours).matrix
             yield model
-
-    @staticmethod
-    def _walk(
-        x: sp.csr_matrix, deg_user: np.ndarray, deg_item: np.ndarray, alpha: float, beta: float, keep: int, block: int
-    ) -> Iterator[_RankedColumns]:
-        """W's rows ``block`` at a time, transposed and ranked, each row cut to its ``keep`` largest."""
-
-        def power(deg: np.ndarray, exponent: float) -> np.ndarray:
-            out = np.zeros_like(deg)
-            np.power(deg, exponent, out=out, where=deg > 0)
-            return out
-
-        user_to_item = sp.diags(power(deg_user, -alpha)) @ x  # P(item | user) ** alpha
-        item_to_user = (x @ sp.diags(power(deg_item, -alpha))).T.tocsr()  # P(user | item) ** alpha
-        penalty = sp.diags(power(deg_item, -beta))
-        for start in range(0, x.shape[1], block):
-            w = (item_to_user[start : start + block] @ user_to_item @ penalty).tocoo()
-            off = w.row + start != w.col  # no item recommends itself
-            w = sp.csr_matrix((w.data[off], (w.col[off], w.row[off])), shape=(w.shape[1], w.shape[0]))
-            yield _RankedColumns.of(w).head(keep)
 
     def score(self, history: sp.csr_matrix) -> np.ndarray:
         h = _binary(history, "history", self._need_fit())
@@ -495,8 +398,8 @@ class SameAuthor(_Fitted):
         return self.rank[cols][None, :] + np.float32(self.n_items) * same.astype(np.float32)
 
 
-# Most scores one block of users holds (float32): 2^25 = 128 MB; ``top_k_excluding`` takes about
-# three times that at its peak (its copy, and the partition's).
+# Most scores one block of users holds (float32): 2^25 = 128 MB; ``top_k_excluding`` works on them in
+# place, with sortable keys for 2^22 of them at a time (32 MB) besides.
 SCORE_BUDGET = 1 << 25
 
 
@@ -520,5 +423,5 @@ def recommend_top_k(
     out = np.empty((history.shape[0], k), dtype=np.int64)
     for start in range(0, history.shape[0], block):
         stop = min(start + block, history.shape[0])
-        out[start:stop] = top_k_excluding(model.score(history[start:stop]), exclude[start:stop], k)
+        out[start:stop] = top_k_excluding(model.score(history[start:stop]), exclude[start:stop], k)[1].numpy()
     return out

@@ -3,8 +3,8 @@ training interactions only and read on the validation protocol (warm users' vali
 never on test; the setting with the best validation recall@10 is the one the test tables report.
 
 The grids are full products of the config's lists. EASE's lambdas share one Gram matrix, so each
-costs only its dense inverse; item-kNN's settings share the co-occurrence counts and RP3β's of one
-(alpha, beta) share the walk, so a neighbour count is only a mask; ALS refits per setting.
+costs only its dense inverse; item-kNN's settings of one shrink share the similarity and RP3β's of
+one (alpha, beta) the walk, so a neighbour count is only a mask; ALS refits per setting.
 Validation users with no training history get the most-popular list under every setting, so only
 the others are scored per setting (their fallback lists are computed once).
 """
@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from model.candidates import history_matrix
 from train.config import TopKTuning
 from train.evaluation.protocols import RankingTask, clean
 from train.evaluation.topk_baselines import (
@@ -30,7 +31,6 @@ from train.evaluation.topk_baselines import (
     MostPopular,
     RP3beta,
     TopKBaseline,
-    lists_matrix,
     recommend_top_k,
 )
 from train.metrics import recall_at_k
@@ -80,13 +80,13 @@ class Validation:
         self.task = task
         self.relevant = clean(task.relevant)
         self.active = np.flatnonzero([len(h) > 0 for h in task.history])
-        self.history = lists_matrix([task.history[i] for i in self.active], n_items)
-        self.exclude = lists_matrix([task.exclude[i] for i in self.active], n_items)
+        self.history = history_matrix([task.history[i] for i in self.active], n_items)
+        self.exclude = history_matrix([task.exclude[i] for i in self.active], n_items)
         idle = np.setdiff1d(np.arange(len(task)), self.active)
         self.fallback = np.full((len(task), K), -1, np.int64)
         if idle.size:
-            idle_history = lists_matrix([task.history[i] for i in idle], n_items)
-            idle_exclude = lists_matrix([task.exclude[i] for i in idle], n_items)
+            idle_history = history_matrix([task.history[i] for i in idle], n_items)
+            idle_exclude = history_matrix([task.exclude[i] for i in idle], n_items)
             self.fallback[idle] = recommend_top_k(MostPopular().fit(train), idle_history, idle_exclude, K)
 
     def recall(self, model: TopKBaseline) -> float:

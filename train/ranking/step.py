@@ -70,6 +70,10 @@ def step_ranking(run: RunContext, progress: bool = True) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scipy's SparseEfficiencyWarning of the diagonal drop
         graph = rp3beta_graph(training_history(catalog), rc.graph_alpha, rc.graph_beta, rc.graph_neighbours)
+    folder = ModelFolder(run_dir)
+    catalog = folder.load_catalog()
+    ratings = load_tables(run_dir)[2]
+    graph = rp3beta_graph(training_history(catalog), rc.graph_alpha, rc.graph_beta, rc.graph_neighbours)
     graph.save(run_dir / layout.ITEM_GRAPH)
     run.keep("item_graph", ItemGraph.load(run_dir / layout.ITEM_GRAPH))  # as served: float32 weights
     graph_seconds = time.perf_counter() - start
