@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 
 import numpy as np
 import scipy.sparse as sp
@@ -67,12 +66,6 @@ def step_ranking(run: RunContext, progress: bool = True) -> dict:
     folder = run.folder
     catalog = run.catalog()
     ratings = run.tables()[2]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # scipy's SparseEfficiencyWarning of the diagonal drop
-        graph = rp3beta_graph(training_history(catalog), rc.graph_alpha, rc.graph_beta, rc.graph_neighbours)
-    folder = ModelFolder(run_dir)
-    catalog = folder.load_catalog()
-    ratings = load_tables(run_dir)[2]
     graph = rp3beta_graph(training_history(catalog), rc.graph_alpha, rc.graph_beta, rc.graph_neighbours)
     graph.save(run_dir / layout.ITEM_GRAPH)
     run.keep("item_graph", ItemGraph.load(run_dir / layout.ITEM_GRAPH))  # as served: float32 weights
