@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
 from model import schemas
@@ -172,6 +173,7 @@ def _figures(payload: dict, skip: tuple[str, ...] = ("seconds", "machine")) -> d
     return out
 
 
+@pytest.mark.training
 def test_run_all_hands_over_in_memory_and_a_step_alone_reads_the_folder(tmp_path):
     """``run_all`` builds the training tensors once for the four steps that use them and reads
     nothing back that an earlier step wrote (but the fp32 checkpoint, which the compress step starts

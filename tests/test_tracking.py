@@ -80,6 +80,7 @@ def run_config(records: list) -> dict:
     return {item.key: json.loads(item.value_json) for item in run.config.update}
 
 
+@pytest.mark.training
 def test_training_run_logs_config_epochs_tables_curve_and_model(tmp_path: Path) -> None:
     """``python -m train run`` with ``train.wandb=true``: one offline W&B run holding it all."""
     write_sample(tmp_path / "csv", layout="kaggle", n_users=150, n_books=100, n_ratings=2000, seed=1)

@@ -143,7 +143,7 @@ def _dataset_folder(root: Path) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Locate or download Book-Crossing.")
     parser.add_argument("--url", default=DEFAULT_URL)
-    parser.add_argument("--dest", type=Path, default=Path(DataConfig.download_dir))
+    parser.add_argument("--dest", type=Path, default=Path(DataConfig().download_dir))
     parser.add_argument("--source", help="use this folder instead of downloading")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
