@@ -5,7 +5,7 @@
 (``batch/model_cache.py``: ``ModelFolder``, as serving and the evaluation load it) into a
 ``LoadedModel`` over the job's book set, validates every feature row and
 prepares the exclusion index. Each user block then costs one user projection, one
-``AllPairsScorer.score_projected`` (or one ``TwoStageRecommender.recommend``) and one Arrow record
+``AllPairsScorer.score_projected`` (or one ``Recommender.recommend``) and one Arrow record
 batch.
 """
 
@@ -257,7 +257,7 @@ class ScoringContext:
         return pa.RecordBatch.from_arrays([pa.array(user), isbn, pa.array(score)], schema=self.schema)
 
     def _top_k(self, user_ids: np.ndarray, feats: torch.Tensor) -> pa.RecordBatch:
-        """The two-stage top-k of a block of users (``TwoStageRecommender``, as the handler)."""
+        """The two-stage top-k of a block of users (``Recommender``, as the handler)."""
         n_u = len(user_ids)
         reads = self.reads(user_ids)
         recs = self.model.recommender.recommend(feats, reads, self.k, self.rated(user_ids, reads))

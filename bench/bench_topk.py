@@ -1,4 +1,4 @@
-"""Speed of the two-stage top-K core (``TwoStageRecommender``, what the batch job and the handler call)
+"""Speed of the two-stage top-K core (``Recommender``, what the batch job and the handler call)
 on CPU or GPU, and how much the candidate cut loses against exhaustive scoring.
 
     python bench/bench_topk.py --run runs/bookcrossing [--device cuda] [--users 0] [--block 1024]

@@ -1,7 +1,7 @@
 """The serving engine: load a model folder once, then score a batch of validated requests together.
 
 Everything numeric goes through the shared ``model/`` code (``ModelFolder.load``: catalog features,
-the saved encoder, the ``Scorer`` and the two-stage recommender; ``book_text`` / ``user_text``), so a
+the saved encoder, the ``Scorer`` and the recommender; ``book_text`` / ``user_text``), so a
 pair scored here gets the number training's evaluation and the batch job give it. The TorchServe
 handler is a thin wrapper around this class; the benchmark calls the same handler in-process.
 """

@@ -1,7 +1,7 @@
 """One owner of a model folder: a training run folder or an unpacked ``.mar`` (same layout).
 
 ``ModelFolder`` checks that a folder is complete, loads each model variant onto a device, and reads
-the metadata; ``ModelFolder.load`` returns a ``LoadedModel`` (catalog, rating scorer, two-stage
+the metadata; ``ModelFolder.load`` returns a ``LoadedModel`` (catalog, rating scorer,
 recommender and, for serving, the encoder). Training, the archive builder, the handler and the batch
 job all go through it, so a file name or a loading rule changes in one place (``model/layout.py``
 holds the names).
@@ -28,7 +28,7 @@ from model.catalog import Catalog
 from model.checkpoint import load_checkpoint, load_scripted
 from model.encoder import TextEncoder, load_saved_encoder
 from model.ranker import RankingSettings, RankingStage
-from model.recommend import RerankSettings, TwoStageRecommender, embed_book_set
+from model.recommend import Recommender, RetrievalSettings, embed_book_set
 from model.scoring import Scorer
 
 VARIANTS = tuple(layout.MODEL_FILES)
@@ -144,8 +144,8 @@ class ModelFolder:
         """The towers' unit vector [B, dim] of every catalog book, in catalog row order."""
         return torch.from_numpy(np.load(self.path / layout.BOOK_VECTORS))
 
-    def rerank_settings(self) -> RerankSettings:
-        return RerankSettings.load(self.path / layout.RETRIEVAL_SETTINGS)
+    def retrieval_settings(self) -> RetrievalSettings:
+        return RetrievalSettings.load(self.path / layout.RETRIEVAL_SETTINGS)
 
     def has_ranking(self) -> bool:
         """Whether the folder holds the ranking stage (item graph, ranker and its settings)."""
@@ -222,8 +222,8 @@ class ModelFolder:
         book_rows: torch.Tensor | None = None,
         *,
         from_features: bool = False,
-    ) -> TwoStageRecommender:
-        """The two-stage recommender over the book set of a rating ``scorer``, whose books are the
+    ) -> Recommender:
+        """The recommender over the book set of a rating ``scorer``, whose books are the
         catalog rows ``book_rows`` (-1: outside the catalog; None: the whole catalog in order). The
         catalog's shipped vectors are used, or, with ``from_features`` (the set's features came from
         elsewhere), the towers embed the scorer's features."""
@@ -236,7 +236,7 @@ class ModelFolder:
         if self.has_ranking() and self.ranking_settings().enabled:
             rows = None if book_rows is None else book_rows.numpy().astype(np.int64)
             ranking = self.ranking_stage(catalog, rows, scorer.device)
-        return TwoStageRecommender(towers, vectors, scorer, self.rerank_settings(), ranking)
+        return Recommender(towers, vectors, scorer, self.retrieval_settings(), ranking)
 
 
 @dataclass
@@ -246,7 +246,7 @@ class LoadedModel:
     folder: ModelFolder
     catalog: Catalog
     scorer: Scorer
-    recommender: TwoStageRecommender | None  # None where only ratings are asked for (batch "all" mode)
+    recommender: Recommender | None  # None where only ratings are asked for (batch "all" mode)
     encoder: TextEncoder | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 

@@ -1,4 +1,4 @@
-"""Two-stage recommendation: retrieve by the towers' dot product, rerank with the rating MLP.
+"""The recommender: the towers retrieve, candidate sources add, the learned ranker orders.
 
 One class serves the handler's ``recommend``, the batch job's ``--mode topk`` and the evaluation,
 so the three give the same lists. For a block of users:
@@ -7,13 +7,13 @@ so the three give the same lists. For a block of users:
 2. logits against every book vector of the book set (one matmul), read books masked, top-N; in
    bfloat16 where the hardware runs it natively, with a margin of extra candidates rescored
    exactly in fp32, so the order is the fp32 order of the rounded vectors;
-3. the rating MLP's predicted rating of those N pairs (the Scorer's precomputed book projections);
-4. relevance = retrieval logit + ``blend`` x predicted rating, with ``blend`` chosen on validation;
-   the top-k by relevance are the answer, each with its predicted rating.
+3. with the ranking stage (``RankingStage``, ``model/ranker.py``; the ``ranking`` step, on by
+   default): the towers' top-N merged with the item graph's and the reader's authors' candidates,
+   every pair featurised, relevance = the learned ranker's score;
+4. without it: the rating MLP's predicted rating of the N pairs, relevance = retrieval logit +
+   ``blend`` x predicted rating, with ``blend`` chosen on validation (``RetrievalSettings``).
 
-With a ``RankingStage`` (``model/ranker.py``; trained by the ``ranking`` step, on by
-``ranking.enabled``) steps 3-4 become: the towers' top-N merged with the item graph's and the
-reader's authors' candidates, every pair featurised, relevance = the learned ranker's score.
+The top-k by relevance are the answer, each with its predicted rating.
 """
 
 from __future__ import annotations
@@ -72,8 +72,9 @@ class Recommendations:
 
 
 @dataclass(frozen=True)
-class RerankSettings:
-    """How many books are retrieved and how much the predicted rating weighs in the rerank."""
+class RetrievalSettings:
+    """How many books the towers retrieve, in which precision, and how much the predicted rating
+    weighs in the order without a ranking stage."""
 
     candidates: int = 200
     blend: float = 0.0
@@ -85,7 +86,7 @@ class RerankSettings:
         path.write_text(json.dumps(own, indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: Path) -> RerankSettings:
+    def load(cls, path: Path) -> RetrievalSettings:
         meta = json.loads(path.read_text())
         return cls(int(meta["candidates"]), float(meta["blend"]), str(meta.get("precision", "auto")))
 
@@ -107,15 +108,16 @@ def embed_book_set(
     return torch.cat(out) if out else torch.zeros(0, int(towers.dim))
 
 
-class TwoStageRecommender:
-    """Retrieval towers + book vectors of a book set, reranked by a rating ``Scorer`` of the same set."""
+class Recommender:
+    """Retrieval towers + book vectors of a book set, the ranking stage when the model has one, and the
+    rating ``Scorer`` of the same set."""
 
     def __init__(
         self,
         towers: torch.nn.Module,
         book_vectors: torch.Tensor,
         scorer: Scorer,
-        settings: RerankSettings,
+        settings: RetrievalSettings,
         ranking: RankingStage | None = None,
     ):
         if ranking is not None and len(ranking.catalog_rows) != book_vectors.shape[0]:
@@ -132,13 +134,11 @@ class TwoStageRecommender:
         self.ranking = ranking
         self.last_timings: dict[str, float] = {}
 
-    def subset(self, rows: np.ndarray) -> TwoStageRecommender:
+    def subset(self, rows: np.ndarray) -> Recommender:
         """The same recommender over the book-set positions ``rows`` only."""
         index = torch.as_tensor(rows, dtype=torch.long, device=self.device)
         ranking = self.ranking.subset(rows) if self.ranking is not None else None
-        return TwoStageRecommender(
-            self.towers, self.book_vectors[index], self.scorer.subset(index), self.settings, ranking
-        )
+        return Recommender(self.towers, self.book_vectors[index], self.scorer.subset(index), self.settings, ranking)
 
     @property
     def n_books(self) -> int:

@@ -1,6 +1,6 @@
 """Scoring with a trained model: the rating of aligned pairs and of a user's own candidate books.
 
-The TorchServe handler, the two-stage recommender and the batch job all rate through ``Scorer``,
+The TorchServe handler, the recommender and the batch job all rate through ``Scorer``,
 with the same model file and the same catalog features, so their numbers equal the evaluation's.
 The first layer is split (``W [u; b] = W_u u + W_b b``): the book set is projected once with the
 model's own ``project_books``, users with ``project_users``, and a pair costs only the head on

@@ -193,7 +193,16 @@ def test_run_all_hands_over_in_memory_and_a_step_alone_reads_the_folder(tmp_path
 
     alone = RunContext(cfg, tmp_path / "run")
     STEPS["evaluate"](alone, False)
-    read = {"tables", "catalog", "training_data", "towers", "book_vectors", "rerank_settings", "item_graph", "ranker"}
+    read = {
+        "tables",
+        "catalog",
+        "training_data",
+        "towers",
+        "book_vectors",
+        "retrieval_settings",
+        "item_graph",
+        "ranker",
+    }
     assert read | {f"rating:{v}" for v in ("fp32", "pruned", "int8", "scripted")} <= set(alone.folder.made)
     from_folder = json.loads((tmp_path / "run" / "evaluation.json").read_text())
     assert _figures(from_folder) == _figures(handed_over)

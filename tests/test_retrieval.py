@@ -1,4 +1,4 @@
-"""The retrieval towers and the two-stage recommender: training, history sampling, new books."""
+"""The retrieval towers and the recommender: training, history sampling, new books."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from model.artifacts import IncompleteModelFolder, ModelFolder
 from model.catalog import Catalog
 from model.checkpoint import load_scripted
 from model.layout import RETRIEVAL_REPORT, RETRIEVAL_SETTINGS
-from model.recommend import RerankSettings, TwoStageRecommender
+from model.recommend import Recommender, RetrievalSettings
 from tests.conftest import NEW_BOOK
 from train.config import RetrievalConfig
 from train.data.tables import load_tables
@@ -141,7 +141,7 @@ def test_rerank_orders_by_retrieval_plus_blend_times_rating(tiny_run: Path) -> N
     # retrieval order alone: blend 0 keeps the candidates' own order
     assert torch.equal(base.rerank(cands, 10, 0.0).rows, cands.rows[:, :10])
     with pytest.raises(ValueError, match="book vectors"):
-        TwoStageRecommender(base.towers, base.book_vectors[:3], scorer, RerankSettings())
+        Recommender(base.towers, base.book_vectors[:3], scorer, RetrievalSettings())
 
 
 def test_candidates_in_book_slices_equal_one_pass(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -176,9 +176,9 @@ def test_bf16_retrieval_keeps_the_fp32_lists(tiny_run: Path) -> None:
     catalog = ModelFolder(tiny_run).load_catalog()
     vectors = ModelFolder(tiny_run).book_vectors()
 
-    def variant(precision: str, vecs: torch.Tensor) -> TwoStageRecommender:
+    def variant(precision: str, vecs: torch.Tensor) -> Recommender:
         settings = dataclasses.replace(base.settings, precision=precision)
-        return TwoStageRecommender(base.towers, vecs, base.scorer, settings)
+        return Recommender(base.towers, vecs, base.scorer, settings)
 
     low, exact = variant("bf16", vectors), variant("fp32", vectors)
     rounded = variant("fp32", vectors.bfloat16().float())

@@ -294,7 +294,7 @@ class TrainConfig(Section):
 
 
 class RetrievalConfig(Section):
-    """The two-tower retrieval model and the two-stage recommender built on it."""
+    """The two-tower retrieval model and the recommender built on it."""
 
     dim: int = 128  # width of the user and book vectors
     hidden: int = 256  # hidden width of each tower's MLP

@@ -27,7 +27,7 @@ from model.artifacts import ModelFolder, resolve_device
 from model.candidates import ItemGraph
 from model.catalog import Catalog
 from model.ranker import RankingSettings
-from model.recommend import RerankSettings
+from model.recommend import RetrievalSettings
 from train.config import Config
 from train.data.tables import load_tables
 from train.rating.dataset import TrainingData, build_training_data
@@ -43,7 +43,7 @@ PIECES = frozenset(
         *(f"rating:{v}" for v in layout.MODEL_FILES),
         "towers",
         "book_vectors",
-        "rerank_settings",
+        "retrieval_settings",
         "item_graph",
         "ranker",
         "ranking_settings",
@@ -118,8 +118,8 @@ class RunFolder(ModelFolder):
     def book_vectors(self) -> torch.Tensor:
         return self.piece("book_vectors", super().book_vectors)
 
-    def rerank_settings(self) -> RerankSettings:
-        return self.piece("rerank_settings", super().rerank_settings)
+    def retrieval_settings(self) -> RetrievalSettings:
+        return self.piece("retrieval_settings", super().retrieval_settings)
 
     def ranking_settings(self) -> RankingSettings:
         return self.piece("ranking_settings", super().ranking_settings)

@@ -1,5 +1,5 @@
 """The run's evaluation on one split: the rating table (baselines and every compression step of the
-rating MLP) and the top-K tables (the two-stage recommender against popularity and item-kNN, RP3beta,
+rating MLP) and the top-K tables (the recommender against popularity and item-kNN, RP3beta,
 ALS and EASE tuned on validation; among the cold books, against same author first and random)."""
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from batch.all_pairs import AllPairsScorer
 from model.candidates import history_matrix, interaction_matrix
 from model.catalog import Catalog
-from model.recommend import TwoStageRecommender
+from model.recommend import Recommender
 from model.topk import top_k_excluding
 from train.config import EvalConfig, TopKTuning
 from train.evaluation.protocols import (
@@ -52,10 +52,8 @@ DEPTH = 100  # longest list evaluated (recall@100)
 USER_BLOCK = 1024
 
 
-def model_top_k(
-    recommender: TwoStageRecommender, task: RankingTask, k: int = DEPTH, progress: bool = False
-) -> np.ndarray:
-    """[U, k] book-set positions from the two-stage path (the one serving and batch use)."""
+def model_top_k(recommender: Recommender, task: RankingTask, k: int = DEPTH, progress: bool = False) -> np.ndarray:
+    """[U, k] book-set positions from the recommender (the one serving and batch use)."""
     out = np.full((len(task), k), -1, np.int64)
     for s in tqdm(range(0, len(task), USER_BLOCK), desc=f"top-{k} {task.name}", leave=False, disable=not progress):
         sl = slice(s, s + USER_BLOCK)
@@ -64,7 +62,7 @@ def model_top_k(
     return out
 
 
-def rating_only_top_k(recommender: TwoStageRecommender, task: RankingTask, k: int = DEPTH) -> np.ndarray:
+def rating_only_top_k(recommender: Recommender, task: RankingTask, k: int = DEPTH) -> np.ndarray:
     """[U, k] by predicted rating alone over the whole book set (how ``recommend`` ranked before)."""
     out = np.full((len(task), k), -1, np.int64)
     all_pairs = AllPairsScorer(recommender.scorer)
@@ -76,7 +74,7 @@ def rating_only_top_k(recommender: TwoStageRecommender, task: RankingTask, k: in
 
 
 def evaluate_top_k(
-    recommender: TwoStageRecommender,
+    recommender: Recommender,
     catalog: Catalog,
     ratings: pd.DataFrame,
     settings: EvalConfig,
@@ -252,10 +250,10 @@ def content_top_k(model: SameAuthor, task: RankingTask, candidates: np.ndarray, 
 
 
 def cold_book_results(
-    recommender: TwoStageRecommender, catalog: Catalog, ratings: pd.DataFrame, train: sp.csr_matrix, seed: int
+    recommender: Recommender, catalog: Catalog, ratings: pd.DataFrame, train: sp.csr_matrix, seed: int
 ) -> dict[str, dict]:
     """recall@10 among the cold books (``cold-book``) and among the cold books of authors with no
-    book in training (``new-author``): the two-stage path restricted to them, the same-author
+    book in training (``new-author``): the recommender restricted to them, the same-author
     baseline and a random order."""
     content = SameAuthor(catalog.group_code_columns()[0].numpy(), seed).fit(train)
     out: dict[str, dict] = {}
@@ -282,7 +280,7 @@ def cold_book_results(
 
 
 def choose_blend(
-    recommender: TwoStageRecommender, task: RankingTask, grid: list[float], k: int = 10, min_gain: float = 0.0
+    recommender: Recommender, task: RankingTask, grid: list[float], k: int = 10, min_gain: float = 0.0
 ) -> tuple[float, dict]:
     """The rerank weight of the predicted rating with the best recall@k on ``task`` (validation);
     candidates are retrieved once and reordered for every weight. Ties go to the smaller weight, and

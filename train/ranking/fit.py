@@ -18,7 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from model.ranker import FEATURES, SOURCES, RankerMLP
-from model.recommend import TwoStageRecommender
+from model.recommend import Recommender
 from train.config import RankingConfig
 from train.metrics import ndcg_at_k_binary, recall_at_k, top1_share
 from train.rating.fit import EarlyStopping
@@ -52,7 +52,7 @@ class RankingData:
 
 
 def collect(
-    recommender: TwoStageRecommender,
+    recommender: Recommender,
     feats: torch.Tensor,
     history: list[np.ndarray],
     relevant: list[np.ndarray],

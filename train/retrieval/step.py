@@ -26,7 +26,7 @@ from model.artifacts import resolve_device
 from model.catalog import Catalog
 from model.checkpoint import load_scripted
 from model.features import book_own_stats
-from model.recommend import RerankSettings, TwoStageRecommender, embed_book_set
+from model.recommend import Recommender, RetrievalSettings, embed_book_set
 from model.scoring import Scorer
 from train.config import RetrievalConfig
 from train.evaluation.protocols import warm_task
@@ -353,16 +353,16 @@ def step_retrieval(run: RunContext, progress: bool = True) -> dict:
     # these towers and vectors, the configured candidates and precision (no ranking stage);
     # ``choose_blend`` tries every blend of the grid.
     scorer = Scorer(run.folder.load_rating_model(), catalog.book_feats, torch.device("cpu"))
-    unblended = RerankSettings(cfg.retrieval.candidates, precision=cfg.retrieval.precision)
+    unblended = RetrievalSettings(cfg.retrieval.candidates, precision=cfg.retrieval.precision)
     blend, blend_table = choose_blend(
-        TwoStageRecommender(towers, vectors, scorer, unblended),
+        Recommender(towers, vectors, scorer, unblended),
         warm_task(catalog, ratings, "val"),
         cfg.retrieval.blend_grid,
         min_gain=cfg.retrieval.blend_min_gain,
     )
-    settings = RerankSettings(cfg.retrieval.candidates, blend, cfg.retrieval.precision)
+    settings = RetrievalSettings(cfg.retrieval.candidates, blend, cfg.retrieval.precision)
     settings.save(run_dir / layout.RETRIEVAL_SETTINGS)
-    run.keep("rerank_settings", settings)
+    run.keep("retrieval_settings", settings)
     summary = {
         "blend": blend,
         "best_epoch": result.best_epoch,
