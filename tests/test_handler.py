@@ -44,6 +44,7 @@ from model.ranges import AGE_MAX, AGE_MIN, RATING_MAX, RATING_MIN, YEAR_MAX, YEA
 from serving.archive import HANDLER_FILE, WORKER_FILES, CodeChanged, build_archive
 
 from .conftest import TEST_BATCH_DELAY_MS
+from .imports import import_edges, module_files
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -177,22 +178,14 @@ def test_archive_ships_the_allow_listed_worker_code_and_no_tools(tiny_store: Pat
 def test_worker_code_imports_no_training_batch_or_tool_code() -> None:
     """handlers/ runs in the worker, from the archive: it may import model/ and its own shipped
     modules, never train/, batch/ or serving/ (not in the archive)."""
-    import ast
-
     shipped = {HANDLER_FILE, *WORKER_FILES}
-    for path in sorted((REPO / "handlers").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                modules = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                modules = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
-            else:
-                continue
-            for module in modules:
-                parts = module.split(".")
-                assert parts[0] not in ("train", "batch", "serving"), f"{path.name} imports {module}"
-                if parts[0] == "handlers" and len(parts) == 2 and (REPO / "handlers" / f"{parts[1]}.py").is_file():
-                    assert f"{parts[1]}.py" in shipped, f"{path.name} imports {module}, which is not shipped"
+    for name, targets in import_edges(module_files(REPO)).items():
+        if not name.startswith("handlers."):
+            continue
+        for module in targets:
+            assert module.split(".")[0] not in ("train", "batch", "serving"), f"{name} imports {module}"
+            if module.startswith("handlers."):
+                assert f"{module.split('.')[1]}.py" in shipped, f"{name} imports {module}, which is not shipped"
 
 
 def test_archive_refuses_a_run_trained_with_other_model_code(tiny_run: Path, tmp_path: Path) -> None:

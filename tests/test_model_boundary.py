@@ -4,7 +4,6 @@ moves with the code that computes features and scores, never with training-only 
 
 from __future__ import annotations
 
-import ast
 import inspect
 import shutil
 from pathlib import Path
@@ -15,36 +14,21 @@ import train.evaluation.topk
 from model.artifacts import feature_code_sha256
 
 from .conftest import REPO
-
-
-def model_imports(path: Path, package: Path) -> set[str]:
-    """The modules of ``package`` (``model/``) that ``path`` imports, function bodies included."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
-        else:
-            continue
-        for name in names:
-            parts = name.split(".")
-            if parts[0] == package.name and len(parts) == 2 and (package / f"{parts[1]}.py").is_file():
-                found.add(parts[1])
-    return found
+from .imports import import_edges, module_files
 
 
 def import_closure(root: Path, entry_points: tuple[str, ...] = ("handlers", "batch")) -> set[str]:
     """The modules of ``root/model`` that the code under ``entry_points`` loads, directly or through
     other modules of ``model/``."""
-    package = root / "model"
-    todo = set().union(*(model_imports(path, package) for pkg in entry_points for path in (root / pkg).rglob("*.py")))
+    edges = import_edges(module_files(root))
+    todo = {t for name, targets in edges.items() if name.split(".")[0] in entry_points for t in targets}
     seen: set[str] = set()
     while todo:
         name = todo.pop()
-        seen.add(name)
-        todo |= model_imports(package / f"{name}.py", package) - seen
-    return seen
+        if name.startswith("model.") and name not in seen:
+            seen.add(name)
+            todo |= edges[name]
+    return {name.removeprefix("model.") for name in seen}
 
 
 def test_model_holds_only_what_the_worker_and_the_batch_job_load() -> None:
