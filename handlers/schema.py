@@ -38,6 +38,7 @@ from pydantic import (
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import PydanticCustomError, core_schema
 
+from model.isbn import normalise_isbn
 from model.ranges import AGE_MAX, AGE_MIN, RATING_MAX, RATING_MIN, YEAR_MAX, YEAR_MIN
 
 ACTIONS = ("rate", "recommend")
@@ -163,9 +164,11 @@ def _catalog_user(user_id: int, info: ValidationInfo) -> int:
 # Checks run outside in: the surrogate check, then the length limit, then the type and pattern.
 Text = Annotated[str, Limited("max_string"), BeforeValidator(_unicode)]
 NonBlankText = Annotated[str, Field(pattern=r"\S"), Limited("max_string"), BeforeValidator(_unicode)]
+# Normalised as training normalised the catalog's ISBNs, so '000000006x' finds '000000006X'.
 Isbn = Annotated[
     str,
     Field(pattern=r"\S", max_length=MAX_ISBN_CHARS, description="an ISBN of the catalog"),
+    AfterValidator(normalise_isbn),
     AfterValidator(_catalog_isbn),
     BeforeValidator(_unicode),
 ]
@@ -188,8 +191,8 @@ class _Body(BaseModel):
             if extra:
                 raise PydanticCustomError(
                     "unknown_field",
-                    "is not a known field (allowed: {allowed})",
-                    {"field": extra[0], "allowed": ", ".join(sorted(cls.model_fields))},
+                    "is not a known field ({allowed})",
+                    {"field": extra[0], "allowed": _allowed_fields(cls)},
                 )
         return data
 
@@ -253,6 +256,22 @@ class NewBook(_Body):
     author: Text | None = None
     year: Annotated[int, Field(ge=YEAR_MIN, le=YEAR_MAX)] | None = None
     publisher: Text | None = None
+
+
+# Objects that share a place in a request. Which one a body is depends on a field the client may
+# have misspelt ({"id": 103} reads as a new user), so an unknown field's hint names the fields of each.
+_ALTERNATIVES: tuple[dict[type[_Body], str], ...] = (
+    {KnownUser: "a known user", NewUser: "a new user"},
+    {CatalogBook: "a catalog book", NewBook: "a new book"},
+)
+
+
+def _allowed_fields(model: type[_Body]) -> str:
+    """The fields an object in ``model``'s place may hold, for an unknown field's message."""
+    for shapes in _ALTERNATIVES:
+        if model in shapes:
+            return "; ".join(f"{noun}: {', '.join(sorted(m.model_fields))}" for m, noun in shapes.items())
+    return f"allowed: {', '.join(sorted(model.model_fields))}"
 
 
 def _user_kind(value: Any) -> str:

@@ -524,6 +524,47 @@ def test_a_valid_body_is_validated_into_the_models_the_engine_scores(loaded: tup
     assert recommend.user.ratings == [RatedBook(isbn=isbn, rating=7.0)]
 
 
+def test_an_unknown_fields_hint_names_every_field_that_object_may_hold(loaded: tuple[Any, Any], samples: dict) -> None:
+    """``{"id": 103}`` reads as a new user (no ``user_id``): the hint still names ``user_id``."""
+    engine = loaded[0].engine
+    user, isbn = samples["user"], samples["isbns"][0]
+    refused = engine.validate(
+        [
+            {"action": "recommend", "user": {"id": user}},
+            {"action": "recommend", "user": {"user_id": user, "age": 30}},
+            {"action": "rate", "user": {"user_id": user}, "books": [{"isbn13": isbn}]},
+        ]
+    )
+    assert [r.field for r in refused] == ["user.id", "user.age", "books[0].isbn13"]
+    for refusal in refused[:2]:
+        assert all(name in refusal.message for name in ("user_id", *NewUser.model_fields)), refusal
+    assert all(name in refused[2].message for name in ("isbn", *NewBook.model_fields)), refused[2]
+
+
+def test_isbns_are_read_as_training_spelt_them(loaded: tuple[Any, Any], samples: dict) -> None:
+    """Training upper-cases and trims the catalog's ISBNs; a request's are read the same way."""
+    engine = loaded[0].engine
+    isbn = next(i for i in samples["isbns"] if "X" in i)
+    spellings = [isbn, isbn.lower(), f" {isbn.lower()} "]
+    user = {"user_id": samples["user"]}
+    answers = engine.run(
+        [
+            {"action": "rate", "user": user, "books": [*spellings, *({"isbn": s} for s in spellings)]},
+            *(
+                {"action": "recommend", "user": {"country": "usa", "ratings": [{"isbn": s, "rating": 8}]}, "k": 5}
+                for s in spellings
+            ),
+        ]
+    )
+    assert [s for s, _ in answers] == [200] * 4, answers
+    predictions = answers[0][1]["predictions"]
+    assert {p["isbn"] for p in predictions} == {isbn} and len({p["rating"] for p in predictions}) == 1
+    first, *others = (answer["recommendations"] for _, answer in answers[1:])
+    for other in others:
+        assert [r["isbn"] for r in other] == [r["isbn"] for r in first]
+        assert [r["score"] for r in other] == pytest.approx([r["score"] for r in first])
+
+
 def test_a_validator_failure_is_a_500_refusal_for_that_request_only(
     loaded: tuple[Any, Any], samples: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
