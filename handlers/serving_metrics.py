@@ -10,6 +10,7 @@ not one per request. docs/MONITORING.md explains each metric.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -17,19 +18,22 @@ import re
 from collections import Counter
 from typing import Any
 
+from handlers.schema import request_schema
+
 log = logging.getLogger("bookrec.metrics")
 
 ACTIONS = ("rate", "recommend")
 REQUESTS = "bookrec_requests"  # counter {action}
 USERS = "bookrec_users"  # counter {action, user=known|new}, answered requests
 BOOKS = "bookrec_books"  # counter {book=known|new}, books in answered rate requests
-ERRORS = "bookrec_errors"  # counter {status, field}
+ERRORS = "bookrec_errors"  # counter {status, field}: field from error_fields()
 RATING_BINS = "bookrec_predicted_rating"  # counter {action, bin="1".."9"}: ratings in [bin, bin+1)
 RATING_SUM = "bookrec_predicted_rating_sum"  # counter {action}: sum of the predicted ratings
 STAGE_SECONDS = "bookrec_stage_seconds"  # histogram {stage}: the engine's per-stage time per batch
 
 COUNTERS = (REQUESTS, USERS, BOOKS, ERRORS, RATING_BINS, RATING_SUM)
 _INDEX = re.compile(r"\[\d+\]")
+UNKNOWN_FIELD = "unknown_field"
 
 Key = tuple[str, tuple[tuple[str, str], ...]]
 
@@ -48,11 +52,38 @@ def action_of(body: Any, status: int, payload: dict[str, Any]) -> str:
     return "invalid"
 
 
+@functools.cache
+def error_fields() -> frozenset[str]:
+    """Every value the ``field`` label of ``bookrec_errors`` takes: each field path of the request
+    schema (list indices as ``[]``), ``body``, ``none`` (a 500) and ``unknown_field``."""
+    schema = request_schema()
+    paths = {"body", "none", UNKNOWN_FIELD}
+
+    def walk(node: dict[str, Any], path: str) -> None:
+        if "$ref" in node:
+            node = schema["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+        for option in node.get("oneOf", []) + node.get("anyOf", []):
+            walk(option, path)
+        for name, child in node.get("properties", {}).items():
+            paths.add(f"{path}.{name}".lstrip("."))
+            walk(child, f"{path}.{name}")
+        if "items" in node:
+            paths.add(f"{path}[]".lstrip("."))
+            walk(node["items"], f"{path}[]")
+
+    walk(schema, "")
+    return frozenset(paths)
+
+
 def error_field(payload: dict[str, Any]) -> str:
-    """The refused field with list indices dropped (``books[7].year`` -> ``books[].year``), so the
-    label set stays small whatever the requests hold."""
+    """The refused field as a label from the fixed ``error_fields()``: list indices dropped
+    (``books[7].year`` -> ``books[].year``) and any field the schema lacks, which a client names at
+    will, as ``unknown_field``; so no request adds a series."""
     field = (payload.get("error") or {}).get("field")
-    return _INDEX.sub("[]", str(field)) if field else "none"
+    if not field:
+        return "none"
+    label = _INDEX.sub("[]", str(field))
+    return label if label in error_fields() else UNKNOWN_FIELD
 
 
 def rating_bin(value: float) -> str:

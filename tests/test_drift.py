@@ -205,3 +205,31 @@ def test_metrics_tally_of_a_batch(engine: BookrecEngine) -> None:
     )
     assert serving_metrics.rating_bin(10.0) == "9" and serving_metrics.rating_bin(1.0) == "1"
     assert serving_metrics.rating_bin(7.99) == "7"
+
+
+def test_no_request_adds_a_metrics_series(engine: BookrecEngine) -> None:
+    """Field names and list positions are the client's to choose; the labels come from a fixed set,
+    so a hundred rounds of new names give the series ten rounds gave."""
+    isbn = engine.catalog.books["isbn"].iat[0]
+    user = {"user_id": int(engine.catalog.users["user_id"].iat[0])}
+
+    def bodies(n: int) -> list[Any]:
+        return [
+            {"action": "recommend", "user": user, f"zz_{n}": 1},
+            {"action": "rate", "user": {**user, f"zz_{n}": 1}, "books": [isbn]},
+            {"action": "rate", "user": user, "books": [isbn] * (n % 50) + [{"isbn": isbn, f"zz_{n}": 1}]},
+            {"action": "rate", "user": user, "books": [isbn] * (n % 50) + [f"no-such-{n}"]},
+            {"action": f"zz_{n}", "user": user},
+        ]
+
+    def series(rounds: int) -> set[serving_metrics.Key]:
+        sent = [body for n in range(rounds) for body in bodies(n)]
+        return set(serving_metrics.tally(sent, engine.run(sent)))
+
+    few, many = series(10), series(100)
+    assert many == few
+    fields = {dict(labels)["field"] for name, labels in many if name == serving_metrics.ERRORS}
+    assert fields == {serving_metrics.UNKNOWN_FIELD, "books[]", "action"}
+    assert fields <= serving_metrics.error_fields()
+    documented = (REPO / "docs" / "MONITORING.md").read_text()
+    assert all(f"`{field}`" in documented for field in serving_metrics.error_fields())
