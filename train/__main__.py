@@ -1,4 +1,5 @@
-"""Command line: ``python -m train {run,data,distill,features,train,compress,retrieval,evaluate} --config FILE``.
+"""Command line: ``python -m train STEP --config FILE``, STEP one of run, data, distill, features, train,
+compress, retrieval, ranking, evaluate.
 
 One more command with its own flags: ``python -m train sweep --config FILE --trials N``
 (hyper-parameter sweep, ``train/experiments/sweep.py``). The drift check of served traffic against
@@ -15,7 +16,7 @@ import warnings
 
 import yaml
 
-from train.config import load_config
+from train.config import Config, load_config
 from train.data.download import DatasetUnavailable
 from train.data.ingest import DataError
 from train.features.encoders import EncoderUnavailable
@@ -28,14 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in TOOLS:
         return _tool(argv[0], argv[1:])
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
-    from train.steps import STEPS, run_all, run_step
+    from train.steps import STEPS, StepNotReady, run_all, run_step
 
     parser.add_argument(
         "step",
         choices=("run", *STEPS, *TOOLS),
         help="'run' does every step in order; 'sweep' has its own --help",
     )
-    parser.add_argument("--config", help="YAML config (missing keys take defaults)")
+    parser.add_argument(
+        "--config", help=f"YAML config (missing keys take defaults; the default run folder is {Config().run_dir})"
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run_all(cfg, progress=not args.quiet)
         else:
             result = run_step(args.step, cfg, progress=not args.quiet)
-    except (DatasetUnavailable, DataError, EncoderUnavailable) as err:
+    except (DatasetUnavailable, DataError, EncoderUnavailable, StepNotReady) as err:
         if args.verbose:
             raise
         print(f"error: {err}", file=sys.stderr)

@@ -45,15 +45,51 @@ STEPS: dict[str, Step] = {
 }
 
 
+# What a step run alone reads first, and the step that writes it: a folder without it is refused
+# before anything is created there.
+NEEDS: dict[str, tuple[tuple[str, str], ...]] = {
+    "distill": ((f"{layout.DATA_DIR}/{layout.DATA_RATINGS}", "data"),),
+    "features": ((f"{layout.DATA_DIR}/{layout.DATA_RATINGS}", "data"),),
+    "train": ((layout.catalog_path(layout.SPEC_FILE), "features"),),
+    "compress": ((layout.MODEL_FILES["fp32"], "train"),),
+    "retrieval": ((layout.catalog_path(layout.SPEC_FILE), "features"),),
+    "ranking": ((layout.RETRIEVAL_FILE, "retrieval"),),
+    "evaluate": (
+        (layout.catalog_path(layout.SPEC_FILE), "features"),
+        (layout.MODEL_FILES[layout.SHIPPED_VARIANT], "compress"),
+        (layout.RETRIEVAL_FILE, "retrieval"),
+    ),
+}
+
+
+class StepNotReady(Exception):
+    """A step run alone on a folder that lacks what an earlier step writes."""
+
+
 def run_step(name: str, cfg: Config, progress: bool = True) -> dict:
     """One step on the configured run folder, starting from what the folder holds; the run's record
     (config, versions) is written once the step succeeded, so a failed step leaves the record of what
-    the folder still holds."""
+    the folder still holds. A folder lacking what the step reads is ``StepNotReady``, left untouched."""
     run_dir = Path(cfg.run_dir)
+    missing = _missing(name, run_dir)
+    if missing:
+        needed, first = missing
+        raise StepNotReady(
+            f"{run_dir} has no {needed} for `{name}`: run `python -m train {first}` and the steps after it "
+            f"first, or `python -m train run`"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     result = STEPS[name](RunContext(cfg, run_dir), progress)
     prepare_run(cfg)
     return result
+
+
+def _missing(name: str, run_dir: Path) -> tuple[str, str] | None:
+    """(the file ``name`` lacks, the earliest step that must run to make it), or None when ready."""
+    for needed, writer in NEEDS.get(name, ()):
+        if not (run_dir / needed).is_file():
+            return needed, (_missing(writer, run_dir) or (needed, writer))[1]
+    return None
 
 
 def run_all(cfg: Config, progress: bool = True, run: RunContext | None = None) -> dict:
