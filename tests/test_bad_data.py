@@ -20,6 +20,7 @@ from train.data.download import DatasetUnavailable
 from train.data.ingest import DataError, read_bookcrossing
 from train.data.sample import write_sample
 from train.data.step import _replaced_folder, locate_data
+from train.evaluation.step import data_line
 
 from .conftest import REPO
 
@@ -213,6 +214,8 @@ def test_demo_config_falls_back_to_the_sample(tmp_path: Path, monkeypatch, capsy
     assert main([*argv, "--config", str(REPO / "configs" / "demo.yaml")]) == 0
     assert (tmp_path / "run" / "data" / "ratings.parquet").is_file()
     assert (tmp_path / "run" / "sample-csv" / "Ratings.csv").is_file()
+    # The demo's evaluation.md opens with this line: it says the sample stood in.
+    assert data_line(tmp_path / "run").startswith("Data: the generated Book-Crossing sample")
 
 
 # --- the config -----------------------------------------------------------------

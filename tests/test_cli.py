@@ -69,8 +69,26 @@ def test_evaluation_table(tiny_run):
         assert 0 < metrics["test"]["rmse"] < 5 and 0 < metrics["test"]["ndcg"] <= 1
     # the model learned something: better than predicting the global mean on warm test
     assert rows["MLP fp32"]["test"]["rmse"] < rows["global mean"]["test"]["rmse"]
-    assert "| MLP fp32 |" in (tiny_run / "evaluation.md").read_text()
+    table = (tiny_run / "evaluation.md").read_text()
+    assert "| MLP fp32 |" in table
+    assert table.startswith(f"Data: {tiny_run.parent / 'csv'}.\n")  # named data, not the stand-in sample
     assert result["meta"]["encoder"].startswith("random-init")
+
+
+def test_a_step_on_a_folder_without_its_inputs_names_the_step_to_run_first(tmp_path):
+    """``python -m train evaluate`` with no config, in a fresh checkout: one line, exit 2, no folder made."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", "evaluate"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: runs/latest has no ") and "`python -m train data`" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+    helped = subprocess.run(
+        [sys.executable, "-m", "train", "--help"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300
+    )
+    assert "the default run folder is runs/latest" in " ".join(helped.stdout.split())
 
 
 def test_rerunning_features_reuses_the_embedding_cache(tiny_run, tmp_path):

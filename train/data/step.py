@@ -25,6 +25,8 @@ from train.run_folder import data_fingerprint, write_json
 
 log = logging.getLogger("bookrec.pipeline")
 
+SAMPLE_DIR = "sample-csv"  # in the run folder: the generated sample, where it stood in for the data
+
 
 def _write_parquet(frame: pd.DataFrame, schema: pa.Schema, path: Path) -> pd.DataFrame:
     """Write ``frame`` as ``schema`` says; returns the table as reading the file back gives it."""
@@ -44,7 +46,7 @@ def locate_data(cfg: Config, run_dir: Path) -> Path:
     except DatasetUnavailable as err:
         if not cfg.data.sample_if_missing or cfg.data.source or os.environ.get(ENV_VAR):
             raise
-        folder = run_dir / "sample-csv"
+        folder = run_dir / SAMPLE_DIR
         write_sample(
             folder,
             n_users=cfg.data.sample_users,
@@ -96,6 +98,7 @@ def step_data(run: RunContext, progress: bool = True) -> dict:
     """
     cfg, run_dir = run.cfg, run.dir
     source = locate_data(cfg, run_dir)
+    generated = source == run_dir / SAMPLE_DIR
     raw = read_bookcrossing(source, progress=progress)
     ratings = assign_splits(raw.ratings, cfg.split)
     _require_training_rows(ratings, raw)
@@ -106,7 +109,8 @@ def step_data(run: RunContext, progress: bool = True) -> dict:
             _write_parquet(raw.books, schemas.BOOKS, out / layout.DATA_BOOKS),
             _write_parquet(ratings, schemas.RATINGS_SPLIT, out / layout.DATA_RATINGS),
         )
-        write_json(out / layout.INGEST_REPORT, raw.report.to_dict())
+        # The evaluation's report says which data it measured: the real data or the stand-in sample.
+        write_json(out / layout.INGEST_REPORT, {**raw.report.to_dict(), "generated_sample": generated})
     run.keep("tables", written)
     partial = run_dir / f".{layout.FINGERPRINT_FILE}.new"
     write_json(partial, fingerprint)
@@ -114,6 +118,7 @@ def step_data(run: RunContext, progress: bool = True) -> dict:
     summary = {
         "source": str(source),
         "layout": raw.report.layout,
+        "generated_sample": generated,
         "splits": ratings["split"].value_counts().to_dict(),
     }
     log.info("data: %s", summary)

@@ -125,6 +125,16 @@ def plot_results(results: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+def data_line(run_dir: Path) -> str:
+    """What the run was trained and measured on, from the data step's records: the CSV folder, or
+    the generated sample where it stood in for Book-Crossing."""
+    source = json.loads((run_dir / layout.FINGERPRINT_FILE).read_text())["source"]
+    report = json.loads((run_dir / layout.DATA_DIR / layout.INGEST_REPORT).read_text())
+    if report.get("generated_sample"):
+        return f"Data: the generated Book-Crossing sample ({source}), standing in for the unreachable real data."
+    return f"Data: {source}."
+
+
 def step_evaluate(run: RunContext, progress: bool = True) -> dict:
     """Print and write ``evaluation.json`` / ``evaluation.md`` for the run."""
     cfg, run_dir = run.cfg, run.dir
@@ -144,6 +154,7 @@ def step_evaluate(run: RunContext, progress: bool = True) -> dict:
         }
     features = run.report(layout.FEATURES_REPORT)
     meta = {
+        "data": data_line(run_dir),
         "encoder": features["encoder"],
         "pooling": features["pooling"],
         "machine": machine(),
@@ -157,6 +168,7 @@ def step_evaluate(run: RunContext, progress: bool = True) -> dict:
     payload = {"meta": meta, "results": results, "topk": topk}
     (run_dir / layout.EVALUATION_REPORT).write_text(json.dumps(payload, indent=2) + "\n")
     md = (
+        f"{meta['data']}\n\n"
         f"Encoder: {meta['encoder']} ({meta['pooling']} pooling). Machine: {meta['machine']}.\n\n"
         f"Rating prediction (RMSE / MAE, lower is better):\n\n{table}\n\n"
         f"Top-K recommendation ({len(catalog.books)} books in the catalog):\n\n{topk_markdown(topk)}\n"
