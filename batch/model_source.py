@@ -18,7 +18,7 @@ import torch
 from apache_beam.io.filesystems import FileSystems
 
 from batch.io import is_local
-from model.artifacts import IncompleteModelFolder, ModelFolder
+from model.artifacts import ModelFolder, ModelFolderError
 
 _lock = threading.Lock()
 _resolved: dict[tuple, Path] = {}
@@ -90,7 +90,7 @@ def _unpack(archive: Path) -> Path:
 
 
 def resolve(path: str, variant: str = "scripted") -> Path:
-    """A local, complete model folder (run folder layout) for ``path``."""
+    """A local model folder (run folder layout) for ``path``, verified against its manifest."""
     with _lock:
         if is_local(path):
             local = Path(path[len("file://") :] if path.startswith("file://") else path).absolute()
@@ -107,8 +107,8 @@ def resolve(path: str, variant: str = "scripted") -> Path:
             local = _fetch(path)
         folder = _unpack(local) if local.is_file() else local
         try:
-            ModelFolder(folder).check(variant, shown=f"--model {path}")
-        except IncompleteModelFolder as err:
+            ModelFolder(folder).verify(variant, shown=f"--model {path}")
+        except ModelFolderError as err:
             raise ModelError(str(err)) from None
         _resolved[key] = folder
         return folder
