@@ -21,11 +21,18 @@ The archive holds everything the handler reads, laid out like a run folder so th
                              section: request limits and ``profile`` (per-stage handler timings)
     metadata.json            training config, metrics, data fingerprint, versions, file hashes, and
                              the code: git commit and feature-code hash at training and at archiving
+    manifest.json            the run's manifest (size and SHA-256 of every model file, the stages),
+                             less the rating-model variants that stay in the run folder
 
 No requirements file is shipped: the worker installs nothing and downloads nothing. The archive
 ships the checked-out ``model/`` code; it refuses a run trained with different ``model/`` code
 (its feature-code hash differs) unless ``--allow-code-change``, since that code computes the
 features and scores the model was trained on.
+
+The run folder is verified against its manifest first (``ModelFolder.verify``): a missing, truncated
+or changed file is refused by name. The new archive is written into a temporary folder of the store,
+opened and verified, and only then replaces the old one. Errors are one line on stderr, exit 2;
+``python -m serving.archive --write-manifest RUN`` writes the manifest of an older run one trusts.
 """
 
 from __future__ import annotations

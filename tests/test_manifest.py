@@ -124,7 +124,7 @@ def test_a_valid_but_changed_file_is_refused(tiny_run: Path, tmp_path: Path) -> 
     settings = json.loads((run / layout.RANKING_SETTINGS).read_text())
     (run / layout.RANKING_SETTINGS).write_text(json.dumps({**settings, "enabled": False}))
     assert ModelFolder(run).ranking_settings().enabled is False  # a file that loads fine
-    with pytest.raises(CorruptModelFolder, match=f"{layout.RANKING_SETTINGS}: .*differs"):
+    with pytest.raises(CorruptModelFolder, match=f"{layout.RANKING_SETTINGS}: .*file changed"):
         ModelFolder(run).verify()
 
 
