@@ -18,6 +18,7 @@ import torch
 from apache_beam.io.filesystems import FileSystems
 
 from batch.io import is_local
+from model import layout
 from model.artifacts import ModelFolder, ModelFolderError
 
 _lock = threading.Lock()
@@ -96,8 +97,10 @@ def resolve(path: str, variant: str = "scripted") -> Path:
             local = Path(path[len("file://") :] if path.startswith("file://") else path).absolute()
             if not local.exists():
                 raise ModelError(f"--model {path}: no such file or folder")
-            # An archive replaced in place is unpacked again (its stamp is part of the key).
-            stat = local.stat() if local.is_file() else None
+            # An archive replaced in place is unpacked again, a folder whose manifest was rewritten (a
+            # retrain into it) verified again: their stamps are part of the key.
+            stamped = local if local.is_file() else local / layout.MANIFEST_FILE
+            stat = stamped.stat() if stamped.is_file() else None
             key = (str(local), variant, stat and (stat.st_size, stat.st_mtime_ns))
         else:
             key = (path, variant, None)
