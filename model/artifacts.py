@@ -139,7 +139,7 @@ class ModelFolder:
         self.check(variant, serving=serving, shown=shown)
         where = shown or self.path
         record = self.read_manifest(shown)
-        listed: dict[str, dict[str, Any]] = record.get("files", {})
+        listed: dict[str, dict[str, Any]] = record["files"]
         needed = [layout.MODEL_FILES[variant], *layout.SCORING_FILES]
         if serving:
             needed += [name for name in listed if name.startswith(f"{layout.ENCODER_DIR}/")]
@@ -177,7 +177,12 @@ class ModelFolder:
             record = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise CorruptModelFolder(f"{shown or self.path}: {layout.MANIFEST_FILE} is unreadable: {err}") from None
-        if not isinstance(record, dict) or record.get("format") != manifest.FORMAT:
+        files = record.get("files") if isinstance(record, dict) else None
+        entries_ok = isinstance(files, dict) and all(
+            isinstance(e, dict) and isinstance(e.get("bytes"), int) and isinstance(e.get("sha256"), str)
+            for e in files.values()
+        )
+        if not entries_ok or record.get("format") != manifest.FORMAT:
             raise CorruptModelFolder(
                 f"{shown or self.path}: {layout.MANIFEST_FILE} is not a format-{manifest.FORMAT} manifest"
             )
