@@ -215,3 +215,16 @@ def test_an_archive_that_does_not_verify_is_not_installed(tmp_path: Path) -> Non
     (tmp_path / "bookrec.mar").write_bytes(b"not a zip")
     with pytest.raises(archive.ArchiveError, match="cannot be read back"):
         archive._check_archive(tmp_path / "bookrec.mar")
+
+
+def test_a_step_refreshes_the_manifest_or_drops_a_stale_one(tiny_run: Path, tmp_path: Path) -> None:
+    """What ``run_step`` does after a model step: a complete folder's manifest records its files as
+    they are now; a folder left incomplete keeps no manifest vouching for it."""
+    from train.run_folder import refresh_manifest
+
+    run = model_copy(tiny_run, tmp_path / "run")
+    damage(run / layout.BOOK_VECTORS, "random")  # a step rewrote the file
+    refresh_manifest(run)
+    ModelFolder(run).verify(serving=True)
+    (run / layout.RETRIEVAL_FILE).unlink()
+    assert refresh_manifest(run) is None and not (run / layout.MANIFEST_FILE).exists()
