@@ -18,7 +18,8 @@ import torch
 from apache_beam.io.filesystems import FileSystems
 
 from batch.io import is_local
-from model.artifacts import IncompleteModelFolder, ModelFolder
+from model import layout
+from model.artifacts import ModelFolder, ModelFolderError
 
 _lock = threading.Lock()
 _resolved: dict[tuple, Path] = {}
@@ -90,14 +91,16 @@ def _unpack(archive: Path) -> Path:
 
 
 def resolve(path: str, variant: str = "scripted") -> Path:
-    """A local, complete model folder (run folder layout) for ``path``."""
+    """A local model folder (run folder layout) for ``path``, verified against its manifest."""
     with _lock:
         if is_local(path):
             local = Path(path[len("file://") :] if path.startswith("file://") else path).absolute()
             if not local.exists():
                 raise ModelError(f"--model {path}: no such file or folder")
-            # An archive replaced in place is unpacked again (its stamp is part of the key).
-            stat = local.stat() if local.is_file() else None
+            # An archive replaced in place is unpacked again, a folder whose manifest was rewritten (a
+            # retrain into it) verified again: their stamps are part of the key.
+            stamped = local if local.is_file() else local / layout.MANIFEST_FILE
+            stat = stamped.stat() if stamped.is_file() else None
             key = (str(local), variant, stat and (stat.st_size, stat.st_mtime_ns))
         else:
             key = (path, variant, None)
@@ -107,8 +110,8 @@ def resolve(path: str, variant: str = "scripted") -> Path:
             local = _fetch(path)
         folder = _unpack(local) if local.is_file() else local
         try:
-            ModelFolder(folder).check(variant, shown=f"--model {path}")
-        except IncompleteModelFolder as err:
+            ModelFolder(folder).verify(variant, shown=f"--model {path}")
+        except ModelFolderError as err:
             raise ModelError(str(err)) from None
         _resolved[key] = folder
         return folder

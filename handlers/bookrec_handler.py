@@ -35,6 +35,7 @@ from handlers.drift_sample import DriftSampler  # noqa: E402
 from handlers.engine import BookrecEngine  # noqa: E402
 from handlers.schema import Limits  # noqa: E402
 from handlers.stages import Batch  # noqa: E402
+from model.artifacts import ModelFolder  # noqa: E402
 
 log = logging.getLogger("bookrec.handler")
 
@@ -58,11 +59,15 @@ class BookrecHandler(BaseHandler):
         settings = config.get("handler") or {}
         threads = _torch_threads(settings, config)
         torch.set_num_threads(threads)
+        model_dir = Path(context.system_properties["model_dir"])
+        # Before BaseHandler loads the serialized file: a changed or corrupt file is refused by name.
+        ModelFolder(model_dir).verify(serving=True)
         super().initialize(context)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # the current device, for @timed's CUDA events
-        model_dir = Path(context.system_properties["model_dir"])
-        self.engine = BookrecEngine(model_dir, self.device, Limits.from_config(settings), rating_model=self.model)
+        self.engine = BookrecEngine(
+            model_dir, self.device, Limits.from_config(settings), rating_model=self.model, verified=True
+        )
         self.engine.warm_up()
         self.drift = DriftSampler.from_env(self.engine.catalog.users)
         log.info("drift sample: %s", self.drift.path if self.drift else "off")

@@ -50,12 +50,15 @@ class BookrecEngine:
         limits: Limits | None = None,
         *,
         rating_model: torch.nn.Module | None = None,
+        verified: bool = False,
     ):
-        """``rating_model``: the folder's shipped model when the caller already loaded it."""
+        """``rating_model``: the folder's shipped model when the caller already loaded it;
+        ``verified``: the caller verified the folder against its manifest before loading that."""
         self.model_dir = Path(model_dir)
         self.limits = limits or Limits()
         folder = ModelFolder(self.model_dir)
-        folder.check(serving=True)
+        if not verified:
+            folder.verify(serving=True)
         self.model = folder.load(device, rating_model=rating_model, encoder=True)
         self.device = self.model.device
         self.catalog, self.encoder = self.model.catalog, self.model.encoder

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from model import layout
+from model import layout, manifest
 from model.candidates import AuthorIndex, ItemGraph
 from model.catalog import Catalog
 from model.checkpoint import load_checkpoint, load_scripted
@@ -36,8 +36,23 @@ VARIANTS = tuple(layout.MODEL_FILES)
 FEATURE_CODE_DIR = Path(__file__).resolve().parent
 
 
-class IncompleteModelFolder(ValueError):
+class ModelFolderError(ValueError):
+    """The folder is not a model folder that may be loaded (the message says which file and why)."""
+
+
+class IncompleteModelFolder(ModelFolderError):
     """The folder lacks files a model folder must hold."""
+
+
+class CorruptModelFolder(ModelFolderError):
+    """A file of the folder is not the file its manifest lists, or the folder has no manifest."""
+
+
+# How to get a manifest for a folder made before models had one.
+NO_MANIFEST_HINT = (
+    f"no {layout.MANIFEST_FILE} (made before models had one): retrain it, or, for a run folder you trust, "
+    "write one with `python -m serving.archive --write-manifest RUN` and archive it again"
+)
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -115,6 +130,68 @@ class ModelFolder:
             raise IncompleteModelFolder(
                 f"{shown or self.path}: not a complete training run folder or bookrec.mar; missing {', '.join(missing)}"
             )
+
+    def verify(self, variant: str = layout.SHIPPED_VARIANT, *, serving: bool = False, shown: str | None = None) -> None:
+        """Check the folder against its manifest before loading it: every file scoring with ``variant``
+        needs (with ``serving``, also the encoder's) is listed, present, and of the listed size and
+        SHA-256, and a model listed with a ranking stage holds all of it. Raises
+        ``IncompleteModelFolder`` / ``CorruptModelFolder`` naming each bad file."""
+        self.check(variant, serving=serving, shown=shown)
+        where = shown or self.path
+        record = self.read_manifest(shown)
+        listed: dict[str, dict[str, Any]] = record["files"]
+        needed = [layout.MODEL_FILES[variant], *layout.SCORING_FILES]
+        if serving:
+            needed += [name for name in listed if name.startswith(f"{layout.ENCODER_DIR}/")]
+            needed += [name for name in layout.SERVING_FILES if name not in needed]
+        ranking = bool(record.get("stages", {}).get("ranking"))
+        if ranking or self.has_ranking():
+            needed += layout.RANKING_FILES
+        problems = []
+        if ranking and not self.has_ranking():
+            absent = [name for name in layout.RANKING_FILES if not (self.path / name).is_file()]
+            problems.append(f"the model has a ranking stage but {', '.join(absent)} missing")
+        for name in needed:
+            entry, path = listed.get(name), self.path / name
+            if entry is None:
+                problems.append(f"{name}: not in {layout.MANIFEST_FILE} (a file the model was not made with)")
+            elif not path.is_file():
+                if not ranking or name not in layout.RANKING_FILES:
+                    problems.append(f"{name}: missing")
+            elif path.stat().st_size != entry["bytes"]:
+                size = path.stat().st_size
+                problems.append(
+                    f"{name}: {size} bytes, the manifest lists {entry['bytes']} (file changed or truncated)"
+                )
+            elif manifest.file_sha256(path) != entry["sha256"]:
+                problems.append(f"{name}: SHA-256 differs from the manifest (file changed or corrupt)")
+        if problems:
+            raise CorruptModelFolder(f"{where}: {'; '.join(problems)}")
+
+    def read_manifest(self, shown: str | None = None) -> dict[str, Any]:
+        """The folder's manifest; ``CorruptModelFolder`` when it has none or it is unreadable."""
+        path = self.path / layout.MANIFEST_FILE
+        if not path.is_file():
+            raise CorruptModelFolder(f"{shown or self.path}: {NO_MANIFEST_HINT}")
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CorruptModelFolder(f"{shown or self.path}: {layout.MANIFEST_FILE} is unreadable: {err}") from None
+        files = record.get("files") if isinstance(record, dict) else None
+        entries_ok = isinstance(files, dict) and all(
+            isinstance(e, dict) and isinstance(e.get("bytes"), int) and isinstance(e.get("sha256"), str)
+            for e in files.values()
+        )
+        if not entries_ok or record.get("format") != manifest.FORMAT:
+            raise CorruptModelFolder(
+                f"{shown or self.path}: {layout.MANIFEST_FILE} is not a format-{manifest.FORMAT} manifest"
+            )
+        return record
+
+    def write_manifest(self) -> Path:
+        """Record the folder's model files as they are now (training, and a folder one trusts)."""
+        self.check(serving=True)
+        return manifest.write(self.path, manifest.build(self.path))
 
     # ----------------------------------------------------------------------------------- loading
     def load_rating_model(self, variant: str = layout.SHIPPED_VARIANT, device: str | torch.device = "cpu"):

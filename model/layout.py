@@ -43,6 +43,10 @@ HISTORY_FILE = "history.parquet"
 SPEC_FILE = "feature_spec.json"
 CATALOG_FILES = (BOOKS_FILE, USERS_FILE, HISTORY_FILE, SPEC_FILE)
 
+# Every file the model needs with its size and SHA-256, and the stages it has (``model/manifest.py``):
+# written by training, copied into the archive, verified before a model is served or scored.
+MANIFEST_FILE = "manifest.json"
+
 # Run folder only: what the run was made from and what it measured (the model folder reads none of
 # these; the settings serving needs are files of their own above).
 CONFIG_FILE = "config.yaml"

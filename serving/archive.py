@@ -21,23 +21,30 @@ The archive holds everything the handler reads, laid out like a run folder so th
                              section: request limits and ``profile`` (per-stage handler timings)
     metadata.json            training config, metrics, data fingerprint, versions, file hashes, and
                              the code: git commit and feature-code hash at training and at archiving
+    manifest.json            the run's manifest (size and SHA-256 of every model file, the stages),
+                             less the rating-model variants that stay in the run folder
 
 No requirements file is shipped: the worker installs nothing and downloads nothing. The archive
 ships the checked-out ``model/`` code; it refuses a run trained with different ``model/`` code
 (its feature-code hash differs) unless ``--allow-code-change``, since that code computes the
 features and scores the model was trained on.
+
+The run folder is verified against its manifest first (``ModelFolder.verify``): a missing, truncated
+or changed file is refused by name. The new archive is written into a temporary folder of the store,
+opened and verified, and only then replaces the old one. Errors are one line on stderr, exit 2;
+``python -m serving.archive --write-manifest RUN`` writes the manifest of an older run one trusts.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,8 +53,9 @@ from typing import Any
 import yaml
 
 from handlers.schema import Limits
-from model import layout
-from model.artifacts import ModelFolder, code_identity
+from model import layout, manifest
+from model.artifacts import ModelFolder, ModelFolderError, code_identity
+from model.manifest import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_NAME = "bookrec"
@@ -67,14 +75,16 @@ RUN_INFO = {
 }
 
 
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file (what the archive records of each file it holds)."""
-    with Path(path).open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 class CodeChanged(RuntimeError):
     """The checked-out model/ code is not the code the run was trained with."""
+
+
+class IncompleteRun(ModelFolderError):
+    """The run folder lacks a run-folder file the archive reads (its config)."""
+
+
+class ArchiveError(RuntimeError):
+    """The archiver failed, or the archive it wrote does not verify (the store keeps its old one)."""
 
 
 # A worker's resident memory serving the full Book-Crossing model (BENCHMARKS.md, "Scale": 1.71 GiB).
@@ -196,74 +206,163 @@ def build_archive(
     """Write ``out/bookrec.mar`` (or ``out/bookrec/`` with ``archive_format='no-archive'``)."""
     run_dir, out = Path(run_dir).resolve(), Path(out).resolve()
     folder = ModelFolder(run_dir)
-    missing = folder.missing(serving=True)
-    missing += [name for name in (layout.CONFIG_FILE,) if not (run_dir / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{run_dir} is not a complete training run; missing: {', '.join(missing)}")
+    folder.verify(serving=True, shown=f"{run_dir} (run folder)")
+    if not (run_dir / layout.CONFIG_FILE).is_file():
+        raise IncompleteRun(f"{run_dir}: not a complete training run; missing {layout.CONFIG_FILE}")
     code = code_record(folder, allow_code_change)
     out.mkdir(parents=True, exist_ok=True)
     limits = limits or Limits()
-    with tempfile.TemporaryDirectory(prefix="bookrec-archive-") as tmp:
-        tmp_dir = Path(tmp)
-        payload = tmp_dir / "payload"  # its *contents* land at the archive root (--extra-files)
-        payload.mkdir()
-        for name in (layout.ENCODER_DIR, layout.CATALOG_DIR):
-            shutil.copytree(run_dir / name, payload / name)
-        for name in (layout.RETRIEVAL_FILE, layout.RETRIEVAL_SETTINGS, layout.BOOK_VECTORS):
-            shutil.copy2(run_dir / name, payload / name)
-        # The ranking stage ships when the run has all of it (a run without the ranking step serves
-        # the towers' order, as before).
-        if all((run_dir / name).is_file() for name in layout.RANKING_FILES):
-            for name in layout.RANKING_FILES:
-                shutil.copy2(run_dir / name, payload / name)
-        _copy_code(payload)
-        config_file = tmp_dir / layout.MODEL_CONFIG
-        config_file.write_text(
-            yaml.safe_dump(
-                model_config(
-                    batch_size, max_batch_delay, workers or default_workers(), response_timeout, limits, profile
-                ),
-                sort_keys=False,
+    name = MODEL_NAME if archive_format == "no-archive" else f"{MODEL_NAME}.mar"
+    # The new archive is written beside the old one and replaces it only once it verifies.
+    staged = Path(tempfile.mkdtemp(dir=out, prefix=f".{MODEL_NAME}-building-"))
+    try:
+        with tempfile.TemporaryDirectory(prefix="bookrec-archive-") as tmp:
+            _archive(
+                folder,
+                Path(tmp),
+                staged,
+                version,
+                code,
+                archive_format,
+                limits,
+                profile,
+                workers,
+                batch_size,
+                max_batch_delay,
+                response_timeout,
             )
+        _check_archive(staged / name)
+        _replace(staged / name, out / name)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return out / name
+
+
+def _archive(
+    folder: ModelFolder,
+    tmp_dir: Path,
+    export: Path,
+    version: str,
+    code: dict[str, Any],
+    archive_format: str,
+    limits: Limits,
+    profile: bool,
+    workers: int | None,
+    batch_size: int,
+    max_batch_delay: int,
+    response_timeout: int,
+) -> None:
+    """Run torch-model-archiver on the run folder's shipped files, writing into ``export``."""
+    run_dir = folder.path
+    payload = tmp_dir / "payload"  # its *contents* land at the archive root (--extra-files)
+    payload.mkdir()
+    for name in (layout.ENCODER_DIR, layout.CATALOG_DIR):
+        shutil.copytree(run_dir / name, payload / name)
+    for name in (layout.RETRIEVAL_FILE, layout.RETRIEVAL_SETTINGS, layout.BOOK_VECTORS):
+        shutil.copy2(run_dir / name, payload / name)
+    # The ranking stage ships when the run has all of it (a run without the ranking step serves
+    # the towers' order, as before).
+    if all((run_dir / name).is_file() for name in layout.RANKING_FILES):
+        for name in layout.RANKING_FILES:
+            shutil.copy2(run_dir / name, payload / name)
+    # The run's manifest, less the rating-model variants that stay in the run folder.
+    record = folder.read_manifest()
+    shipped = [SERIALIZED, *(str(p.relative_to(payload)) for p in sorted(payload.rglob("*")) if p.is_file())]
+    record["files"] = {name: entry for name, entry in record["files"].items() if name in shipped}
+    manifest.write(payload, record)
+    _copy_code(payload)
+    config_file = tmp_dir / layout.MODEL_CONFIG
+    config_file.write_text(
+        yaml.safe_dump(
+            model_config(batch_size, max_batch_delay, workers or default_workers(), response_timeout, limits, profile),
+            sort_keys=False,
         )
-        meta = metadata(folder, payload, version, code)
-        meta["files"][SERIALIZED] = file_sha256(run_dir / SERIALIZED)
-        meta["files"][HANDLER_FILE] = file_sha256(REPO / "handlers" / HANDLER_FILE)
-        (payload / layout.METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-        cmd = [
-            sys.executable,
-            "-m",
-            "model_archiver.model_packaging",
-            "--model-name",
-            MODEL_NAME,
-            "--version",
-            version,
-            "--serialized-file",
-            str(run_dir / SERIALIZED),
-            "--handler",
-            str(REPO / "handlers" / HANDLER_FILE),
-            "--extra-files",
-            str(payload),
-            "--config-file",
-            str(config_file),
-            "--export-path",
-            str(out),
-            "--archive-format",
-            archive_format,
-            "--force",
-        ]
-        # The archiver stages files in $TMPDIR/<model-name>; a private TMPDIR keeps two builds apart.
-        (tmp_dir / "stage").mkdir()
-        env = {**os.environ, "TMPDIR": str(tmp_dir / "stage")}
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"torch-model-archiver failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return out / (MODEL_NAME if archive_format == "no-archive" else f"{MODEL_NAME}.mar")
+    )
+    meta = metadata(folder, payload, version, code)
+    meta["files"][SERIALIZED] = file_sha256(run_dir / SERIALIZED)
+    meta["files"][HANDLER_FILE] = file_sha256(REPO / "handlers" / HANDLER_FILE)
+    (payload / layout.METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    cmd = [
+        sys.executable,
+        "-m",
+        "model_archiver.model_packaging",
+        "--model-name",
+        MODEL_NAME,
+        "--version",
+        version,
+        "--serialized-file",
+        str(run_dir / SERIALIZED),
+        "--handler",
+        str(REPO / "handlers" / HANDLER_FILE),
+        "--extra-files",
+        str(payload),
+        "--config-file",
+        str(config_file),
+        "--export-path",
+        str(export),
+        "--archive-format",
+        archive_format,
+        "--force",
+    ]
+    # The archiver stages files in $TMPDIR/<model-name>; a private TMPDIR keeps two builds apart.
+    (tmp_dir / "stage").mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp_dir / "stage")}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        detail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:] or ["no output"]
+        raise ArchiveError(f"torch-model-archiver failed ({proc.returncode}): {detail[0]}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def _check_archive(path: Path) -> None:
+    """Open the new archive (a .mar, or the no-archive folder) and verify its manifest."""
+    if path.is_dir():
+        _verify(path, path)
+        return
+    with tempfile.TemporaryDirectory(prefix="bookrec-check-", dir=path.parent) as tmp:
+        try:
+            with zipfile.ZipFile(path) as zf:
+                zf.extractall(tmp)
+        except (zipfile.BadZipFile, OSError) as err:
+            raise ArchiveError(f"{path.name}: the archive written cannot be read back: {err}") from None
+        _verify(Path(tmp), path)
+
+
+def _verify(folder: Path, shown: Path) -> None:
+    try:
+        ModelFolder(folder).verify(serving=True, shown=f"{shown.name} (new archive)")
+    except ModelFolderError as err:
+        raise ArchiveError(str(err)) from None
+
+
+def _replace(new: Path, old: Path) -> None:
+    """Put ``new`` in the place of ``old`` (a file by one rename; a folder by two, the old one kept
+    until the new one is in place)."""
+    if new.is_file():
+        os.replace(new, old)
+        return
+    retired = new.with_name(new.name + ".old")
+    if old.exists():
+        os.replace(old, retired)
+    os.replace(new, old)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def write_manifest(run_dir: Path) -> Path:
+    """Write the manifest of a run folder made before models had one, from its files as they are:
+    only for a folder one trusts (the manifest vouches for whatever it holds now)."""
+    return ModelFolder(Path(run_dir).resolve()).write_manifest()
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run-dir", required=True, type=Path, help="training run folder")
+    parser.add_argument("--run-dir", type=Path, help="training run folder (required unless --write-manifest)")
+    parser.add_argument(
+        "--write-manifest",
+        type=Path,
+        metavar="RUN",
+        help="only write the manifest of RUN, a run folder made before models had one that you trust, and exit",
+    )
+    parser.add_argument("--verbose", action="store_true", help="a traceback with an error")
     parser.add_argument("--out", default=Path("model-store"), type=Path, help="model store folder")
     parser.add_argument("--version", default="1.0", help="model version shown by the management API")
     parser.add_argument("--batch-size", type=int, default=32, help="TorchServe batchSize")
@@ -294,21 +393,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-k", type=int, default=defaults.max_k)
     parser.add_argument("--max-string", type=int, default=defaults.max_string)
     args = parser.parse_args(argv)
+    if args.run_dir is None and args.write_manifest is None:
+        parser.error("the following arguments are required: --run-dir")
     limits = Limits(args.max_books, args.max_ratings, args.max_k, args.max_string)
-    path = build_archive(
-        args.run_dir,
-        args.out,
-        version=args.version,
-        batch_size=args.batch_size,
-        max_batch_delay=args.max_batch_delay,
-        workers=args.workers,
-        response_timeout=args.response_timeout,
-        limits=limits,
-        profile=args.profile,
-        allow_code_change=args.allow_code_change,
-    )
+    try:
+        if args.write_manifest is not None:
+            print(f"wrote {write_manifest(args.write_manifest)}")
+            return 0
+        path = build_archive(
+            args.run_dir,
+            args.out,
+            version=args.version,
+            batch_size=args.batch_size,
+            max_batch_delay=args.max_batch_delay,
+            workers=args.workers,
+            response_timeout=args.response_timeout,
+            limits=limits,
+            profile=args.profile,
+            allow_code_change=args.allow_code_change,
+        )
+    except (ModelFolderError, CodeChanged, ArchiveError) as err:
+        if args.verbose:
+            raise
+        print(f"python -m serving.archive: error: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -39,7 +39,7 @@ from handlers.schema import (
     main,
     request_schema,
 )
-from model.artifacts import code_identity
+from model.artifacts import IncompleteModelFolder, code_identity
 from model.ranges import AGE_MAX, AGE_MIN, RATING_MAX, RATING_MIN, YEAR_MAX, YEAR_MIN
 from serving.archive import HANDLER_FILE, WORKER_FILES, CodeChanged, build_archive
 
@@ -206,7 +206,7 @@ def test_archive_refuses_a_run_trained_with_other_model_code(tiny_run: Path, tmp
 
 def test_archive_rejects_an_incomplete_run(tmp_path: Path) -> None:
     (tmp_path / "run").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"model_scripted\.pt"):
+    with pytest.raises(IncompleteModelFolder, match=r"model_scripted\.pt"):
         build_archive(tmp_path / "run", tmp_path / "store")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from model import layout
-from model.artifacts import code_identity
+from model.artifacts import ModelFolder, code_identity
 from train.config import Config
 from train.hashing import file_sha256
 
@@ -82,3 +82,14 @@ def prepare_run(cfg: Config) -> Path:
     cfg.save(run_dir / layout.CONFIG_FILE)
     write_json(run_dir / layout.VERSIONS_FILE, {**versions(), "machine": machine(), "code": code_identity()})
     return run_dir
+
+
+def refresh_manifest(run_dir: Path) -> Path | None:
+    """Record the run's model files in its manifest once the folder holds a complete model; a folder
+    that does not (a step rewrote part of it, or failed) loses a stale manifest instead, so it is
+    refused until a run completes it."""
+    folder = ModelFolder(run_dir)
+    if folder.missing(serving=True):
+        (Path(run_dir) / layout.MANIFEST_FILE).unlink(missing_ok=True)
+        return None
+    return folder.write_manifest()

@@ -28,7 +28,7 @@ from train.rating.compress import step_compress
 from train.rating.step import step_train
 from train.retrieval.step import step_retrieval
 from train.run_context import RunContext
-from train.run_folder import prepare_run, write_json
+from train.run_folder import prepare_run, refresh_manifest, write_json
 
 log = logging.getLogger("bookrec.pipeline")
 
@@ -43,6 +43,8 @@ STEPS: dict[str, Step] = {
     "ranking": step_ranking,
     "evaluate": step_evaluate,
 }
+# The steps that write model files: the manifest is refreshed after each of them.
+MODEL_STEPS = ("features", "train", "compress", "retrieval", "ranking")
 
 
 # What a step run alone reads first, and the step that writes it: a folder without it is refused
@@ -69,7 +71,8 @@ class StepNotReady(Exception):
 def run_step(name: str, cfg: Config, progress: bool = True) -> dict:
     """One step on the configured run folder, starting from what the folder holds; the run's record
     (config, versions) is written once the step succeeded, so a failed step leaves the record of what
-    the folder still holds. A folder lacking what the step reads is ``StepNotReady``, left untouched."""
+    the folder still holds. A folder lacking what the step reads is ``StepNotReady``, left untouched; a
+    step that writes model files refreshes the manifest."""
     run_dir = Path(cfg.run_dir)
     missing = _missing(name, run_dir)
     if missing:
@@ -79,8 +82,12 @@ def run_step(name: str, cfg: Config, progress: bool = True) -> dict:
             f"first, or `python -m train run`"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
+    if name in MODEL_STEPS:  # a step that fails half-way must not leave the old manifest vouching for it
+        (run_dir / layout.MANIFEST_FILE).unlink(missing_ok=True)
     result = STEPS[name](RunContext(cfg, run_dir), progress)
     prepare_run(cfg)
+    if name in MODEL_STEPS:
+        refresh_manifest(run_dir)
     return result
 
 
@@ -95,17 +102,20 @@ def _missing(name: str, run_dir: Path) -> tuple[str, str] | None:
 def run_all(cfg: Config, progress: bool = True, run: RunContext | None = None) -> dict:
     """Every step in order, handing each other what they build through one ``RunContext`` (``run``
     where the caller holds one); returns each step's summary and its wall time. The record is written
-    once the data step succeeded (as ``run_step`` does)."""
+    once the data step succeeded (as ``run_step`` does), the manifest once the last model step did."""
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     run = run or RunContext(cfg, Path(cfg.run_dir))
     run_dir = run.dir
     tracker = tracking.start_training_run(cfg, run_dir)  # None unless train.wandb
+    (run_dir / layout.MANIFEST_FILE).unlink(missing_ok=True)  # vouches for no file until the model is rewritten
     out = {}
     for name, step in STEPS.items():
         start = time.perf_counter()
         out[name] = step(run, progress)
         if name == "data":
             prepare_run(cfg)
+        if name == MODEL_STEPS[-1]:  # the model files are final
+            refresh_manifest(run_dir)
         out[f"{name}_seconds"] = round(time.perf_counter() - start, 1)
         log.info("step %s done in %.1f s", name, out[f"{name}_seconds"])
     write_json(run_dir / layout.TIMINGS_FILE, {k: v for k, v in out.items() if k.endswith("_seconds")})
