@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from model.isbn import normalise_isbn
 from model.ranges import AGE_MAX, AGE_MIN, IMPLICIT_RATING, RATING_MAX, YEAR_MAX, YEAR_MIN
 
 LOG = logging.getLogger("bookrec.ingest")
@@ -412,11 +413,6 @@ def _user_id(text: str) -> int | None:
     if value is None or value < 0 or value > MAX_INT64:
         return None
     return value
-
-
-def normalise_isbn(text: str) -> str:
-    """Strip whitespace and quotes and upper-case, so '039592720x' joins '039592720X'."""
-    return text.strip().strip("\"'").strip().upper()
 
 
 def _fix_lossy(text: str) -> str:
