@@ -200,7 +200,8 @@ def prepare_temp_dir(temp_dir: str) -> IO[str] | None:
     lock = None
     try:
         if is_local(temp_dir):
-            _local(temp_dir).parent.mkdir(parents=True, exist_ok=True)
+            if not _local(temp_dir).parent.exists():  # (a file there: the lock says "Not a directory")
+                _local(temp_dir).parent.mkdir(parents=True)
             lock = _try_lock(_lock_path(temp_dir))  # before the folder: no live run's folder is ever unlocked
             _local(temp_dir).mkdir(parents=True, exist_ok=False)
             _local(probe).write_bytes(b"ok")

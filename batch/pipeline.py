@@ -90,7 +90,9 @@ def run(plan: JobPlan) -> dict[str, Any]:
     has them).
 
     Raises ``BatchUsageError`` when the output cannot be written, ``JobFailed`` when the runner
-    ends without the committed output."""
+    ends without the committed output (its temp folder keeps the runner's log), ``Interrupted``
+    when stopped by a signal (the temp folder goes whole). First removes the temp folders that
+    dead runs left beside the output."""
     spec, log_file = plan.spec, plan.log_file
     stale = io.remove_stale_temp_dirs(spec.output)
     if stale:
