@@ -182,13 +182,16 @@ def _log_file(temp_dir: str, run_id: str) -> Path:
 
 
 def _feature_ids(path: str, column: str, id_type: pa.DataType) -> list:
-    """Ids of an external features file, or ``BatchUsageError`` when it is not one."""
+    """Ids of an external features file, or ``BatchUsageError`` when it is not one or has no rows."""
+    flag = "--user-features" if column == "user_id" else "--book-features"
     try:
-        return read_features(path, column, id_type)[0].tolist()
+        ids = read_features(path, column, id_type)[0].tolist()
     except Exception as err:
-        flag = "--user-features" if column == "user_id" else "--book-features"
         what = f"a Parquet file with {column!r} and 'features' columns"
         raise BatchUsageError(f"{flag} {path}: not {what} ({err})") from None
+    if not ids:
+        raise BatchUsageError(f"{flag} {path}: no rows (an empty features file scores nothing)")
+    return ids
 
 
 def _check_dims(folder: Path, options: JobOptions) -> None:

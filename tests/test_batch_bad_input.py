@@ -122,6 +122,12 @@ def test_bad_id_lists_are_one_line_naming_the_file(tiny_run: Path, previous: Pat
         line = refused(capsys, tiny_run, previous, flag, str(header_only))
         assert f"{flag} {header_only}: no {column} values in the file" in line
 
+    for flag, column in (("--user-features", "user_id"), ("--book-features", "isbn")):
+        empty = tmp_path / f"empty{flag}.parquet"
+        ids = pa.array([], pa.int64() if column == "user_id" else pa.string())
+        pq.write_table(pa.table({column: ids, "features": pa.array([], pa.list_(pa.float32()))}), empty)
+        assert f"{flag} {empty}: no rows" in refused(capsys, tiny_run, previous, flag, str(empty))
+
 
 def test_root_output_is_refused(tiny_run: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     """``--output /`` once wrote into the current folder (``"/".rstrip("/")`` is ``""``)."""
@@ -155,6 +161,17 @@ def test_books_are_normalised_as_training_normalises_isbns(tiny_run: Path, tmp_p
     assert sorted(set(pq.read_table(out)["isbn"].to_pylist())) == sorted(isbns)
     assert summary["variant"] == "scripted" and summary["ranking_stage"] is True
     assert summary["ranked_by"].startswith("the ranking stage")
+
+    # A --book-features file with the ISBNs in lower case: the same books again.
+    rows = [catalog.book_index[i] for i in isbns]
+    features = tmp_path / "books.parquet"
+    column = pa.array(list(catalog.book_feats.numpy()[rows]), pa.list_(pa.float32()))
+    pq.write_table(pa.table({"isbn": [i.lower() for i in isbns], "features": column}), features)
+    out = tmp_path / "from-features"
+    assert batch(tiny_run, out, "--books", str(books), "--book-features", str(features), "--max-users", "3") == 0
+    summary = json.loads((out / io.SUCCESS).read_text())
+    assert (summary["books_requested"], summary["dead_letters"], summary["rows"]) == (2, 0, 6)
+    assert sorted(set(pq.read_table(out)["isbn"].to_pylist())) == sorted(isbns)
 
 
 def test_success_says_which_path_ranked(tiny_run: Path, tmp_path: Path) -> None:
@@ -198,6 +215,13 @@ def start_job(tiny_run: Path, users: Path, output: Path, log: Path) -> subproces
         assert time.monotonic() < deadline, f"the job did not start scoring: {log.read_text()}"
         time.sleep(0.2)
     return proc
+
+
+def end(proc: subprocess.Popen) -> None:
+    """Kill a job a failed test left running, its workers with it (its process group)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=STOP_WAIT_S)
 
 
 def running(procs: list[psutil.Process]) -> list[psutil.Process]:
@@ -264,9 +288,7 @@ def test_sigterm_stops_the_job_and_a_later_run_removes_only_dead_runs_temp_folde
 
         line = stop(proc, signal.SIGTERM, log)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=STOP_WAIT_S)
+        end(proc)
     assert line == f"python -m batch: stopped by SIGTERM; the previous output {out} is unchanged"
     assert temp_folders(out) == []
     assert snapshot(out) == before
@@ -279,9 +301,7 @@ def test_ctrl_c_stops_the_job_with_one_line(tiny_run: Path, users: Path, tmp_pat
     try:
         line = stop(proc, signal.SIGINT, log)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=STOP_WAIT_S)
+        end(proc)
     assert line == f"python -m batch: stopped by SIGINT; nothing was written to {out}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.err"]
 
