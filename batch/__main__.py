@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 from batch.console import setup_logging
@@ -43,4 +44,8 @@ def _main(argv: list[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code > 128:
+        # Stopped: a runner's client torn down at exit (Dask's) would log the workers it lost.
+        logging.disable(logging.CRITICAL)
+    sys.exit(code)
