@@ -34,6 +34,7 @@ from batch.native_head import attach
 from model import layout
 from model.artifacts import LoadedModel, release_unused_memory, resolve_device
 from model.catalog import Catalog
+from model.isbn import normalise_isbn
 from model.scoring import Scorer
 
 log = logging.getLogger("bookrec.batch")
@@ -192,7 +193,8 @@ class ScoringContext:
         feats, reasons = matrix_from_lists(column, dim)
         index: dict = {}
         for n, i in enumerate(ids.tolist()):
-            index.setdefault(i, n)  # the first row of a repeated id wins
+            key = normalise_isbn(i) if kind == "book" and i is not None else i  # ISBNs as training spells them
+            index.setdefault(key, n)  # the first row of a repeated id wins
         return _Side(feats, index, reasons, source=f"{kind} features file {external}")
 
     def _exclusion_index(self, catalog: Catalog, isbns: list[str]) -> np.ndarray:

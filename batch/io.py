@@ -16,6 +16,7 @@ the file; the output is not touched before the commit.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ import shutil
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -142,6 +143,21 @@ def _exists(path: str) -> bool:
     return _local(path).exists() if is_local(path) else FileSystems.exists(path)
 
 
+def output_folder(given: str) -> str:
+    """``--output`` as the job uses it: absolute, without a trailing slash. ``OutputError`` for a
+    filesystem or bucket root, which has no parent to hold the run's temp folder and cannot be
+    replaced whole."""
+    if is_local(given):
+        path = absolute(given)  # normalised: no trailing slash, "/" stays "/"
+        root = Path(path).parent == Path(path)
+    else:
+        path = given.rstrip("/")
+        root = "/" not in path.split("://", 1)[-1]  # gs://bucket: the bucket itself
+    if root:
+        raise OutputError(f"--output {given}: a filesystem root cannot be the output; name a folder inside it")
+    return path
+
+
 def check_output(output: str) -> None:
     """Fail unless ``output`` is absent, empty, or a previous output of this job (what a rerun replaces)."""
     if is_local(output):
@@ -160,11 +176,33 @@ def check_output(output: str) -> None:
         )
 
 
-def prepare_temp_dir(temp_dir: str) -> None:
-    """Create the run's temp folder and prove it is writable (fail fast, before any work)."""
+def _lock_path(temp_dir: str) -> Path:
+    """The lock file a live run holds beside its (local) temp folder: ``.NAME.tmp-RUNID.lock``."""
+    return Path(f"{_local(temp_dir)}.lock")
+
+
+def _try_lock(path: Path) -> IO[str] | None:
+    """``path`` opened (created if need be) and locked exclusively; None when another process holds it."""
+    fh = open(path, "a")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        return None
+    return fh
+
+
+def prepare_temp_dir(temp_dir: str) -> IO[str] | None:
+    """Create the run's temp folder and prove it is writable (fail fast, before any work). A local
+    one is claimed first by a lock held until ``release_temp_dir``, so that a later run can tell a
+    live run's temp folder from one a killed run left (``remove_stale_temp_dirs``); returns the lock."""
     probe = join(temp_dir, ".probe")
+    lock = None
     try:
         if is_local(temp_dir):
+            if not _local(temp_dir).parent.exists():  # (a file there: the lock says "Not a directory")
+                _local(temp_dir).parent.mkdir(parents=True)
+            lock = _try_lock(_lock_path(temp_dir))  # before the folder: no live run's folder is ever unlocked
             _local(temp_dir).mkdir(parents=True, exist_ok=False)
             _local(probe).write_bytes(b"ok")
             _local(probe).unlink()
@@ -174,7 +212,49 @@ def prepare_temp_dir(temp_dir: str) -> None:
                 fh.write(b"ok")
             FileSystems.delete([probe])
     except Exception as err:
+        release_temp_dir(temp_dir, lock)
         raise OutputError(f"cannot write next to --output ({temp_dir}): {err}") from err
+    return lock
+
+
+def release_temp_dir(temp_dir: str, lock: IO[str] | None) -> None:
+    """Drop the run's claim on its temp folder (whatever is left of the folder is then stale)."""
+    if lock is not None:
+        _lock_path(temp_dir).unlink(missing_ok=True)
+        lock.close()
+
+
+def remove_stale_temp_dirs(output: str) -> list[str]:
+    """Delete the temp folders (and locks) of earlier runs into ``output`` whose driver is gone
+    (killed, or failed and keeping its log); a running job's is locked and left alone. Returns the
+    folders removed. Local outputs only: an object store has no lock to tell a live run by."""
+    if not is_local(output):
+        return []
+    path = _local(output)
+    prefix = f".{path.name}.tmp-"
+    try:
+        names = sorted(p.name for p in path.parent.iterdir() if p.name.startswith(prefix))
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        folder = path.parent / name.removesuffix(".lock")
+        if name.endswith(".lock") and folder.name in names:
+            continue  # seen with its folder
+        try:
+            lock = _try_lock(_lock_path(str(folder)))
+        except OSError as err:  # a read-only folder, say: the run that fails on it will say so
+            log.debug("cannot check %s: %s", folder, err)
+            continue
+        if lock is None:
+            continue  # a live run
+        try:
+            if folder.is_dir():
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(str(folder))
+        finally:
+            release_temp_dir(str(folder), lock)
+    return removed
 
 
 def delete_file(path: str) -> None:

@@ -139,7 +139,9 @@ def parse(argv: list[str] | None = None) -> JobOptions:
     parser = build_parser()
     try:
         ns, rest = parser.parse_known_args(argv)
-    except SystemExit as err:  # argparse already printed usage and the message
+    except SystemExit as err:  # argparse already printed usage and the message, or the help
+        if not err.code:
+            raise  # --help: done, exit 0
         raise BatchUsageError("") from err
     bad = _unknown_beam_flags(rest)
     if bad:

@@ -24,6 +24,7 @@ from batch.console import quiet_stderr
 from batch.model_source import ModelError
 from batch.options import BatchUsageError
 from batch.plan import JobPlan
+from batch.signals import Interrupted
 from batch.transforms import ScoreCatalog
 
 log = logging.getLogger("bookrec.batch")
@@ -89,10 +90,15 @@ def run(plan: JobPlan) -> dict[str, Any]:
     has them).
 
     Raises ``BatchUsageError`` when the output cannot be written, ``JobFailed`` when the runner
-    ends without the committed output."""
+    ends without the committed output (its temp folder keeps the runner's log), ``Interrupted``
+    when stopped by a signal (the temp folder goes whole). First removes the temp folders that
+    dead runs left beside the output."""
     spec, log_file = plan.spec, plan.log_file
+    stale = io.remove_stale_temp_dirs(spec.output)
+    if stale:
+        log.info("removed %d temp folder(s) of earlier runs that did not finish: %s", len(stale), ", ".join(stale))
     try:
-        io.prepare_temp_dir(spec.temp_dir)
+        lock = io.prepare_temp_dir(spec.temp_dir)
     except io.OutputError as err:
         raise BatchUsageError(str(err)) from None
     summary = plan.summary()
@@ -148,6 +154,12 @@ def run(plan: JobPlan) -> dict[str, Any]:
         if metrics:
             done["metrics"] = metrics
         return done
+    except Interrupted as err:
+        # Stopped on purpose: nothing of the run is worth keeping, its log included.
+        log_file = None
+        done = io.read_summary(spec.output) or {}
+        err.detail = f"{spec.output} was committed" if done.get("run_id") == spec.run_id else _untouched(spec.output)
+        raise
     except Exception as err:
         if log_file is not None and log_file.is_file():
             # The runner's own messages are in the log: say where, and keep it.
@@ -161,6 +173,7 @@ def run(plan: JobPlan) -> dict[str, Any]:
             _remove_all_but(spec.temp_dir, log_file)
         elif log_file is not None and not io.is_local(spec.temp_dir):
             log_file.unlink(missing_ok=True)
+        io.release_temp_dir(spec.temp_dir, lock)
 
 
 def _untouched(output: str) -> str:

@@ -23,6 +23,8 @@ from batch.model_source import ModelError, model_dims, resolve
 from batch.options import BatchUsageError, JobOptions, RunnerOptions, parse
 from batch.transforms import UserBlock, plan_blocks
 from model import layout
+from model.artifacts import ModelFolder
+from model.isbn import normalise_isbn
 
 PAIRS_PER_BLOCK = 1 << 20  # ~1M pairs: a block's scores + record batch stay around 20-30 MB
 # Top-k blocks hold k rows per user and score the book set in bounded slices (model/recommend.py),
@@ -43,6 +45,7 @@ class JobPlan:
     n_books: int  # books requested (before the workers drop unscorable ones)
     beam_flags: tuple[str, ...]  # the runner's flags, plus the Dask partitions (one per shard)
     log_file: Path | None  # where Beam's chatter goes; None with --verbose
+    ranking_stage: bool  # top-k lists ordered by the model's ranking stage (False: the retrieval blend, or --mode all)
 
     @property
     def runner(self) -> RunnerOptions:
@@ -51,6 +54,14 @@ class JobPlan:
     def pipeline_options(self) -> PipelineOptions:
         """Beam's options for this run, a fresh object (the runner may fill in a Dask scheduler address)."""
         return PipelineOptions(list(self.beam_flags))
+
+    def ranked_by(self) -> str:
+        """Which path put the rows in order, in words (``_SUCCESS`` says it to a reader of the output)."""
+        if self.spec.mode == "all":
+            return f"none: every pair, rated by {layout.MODEL_FILES[self.spec.variant]}"
+        if self.ranking_stage:
+            return "the ranking stage: the learned ranker ordered the candidates (towers, item graph, authors)"
+        return "no ranking stage: retrieval logit blended with the predicted rating"
 
     def summary(self) -> dict[str, Any]:
         """The ``_SUCCESS`` summary's skeleton (the commit adds the counts)."""
@@ -61,6 +72,9 @@ class JobPlan:
             "exclude_rated": spec.exclude_rated,
             "model": spec.model,
             "model_file": layout.MODEL_FILES[spec.variant],
+            "variant": spec.variant,
+            "ranking_stage": self.ranking_stage,
+            "ranked_by": self.ranked_by(),
             "users_requested": self.n_users,
             "books_requested": self.n_books,
             "shards": spec.num_shards,
@@ -86,11 +100,11 @@ def plan_job(argv: list[str] | None = None) -> JobPlan:
     else:
         user_ids = catalog_ids(folder, "user")
     if options.users:
-        user_ids = read_id_list(options.users, "user_id", int)
+        user_ids = read_id_list(options.users, "--users")
     user_ids = list(dict.fromkeys(user_ids))
     if options.max_users:
         user_ids = user_ids[: options.max_users]
-    books = tuple(dict.fromkeys(read_id_list(options.books, "isbn", str))) if options.books else None
+    books = tuple(dict.fromkeys(read_id_list(options.books, "--books"))) if options.books else None
     if books is not None:
         n_books = len(books)
     elif options.book_features:
@@ -107,8 +121,8 @@ def plan_job(argv: list[str] | None = None) -> JobPlan:
     else:
         block_users = max(1, PAIRS_PER_BLOCK // max(n_books, 1))
     run_id = io.new_run_id()
-    output = io.absolute(options.output.rstrip("/"))
     try:
+        output = io.output_folder(options.output)
         io.check_output(output)
     except io.OutputError as err:
         raise BatchUsageError(str(err)) from None
@@ -142,6 +156,7 @@ def plan_job(argv: list[str] | None = None) -> JobPlan:
         n_books=n_books,
         beam_flags=_beam_flags(runner, num_shards),
         log_file=None if options.verbose else _log_file(spec.temp_dir, run_id),
+        ranking_stage=options.mode == "topk" and ModelFolder(folder).ranks(),
     )
 
 
@@ -167,19 +182,21 @@ def _log_file(temp_dir: str, run_id: str) -> Path:
 
 
 def _feature_ids(path: str, column: str, id_type: pa.DataType) -> list:
-    """Ids of an external features file, or ``BatchUsageError`` when it is not one."""
+    """Ids of an external features file, or ``BatchUsageError`` when it is not one or has no rows."""
+    flag = "--user-features" if column == "user_id" else "--book-features"
     try:
-        return read_features(path, column, id_type)[0].tolist()
+        ids = read_features(path, column, id_type)[0].tolist()
     except Exception as err:
-        flag = "--user-features" if column == "user_id" else "--book-features"
         what = f"a Parquet file with {column!r} and 'features' columns"
         raise BatchUsageError(f"{flag} {path}: not {what} ({err})") from None
+    if not ids:
+        raise BatchUsageError(f"{flag} {path}: no rows (an empty features file scores nothing)")
+    return ids
 
 
 def _check_dims(folder: Path, options: JobOptions) -> None:
     """The catalog's feature widths must be what the model takes (a whole-catalog mismatch is a
     wrong --model, not a bad row)."""
-    from model.artifacts import ModelFolder
     from model.features import FeatureSpec
 
     user_dim, book_dim = model_dims(ModelFolder(folder).load_rating_model(options.variant))
@@ -190,25 +207,67 @@ def _check_dims(folder: Path, options: JobOptions) -> None:
         raise BatchUsageError(f"--model {options.model}: catalog book features ({spec.book_dim}) != model ({book_dim})")
 
 
-def read_id_list(path: str, column: str, kind: type) -> list:
-    """Ids from a Parquet file (``column``) or a text file (one per line; blank lines and a header
-    equal to ``column`` skipped). Raises ``BatchUsageError`` naming the first bad line."""
-    data = io.read_bytes(path)
+# The column of each id list's ids (in a Parquet file; a text file's optional header).
+ID_COLUMNS = {"--users": "user_id", "--books": "isbn"}
+INT64_MAX = (1 << 63) - 1
+
+
+def read_id_list(path: str, flag: str) -> list:
+    """The ids of an id list (``--users``: ints, ``--books``: ISBNs as training spells them) from a
+    Parquet file (column ``user_id`` / ``isbn``) or a text file (one per line; blank lines and a header
+    equal to the column name skipped). Raises ``BatchUsageError`` naming the flag, the file and the
+    first bad row or line: an unreadable file, a column of the wrong type, a bad or out-of-range id,
+    or no ids at all."""
+    column = ID_COLUMNS[flag]
+    where = f"{flag} {path}"
+    try:
+        data = io.read_bytes(path)
+    except OSError as err:
+        raise BatchUsageError(f"{where}: cannot read it ({err.strerror or err})") from None
     if data[:4] == b"PAR1":
-        table = pq.read_table(pa.BufferReader(data))
-        if column not in table.column_names:
-            raise BatchUsageError(f"{path}: Parquet file without a {column!r} column")
-        values = table[column].to_pylist()
-        if any(v is None for v in values):
-            raise BatchUsageError(f"{path}: null {column}")
-        return [kind(v) for v in values]
-    out = []
-    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
-        token = line.strip().split(",")[0].strip()
-        if not token or (n == 1 and token == column):
-            continue
+        ids = _parquet_ids(data, column, where)
+    else:
         try:
-            out.append(kind(token))
-        except ValueError:
-            raise BatchUsageError(f"{path} line {n}: {token!r} is not a valid {column}") from None
-    return out
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise BatchUsageError(f"{where}: neither Parquet nor UTF-8 text (byte {err.start})") from None
+        ids = []
+        for n, line in enumerate(text.splitlines(), 1):
+            token = line.strip().split(",")[0].strip()
+            if not token or (n == 1 and token == column):
+                continue
+            ids.append(_id(token, column, f"{where} line {n}"))
+    ids = [i for i in ids if i != ""]  # an ISBN that normalises to nothing is a blank line
+    if not ids:
+        raise BatchUsageError(f"{where}: no {column} values in the file (an empty id list scores nothing)")
+    return ids
+
+
+def _parquet_ids(data: bytes, column: str, where: str) -> list:
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as err:
+        raise BatchUsageError(f"{where}: not a readable Parquet file ({err})") from None
+    if column not in table.column_names:
+        raise BatchUsageError(f"{where}: Parquet file without a {column!r} column")
+    kind = table.schema.field(column).type
+    wanted = pa.types.is_integer if column == "user_id" else pa.types.is_string
+    if not (wanted(kind) or (column == "isbn" and pa.types.is_large_string(kind))):
+        expected = "integers" if column == "user_id" else "strings"
+        raise BatchUsageError(f"{where}: column {column!r} holds {kind}, not {expected}")
+    return [_id(v, column, f"{where} row {n}") for n, v in enumerate(table[column].to_pylist())]
+
+
+def _id(value: str | int | None, column: str, where: str) -> int | str:
+    """One id as the job uses it; ``BatchUsageError`` naming ``where`` when it is not one."""
+    if value is None:
+        raise BatchUsageError(f"{where}: null {column}")
+    if column == "isbn":
+        return normalise_isbn(value)
+    try:
+        user = int(value)
+    except ValueError:
+        raise BatchUsageError(f"{where}: {value!r} is not a valid {column}") from None
+    if not -INT64_MAX - 1 <= user <= INT64_MAX:
+        raise BatchUsageError(f"{where}: {value} is out of range for a {column} (a 64-bit integer)")
+    return user

@@ -228,6 +228,10 @@ class ModelFolder:
         """Whether the folder holds the ranking stage (item graph, ranker and its settings)."""
         return all((self.path / name).is_file() for name in layout.RANKING_FILES)
 
+    def ranks(self) -> bool:
+        """Whether top-k lists of this folder go through its ranking stage (held and enabled)."""
+        return self.has_ranking() and self.ranking_settings().enabled
+
     def ranking_settings(self) -> RankingSettings:
         return RankingSettings.load(self.path / layout.RANKING_SETTINGS)
 
@@ -310,7 +314,7 @@ class ModelFolder:
         else:
             vectors = self.book_vectors() if book_rows is None else self.book_vectors()[book_rows]
         ranking = None
-        if self.has_ranking() and self.ranking_settings().enabled:
+        if self.ranks():
             rows = None if book_rows is None else book_rows.numpy().astype(np.int64)
             ranking = self.ranking_stage(catalog, rows, scorer.device)
         return Recommender(towers, vectors, scorer, self.retrieval_settings(), ranking)

@@ -290,5 +290,5 @@ def test_the_plan_is_built_once_from_the_command_line_and_carries_every_flag(
     assert capsys.readouterr().err.splitlines() == ["python -m batch: error: --threads must be at least 1, got 0"]
     (tmp_path / "users.txt").write_text("user_id\n12\nnot-a-number\n")
     assert main(argv) == 2
-    message = f"{tmp_path / 'users.txt'} line 3: 'not-a-number' is not a valid user_id"
+    message = f"--users {tmp_path / 'users.txt'} line 3: 'not-a-number' is not a valid user_id"
     assert capsys.readouterr().err.splitlines() == [f"python -m batch: error: {message}"]
