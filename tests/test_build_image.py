@@ -158,3 +158,30 @@ def test_the_build_context_admits_exactly_what_the_dockerfile_copies():
         r'^HEALTHCHECK .*?CMD \["python3", "([^"]+)"', (REPO / "Dockerfile").read_text(), re.M | re.S
     )
     assert healthcheck and healthcheck.group(1) == "/home/model-server/healthcheck.py"
+
+
+# Import name -> distribution name where they differ; "ts" is TorchServe's own package.
+DISTRIBUTIONS = {"ts": "torchserve", "yaml": "PyYAML", "pydantic_core": "pydantic"}
+# Installed by the Dockerfile itself (from TORCH_INDEX), not by the requirements file.
+FROM_DOCKERFILE = {"torch"}
+
+
+def test_serving_requirements_cover_what_the_worker_imports() -> None:
+    """Every third-party package that ``handlers/`` and ``model/`` import (what the worker loads) is
+    pinned in handlers/requirements-serve.txt, so the image cannot miss one (it once lacked scipy)."""
+    import ast
+    import sys
+
+    imported = set()
+    for pkg in ("handlers", "model"):
+        for path in (REPO / pkg).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    imported |= {alias.name.split(".")[0] for alias in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    imported.add(node.module.split(".")[0])
+    third_party = {name for name in imported if name not in sys.stdlib_module_names} - {"handlers", "model"}
+    needed = {DISTRIBUTIONS.get(name, name).lower() for name in third_party} - FROM_DOCKERFILE
+    lines = (REPO / "handlers/requirements-serve.txt").read_text().splitlines()
+    pinned = {re.split(r"[=<>~!\[ ]", line, maxsplit=1)[0].lower() for line in lines if line and line[0].isalnum()}
+    assert needed <= pinned, f"imported by the worker but not in requirements-serve.txt: {sorted(needed - pinned)}"
