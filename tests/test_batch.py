@@ -28,6 +28,7 @@ from batch.pipeline import run
 from batch.plan import plan_job
 from batch.transforms import ScoreShards, UserBlocks, plan_blocks
 from model import layout
+from model.artifacts import ModelFolder
 from model.catalog import Catalog
 from model.scoring import Scorer
 from train.config import load_config
@@ -235,19 +236,19 @@ def test_rerun_replaces_output_whole(tiny_run: Path, tmp_path: Path) -> None:
 
 
 def _shifted_copy(tiny_run: Path, dest: Path, shift: float) -> Path:
-    """The files scoring needs, with the model's global mean moved by ``shift`` (other scores)."""
-    for name in (layout.MODEL_FILES["scripted"], *layout.SCORING_FILES):
-        (dest / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(tiny_run / name, dest / name)
+    """A copy of the model, with its global mean moved by ``shift`` (other scores)."""
+    shutil.copytree(tiny_run, dest, ignore=shutil.ignore_patterns("data"))
     shift_model(dest, shift)
     return dest
 
 
 def shift_model(folder: Path, shift: float) -> None:
+    """The model retrained in place, as far as the batch job can tell: other weights, a new manifest."""
     model = torch.jit.load(str(folder / layout.MODEL_FILES["scripted"]))
     with torch.no_grad():
         model.global_mean.add_(shift)
     model.save(str(folder / layout.MODEL_FILES["scripted"]))
+    ModelFolder(folder).write_manifest()
 
 
 def test_model_loaded_once_per_process_and_again_when_it_changes(tiny_run: Path, tmp_path: Path) -> None:
@@ -302,8 +303,9 @@ def test_mar_archive_scores_like_the_run_folder(all_pairs, tiny_run: Path, tmp_p
 
 # ------------------------------------------------------------------------------------- dead letters
 def _corrupt_copy(tiny_run: Path, dest: Path, user_rows: list[int], book_rows: list[int]) -> Path:
-    """A copy of the run whose catalog has NaN / inf text embeddings for some users and books."""
-    shutil.copytree(tiny_run, dest, ignore=shutil.ignore_patterns("data", "encoder"))
+    """A copy of the run whose catalog has NaN / inf text embeddings for some users and books (its
+    manifest rewritten: a model that really holds them)."""
+    shutil.copytree(tiny_run, dest, ignore=shutil.ignore_patterns("data"))
     for name, rows, value in (("users", user_rows, np.nan), ("books", book_rows, np.inf)):
         path = dest / "catalog" / f"{name}.parquet"
         table = pq.read_table(path)
@@ -313,6 +315,7 @@ def _corrupt_copy(tiny_run: Path, dest: Path, user_rows: list[int], book_rows: l
         flat[rows, 0] = value
         column = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), dim)
         pq.write_table(table.set_column(table.schema.get_field_index("embedding"), "embedding", column), path)
+    ModelFolder(dest).write_manifest()
     return dest
 
 

@@ -30,6 +30,7 @@ import pytest
 from batch import io
 from batch.__main__ import main
 from model import layout
+from model.artifacts import ModelFolder
 from model.catalog import Catalog
 from tests.test_batch_dask import many_users
 
@@ -180,8 +181,9 @@ def test_success_says_which_path_ranked(tiny_run: Path, tmp_path: Path) -> None:
     bare = tmp_path / "bare"
     bare.mkdir()
     for path in tiny_run.iterdir():
-        if path.name not in layout.RANKING_FILES:
+        if path.name not in (*layout.RANKING_FILES, layout.MANIFEST_FILE):
             (bare / path.name).symlink_to(path)
+    ModelFolder(bare).write_manifest()  # a model trained without a ranking stage
     assert batch(bare, tmp_path / "topk", "--max-users", "2", "--mode", "topk", "--variant", "int8") == 0
     summary = json.loads((tmp_path / "topk" / io.SUCCESS).read_text())
     assert (summary["variant"], summary["model_file"], summary["ranking_stage"]) == ("int8", "model_int8.pt", False)
