@@ -261,6 +261,7 @@ def _one_error_line(proc: subprocess.CompletedProcess, *names: str) -> None:
     assert all(name in errors[0] for name in names), errors[0]
 
 
+@pytest.mark.training  # a `python -m train` process of its own
 def test_cli_bad_data_and_bad_yaml_exit_2_with_one_line(case) -> None:
     csv_dir, run = case
     (csv_dir / "Ratings.csv").write_text("User-ID,ISBN,Book-Rating\r\n", encoding="utf-8")

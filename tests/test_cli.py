@@ -75,6 +75,7 @@ def test_evaluation_table(tiny_run):
     assert result["meta"]["encoder"].startswith("random-init")
 
 
+@pytest.mark.training  # a `python -m train` process of its own
 def test_a_step_on_a_folder_without_its_inputs_names_the_step_to_run_first(tmp_path):
     """``python -m train evaluate`` with no config, in a fresh checkout: one line, exit 2, no folder made."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -102,6 +103,7 @@ def test_rerunning_features_reuses_the_embedding_cache(tiny_run, tmp_path):
     assert summary["book_embedding"]["unique_new"] == 0 and summary["user_embedding"]["unique_new"] == 0
 
 
+@pytest.mark.training  # a `python -m train` process of its own
 def test_bad_config_and_missing_data_fail_with_a_clear_message(tmp_path):
     out = _cli("train", "--set", "train.epochz=1")
     assert out.returncode == 2 and "unknown config key(s) in 'train': epochz" in out.stderr

@@ -131,6 +131,7 @@ def test_training_run_logs_config_epochs_tables_curve_and_model(tmp_path: Path) 
     assert exit_record.exit_code == 0
 
 
+@pytest.mark.training  # a `python -m train` process of its own
 def test_wandb_missing_is_a_clear_error(tmp_path: Path) -> None:
     """With train.wandb on and no wandb importable, the job stops before any work, saying why."""
     (tmp_path / "wandb").mkdir()
@@ -203,6 +204,7 @@ def test_sweep_reuses_features_and_writes_best_config_plot_and_wandb_trials(swee
             assert any("train/val_rmse" in row for row in history(records))
 
 
+@pytest.mark.training  # a `python -m train` process of its own
 def test_sweep_rejects_bad_trial_counts() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "train", "sweep", "--trials", "0"], cwd=REPO, capture_output=True, text=True
