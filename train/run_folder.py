@@ -14,8 +14,8 @@ import pandas as pd
 
 from model import layout
 from model.artifacts import ModelFolder, code_identity
+from model.manifest import file_sha256
 from train.config import Config
-from train.hashing import file_sha256
 
 PACKAGES = (
     "torch",

@@ -17,7 +17,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.hashing import file_sha256
+from model.manifest import file_sha256
 
 PREFIX = "packaged:"
 
