@@ -144,6 +144,9 @@ class ModelFolder:
         if serving:
             needed += [name for name in listed if name.startswith(f"{layout.ENCODER_DIR}/")]
             needed += [name for name in layout.SERVING_FILES if name not in needed]
+        withdrawn = layout.catalog_path(layout.WITHDRAWN_FILE)
+        if withdrawn in listed or (self.path / withdrawn).is_file():
+            needed.append(withdrawn)  # a withdrawn book must never come back by a lost file
         ranking = bool(record.get("stages", {}).get("ranking"))
         if ranking or self.has_ranking():
             needed += layout.RANKING_FILES
@@ -264,7 +267,7 @@ class ModelFolder:
             per_author=settings.per_author,
         )
         years = catalog.books["year"].fillna(0).to_numpy(np.float32)
-        return RankingStage(graph, authors, years, settings, ranker, book_rows)
+        return RankingStage(graph, authors, years, settings, ranker, book_rows, catalog.withdrawn_mask())
 
     def read_json(self, name: str) -> Any:
         """A JSON file of the folder, None when absent."""
@@ -317,7 +320,13 @@ class ModelFolder:
         if self.ranks():
             rows = None if book_rows is None else book_rows.numpy().astype(np.int64)
             ranking = self.ranking_stage(catalog, rows, scorer.device)
-        return Recommender(towers, vectors, scorer, self.retrieval_settings(), ranking)
+        withdrawn = None
+        if len(catalog.withdrawn):  # the book set's positions of withdrawn catalog books
+            mask = catalog.withdrawn_mask()
+            withdrawn = (
+                mask if book_rows is None else np.where(book_rows.numpy() >= 0, mask[book_rows.clamp_min(0)], False)
+            )
+        return Recommender(towers, vectors, scorer, self.retrieval_settings(), ranking, withdrawn)
 
 
 @dataclass

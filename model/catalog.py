@@ -7,7 +7,8 @@ the training split only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -97,17 +98,29 @@ class Catalog:
     # books each user read in training (rated or implicit): catalog rows grouped by user row, and bounds
     rated_books: np.ndarray
     rated_bounds: np.ndarray
+    # catalog rows of books withdrawn by a catalog update: known, never recommended
+    withdrawn: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     @classmethod
     def load(cls, run_dir: Path) -> Catalog:
         """Load the catalog of a model folder and compute every feature vector from the training history."""
         folder = Path(run_dir) / layout.CATALOG_DIR
-        return cls.from_tables(
+        catalog = cls.from_tables(
             FeatureSpec.load(folder / layout.SPEC_FILE),
             pq.read_table(folder / layout.BOOKS_FILE),
             pq.read_table(folder / layout.USERS_FILE),
             pq.read_table(folder / layout.HISTORY_FILE),
         )
+        withdrawn = folder / layout.WITHDRAWN_FILE
+        if withdrawn.is_file():
+            catalog.withdrawn = catalog.book_rows(json.loads(withdrawn.read_text())).numpy().astype(np.int64)
+        return catalog
+
+    def withdrawn_mask(self) -> np.ndarray:
+        """[B] True at the catalog rows of withdrawn books."""
+        mask = np.zeros(len(self.books), bool)
+        mask[self.withdrawn] = True
+        return mask
 
     @classmethod
     def from_tables(cls, spec: FeatureSpec, book_table: pa.Table, user_table: pa.Table, history: pa.Table) -> Catalog:

@@ -33,7 +33,9 @@ def needed_files(root: Path) -> list[str]:
     encoder = root / layout.ENCODER_DIR
     encoder_files = sorted(str(p.relative_to(root)) for p in encoder.rglob("*") if p.is_file())
     ranking = [name for name in layout.RANKING_FILES if (root / name).is_file()]
-    return [*variants, *layout.SCORING_FILES, *encoder_files, *ranking]
+    withdrawn = layout.catalog_path(layout.WITHDRAWN_FILE)
+    optional = [withdrawn] if (root / withdrawn).is_file() else []
+    return [*variants, *layout.SCORING_FILES, *encoder_files, *ranking, *optional]
 
 
 def build(root: Path, files: list[str] | None = None) -> dict[str, Any]:

@@ -119,7 +119,9 @@ class Recommender:
         scorer: Scorer,
         settings: RetrievalSettings,
         ranking: RankingStage | None = None,
+        withdrawn: np.ndarray | None = None,
     ):
+        """``withdrawn``: a bool per book of the set, True for a book never to recommend (out of print)."""
         if ranking is not None and len(ranking.catalog_rows) != book_vectors.shape[0]:
             raise ValueError(f"a ranking stage of {len(ranking.catalog_rows)} books for {book_vectors.shape[0]}")
         if book_vectors.shape[0] != scorer.n_books:
@@ -132,13 +134,19 @@ class Recommender:
         self.scorer = scorer
         self.settings = settings
         self.ranking = ranking
+        self.withdrawn = None if withdrawn is None else np.asarray(withdrawn, bool)
+        blocked = np.flatnonzero(self.withdrawn) if self.withdrawn is not None else np.zeros(0, np.int64)
+        self.blocked = torch.from_numpy(blocked).to(self.device) if len(blocked) else None
         self.last_timings: dict[str, float] = {}
 
     def subset(self, rows: np.ndarray) -> Recommender:
         """The same recommender over the book-set positions ``rows`` only."""
         index = torch.as_tensor(rows, dtype=torch.long, device=self.device)
         ranking = self.ranking.subset(rows) if self.ranking is not None else None
-        return Recommender(self.towers, self.book_vectors[index], self.scorer.subset(index), self.settings, ranking)
+        withdrawn = self.withdrawn[np.asarray(rows, np.int64)] if self.withdrawn is not None else None
+        return Recommender(
+            self.towers, self.book_vectors[index], self.scorer.subset(index), self.settings, ranking, withdrawn
+        )
 
     @property
     def n_books(self) -> int:
@@ -228,6 +236,9 @@ class Recommender:
             if ex_book is not None:
                 inside = (ex_book >= begin) & (ex_book < end)
                 logits[ex_user[inside], ex_book[inside] - begin] = -math.inf
+            if self.blocked is not None:  # withdrawn books: for every user
+                inside = self.blocked[(self.blocked >= begin) & (self.blocked < end)]
+                logits[:, inside - begin] = -math.inf
             part_top, part_rows = torch.topk(logits, min(n, end - begin), dim=1)
             if top is None:
                 top, rows = part_top, part_rows + begin
