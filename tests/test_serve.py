@@ -98,11 +98,13 @@ def test_config_binds_loopback_and_locks_the_model_api() -> None:
     assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
     assert props["metrics_mode"] == "prometheus"
     assert props["model_store"] == "model-store" and props["load_models"] == "bookrec.mar"
-    assert props["enable_model_api"] == "false" and props["disable_token_authorization"] == "false"
+    # The model API is on for the version swap (serving/swap.py): a bare archive name of the store only.
+    assert props["enable_model_api"] == "true" and props["disable_token_authorization"] == "false"
     assert props["install_py_dep_per_model"] == "false"
     assert int(props["max_request_size"]) == 1048576
     assert re.fullmatch(props["allowed_urls"], "file:///srv/model-store/bookrec.mar")
     assert not re.fullmatch(props["allowed_urls"], "https://example.com/model-store/bookrec.mar")
+    assert not re.fullmatch(props["allowed_urls"], "s3://bucket/model-store/bookrec.mar")
 
 
 def test_token_authorization_is_on(server: LocalServer) -> None:
