@@ -323,9 +323,8 @@ class ModelFolder:
         withdrawn = None
         if len(catalog.withdrawn):  # the book set's positions of withdrawn catalog books
             mask = catalog.withdrawn_mask()
-            withdrawn = (
-                mask if book_rows is None else np.where(book_rows.numpy() >= 0, mask[book_rows.clamp_min(0)], False)
-            )
+            rows = None if book_rows is None else book_rows.numpy().astype(np.int64)
+            withdrawn = mask if rows is None else np.where(rows >= 0, mask[np.maximum(rows, 0)], False)
         return Recommender(towers, vectors, scorer, self.retrieval_settings(), ranking, withdrawn)
 
 

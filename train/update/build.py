@@ -14,7 +14,8 @@ The networks are the source's (rating MLP, towers, ranker); what changes is the 
   new catalog gives them; every book vector is re-embedded by the towers (``book_vectors.npy``);
 - the item graph is rebuilt from the new history when ratings arrived (seconds at the shared
   catalog), else padded to the new catalog; the author source is computed from the catalog at load;
-- withdrawn books are listed in ``catalog/withdrawn.json``: the recommender never offers them.
+- withdrawn books are listed in ``catalog/withdrawn.json``: the recommender never offers them (the
+  towers' retrieval, the graph and the author sources), and later versions keep the list.
 
 The version is written into a staging folder beside ``out``, its manifest written and verified,
 and only then renamed to ``out``: the source is never modified, and a failed update leaves nothing.
