@@ -164,3 +164,33 @@ def test_a_corrupt_source_writes_nothing(tiny_run: Path, tmp_path: Path) -> None
     proc = run_update("--model", str(source), "--input", str(tmp_path / "in"), "--out", str(tmp_path / "v2"))
     assert proc.returncode == 2 and "book_vectors.npy: SHA-256 differs" in proc.stderr, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "run"]
+
+
+def test_a_known_readers_new_ratings_count_as_an_update_would_count_them(tiny_run: Path, tmp_path: Path) -> None:
+    """A ``user_id`` request carrying the reader's ratings since the version was built: the features
+    are the ones an update joining those ratings gives the reader, and the books are treated as read."""
+    from handlers.engine import BookrecEngine
+
+    engine = BookrecEngine(tiny_run)
+    catalog = engine.catalog
+    user = int(catalog.history["user_id"].value_counts().index[0])
+    row = catalog.user_index[user]
+    read = catalog.rated_by(row)
+    explicit = read[catalog.rated_values[catalog.rated_bounds[row] : catalog.rated_bounds[row + 1]] > 0]
+    unread = [i for i in range(len(catalog.books)) if i not in set(read)][:2]
+    picks = [*unread, int(explicit[0])]  # two new reads and one book rated again
+    isbns = [str(catalog.books["isbn"].iat[i]) for i in picks]
+    ratings = [{"isbn": isbn, "rating": value} for isbn, value in zip(isbns, (9, 2, 1), strict=True)]
+
+    (tmp_path / "in").mkdir()
+    lines = "".join(f"{user},{r['isbn']},{r['rating']}\n" for r in ratings)
+    (tmp_path / "in" / "Ratings.csv").write_text("User-ID,ISBN,Book-Rating\n" + lines)
+    build_version(tiny_run, tmp_path / "in", tmp_path / "v2")
+    updated = ModelFolder(tmp_path / "v2").load_catalog()
+    asked = catalog.known_user_features([row], torch.zeros(3, dtype=torch.long), isbns, torch.tensor([9.0, 2.0, 1.0]))
+    torch.testing.assert_close(asked[0], updated.user_feats[updated.user_index[user]])
+    assert not torch.allclose(asked[0], catalog.user_feats[row])
+
+    [(status, answer)] = engine.run([{"action": "recommend", "user": {"user_id": user, "ratings": ratings}, "k": 50}])
+    assert status == 200 and answer["user"] == {"user_id": user, "known": True, "ratings_used": 3}
+    assert not set(isbns) & {item["isbn"] for item in answer["recommendations"]}
