@@ -5,15 +5,19 @@
 
 Every step is a management API call with the management key (``key_file.json``):
 
-1. ``POST /models?url=<archive>&synchronous=true&initial_workers=N``: the archive is a plain file
+1. ``POST /models?url=<archive>&synchronous=false&initial_workers=N``: the archive is a plain file
    name of the server's model store (never a URL: TorchServe loads a bare name from its store and
    refuses ``..``), its model name and version read from the archive's own manifest;
-2. wait until the new version has a READY worker (it answers nothing before);
+2. wait until the new version has a READY worker (it answers nothing before). The registration is
+   asynchronous on purpose: a synchronous one holds one of TorchServe's network threads until the
+   worker has started (tens of seconds), and every inference connection served by that thread
+   waits as long (measured: one request in flight stalled 29 and 39 s);
 3. ``PUT /models/<name>/<version>/set-default``: from here ``/predictions/<name>`` goes to it;
-4. each other version, once its queue is empty, ``DELETE /models/<name>/<version>``.
+4. each other version, once its queue has stayed empty for ``--quiet`` seconds (the batch its
+   worker may still hold is answered meanwhile), ``DELETE /models/<name>/<version>``.
 
 Requests keep being answered by the old default until step 3 and by the new one after it; the
-old version is retired only with nothing in its queue. A swap that fails before step 3 unregisters
+old version is retired only after its queue stayed empty for a while. A swap that fails before step 3 unregisters
 what it registered and leaves the old default serving. The swap writes ``swap.json`` (``--state``):
 the archive now served and the one it replaced, which ``--rollback`` swaps back to.
 """
@@ -99,17 +103,33 @@ def _ready(api: Management, name: str, version: str, deadline: float) -> None:
     raise SwapError(f"{name} {version}: no READY worker in time")
 
 
-def _drain(api: Management, name: str, version: str, deadline: float) -> None:
-    """Until the retiring version holds no queued request (or the deadline)."""
+def _drain(api: Management, name: str, version: str, deadline: float, quiet: float) -> None:
+    """Until the retiring version's queue has stayed empty for ``quiet`` seconds (or the deadline).
+    The management API shows queued requests only, not the batch a worker holds: unregistering
+    stops the worker, and a batch it still held would never be answered, so the queue must stay
+    empty for longer than a batch takes."""
+    empty_since = None
     while time.monotonic() < deadline:
         resp = api.call("GET", f"/models/{name}/{version}")
-        if resp.status_code != 200 or not resp.json()[0].get("jobQueueStatus", {}).get("pendingRequests"):
+        if resp.status_code != 200:
             return
-        time.sleep(0.2)
+        if resp.json()[0].get("jobQueueStatus", {}).get("pendingRequests"):
+            empty_since = None
+        elif empty_since is None:
+            empty_since = time.monotonic()
+        elif time.monotonic() - empty_since >= quiet:
+            return
+        time.sleep(0.1)
 
 
 def swap(
-    api: Management, store: Path, archive: str, workers: int = 1, wait: float = 300.0, drain: float = 30.0
+    api: Management,
+    store: Path,
+    archive: str,
+    workers: int = 1,
+    wait: float = 300.0,
+    drain: float = 60.0,
+    quiet: float = 3.0,
 ) -> dict[str, Any]:
     """Make ``archive`` (a file of the model ``store``) the served default and retire every other
     version of its model; returns what was done."""
@@ -119,7 +139,7 @@ def swap(
     registered = {str(v["modelVersion"]): v for v in api.versions(name)}
     added = version not in registered
     if added:
-        resp = api.call("POST", "/models", url=archive, initial_workers=workers, synchronous="true")
+        resp = api.call("POST", "/models", url=archive, initial_workers=workers, synchronous="false")
         _check(resp, f"register {archive}")
     try:
         _ready(api, name, version, deadline)
@@ -132,7 +152,7 @@ def swap(
     for old, desc in registered.items():
         if old == version:
             continue
-        _drain(api, name, old, time.monotonic() + drain)
+        _drain(api, name, old, time.monotonic() + drain, quiet)
         _check(api.call("DELETE", f"/models/{name}/{old}"), f"retire {name} {old}")
         retired.append({"version": old, "archive": Path(str(desc.get("modelUrl", ""))).name or None})
     previous = before and {"version": str(before["modelVersion"]), "archive": Path(str(before["modelUrl"])).name}
@@ -147,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--management", default=DEFAULT_MANAGEMENT, help="management address")
     parser.add_argument("--key-file", type=Path, default=Path("key_file.json"), help="TorchServe's token file")
     parser.add_argument("--workers", type=int, default=1, help="workers of the new version")
+    parser.add_argument(
+        "--quiet", type=float, default=3.0, help="seconds the old version's queue stays empty before it is retired"
+    )
     parser.add_argument("--state", type=Path, default=Path("swap.json"), help="where the last swap is recorded")
     args = parser.parse_args(argv)
     if bool(args.archive) == args.rollback:
@@ -160,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     api = Management.from_key_file(args.management, args.key_file)
     try:
-        done = swap(api, args.store, archive, workers=args.workers)
+        done = swap(api, args.store, archive, workers=args.workers, quiet=args.quiet)
     except (SwapError, requests.RequestException) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from model.manifest import file_sha256
 from serving.archive import build_archive
@@ -38,9 +39,14 @@ class Traffic:
         self.threads = [threading.Thread(target=self._send) for _ in range(threads)]
 
     def _send(self) -> None:
-        with BookrecClient(self.server.inference_url, self.server.keys()["inference"]) as client:
+        with BookrecClient(self.server.inference_url, self.server.keys()["inference"], timeout=30) as client:
             while not self.stop.is_set():
-                self.answers.append((time.monotonic(), client.predict(self.body).status_code))
+                sent = time.monotonic()
+                try:
+                    status = client.predict(self.body).status_code
+                except requests.RequestException:  # no answer at all (a lost request): a failure
+                    status = -1
+                self.answers.append((sent, status))
 
     def __enter__(self) -> Traffic:
         for t in self.threads:
