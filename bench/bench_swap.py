@@ -20,6 +20,7 @@ import zipfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import requests
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -61,7 +62,10 @@ def main() -> int:
                 while not stop.is_set():
                     body = {"action": "recommend", "user": {"user_id": rng.choice(users)}, "k": 10}
                     t0 = time.monotonic()
-                    status = c.predict(body).status_code
+                    try:
+                        status = c.predict(body).status_code
+                    except requests.RequestException:  # no answer: a failure
+                        status = -1
                     answers.append((t0, time.monotonic() - t0, status))
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
