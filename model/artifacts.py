@@ -23,6 +23,7 @@ import pyarrow as pa
 import torch
 
 from model import layout, manifest
+from model.book_index import BookIndex
 from model.candidates import AuthorIndex, ItemGraph
 from model.catalog import Catalog
 from model.checkpoint import load_checkpoint, load_scripted
@@ -120,8 +121,10 @@ class ModelFolder:
         missing = [name for name in needed if not (self.path / name).is_file()]
         # The ranking stage is optional but whole: part of it (a folder from before its settings had a
         # file of their own) would otherwise be served as no ranking stage at all.
-        ranking = [name for name in layout.RANKING_FILES if not (self.path / name).is_file()]
-        return missing + (ranking if len(ranking) < len(layout.RANKING_FILES) else [])
+        for optional in (layout.RANKING_FILES, layout.INDEX_FILES):
+            absent = [name for name in optional if not (self.path / name).is_file()]
+            missing += absent if len(absent) < len(optional) else []
+        return missing
 
     def check(self, variant: str = layout.SHIPPED_VARIANT, *, serving: bool = False, shown: str | None = None) -> None:
         """Raise ``IncompleteModelFolder`` naming every missing file."""
@@ -134,7 +137,7 @@ class ModelFolder:
     def verify(self, variant: str = layout.SHIPPED_VARIANT, *, serving: bool = False, shown: str | None = None) -> None:
         """Check the folder against its manifest before loading it: every file scoring with ``variant``
         needs (with ``serving``, also the encoder's) is listed, present, and of the listed size and
-        SHA-256, and a model listed with a ranking stage holds all of it. Raises
+        SHA-256, and a model listed with a ranking stage or a book index holds all of it. Raises
         ``IncompleteModelFolder`` / ``CorruptModelFolder`` naming each bad file."""
         self.check(variant, serving=serving, shown=shown)
         where = shown or self.path
@@ -147,16 +150,23 @@ class ModelFolder:
         ranking = bool(record.get("stages", {}).get("ranking"))
         if ranking or self.has_ranking():
             needed += layout.RANKING_FILES
+        indexed = bool(record.get("stages", {}).get("index"))
+        if indexed or self.has_index():
+            needed += layout.INDEX_FILES
         problems = []
         if ranking and not self.has_ranking():
             absent = [name for name in layout.RANKING_FILES if not (self.path / name).is_file()]
             problems.append(f"the model has a ranking stage but {', '.join(absent)} missing")
+        if indexed and not self.has_index():
+            absent = [name for name in layout.INDEX_FILES if not (self.path / name).is_file()]
+            problems.append(f"the model has a book index but {', '.join(absent)} missing")
+        reported = (layout.RANKING_FILES if ranking else ()) + (layout.INDEX_FILES if indexed else ())
         for name in needed:
             entry, path = listed.get(name), self.path / name
             if entry is None:
                 problems.append(f"{name}: not in {layout.MANIFEST_FILE} (a file the model was not made with)")
             elif not path.is_file():
-                if not ranking or name not in layout.RANKING_FILES:
+                if name not in reported:
                     problems.append(f"{name}: missing")
             elif path.stat().st_size != entry["bytes"]:
                 size = path.stat().st_size
@@ -227,6 +237,16 @@ class ModelFolder:
     def has_ranking(self) -> bool:
         """Whether the folder holds the ranking stage (item graph, ranker and its settings)."""
         return all((self.path / name).is_file() for name in layout.RANKING_FILES)
+
+    def has_index(self) -> bool:
+        """Whether the folder holds a book index (the index file and its settings)."""
+        return all((self.path / name).is_file() for name in layout.INDEX_FILES)
+
+    def book_index(self) -> BookIndex | None:
+        """The book index over the catalog's vectors; None where the folder has none (exhaustive)."""
+        if not self.has_index():
+            return None
+        return BookIndex.load(self.path / layout.BOOK_INDEX, self.path / layout.BOOK_INDEX_SETTINGS)
 
     def ranks(self) -> bool:
         """Whether top-k lists of this folder go through its ranking stage (held and enabled)."""
@@ -307,7 +327,8 @@ class ModelFolder:
         """The recommender over the book set of a rating ``scorer``, whose books are the
         catalog rows ``book_rows`` (-1: outside the catalog; None: the whole catalog in order). The
         catalog's shipped vectors are used, or, with ``from_features`` (the set's features came from
-        elsewhere), the towers embed the scorer's features."""
+        elsewhere), the towers embed the scorer's features. The folder's book index serves the
+        whole catalog in order only; any other book set is searched exhaustively."""
         towers = self.load_towers(scorer.device)
         if from_features:
             vectors = embed_book_set(towers, catalog, scorer.book_feats, book_rows)
@@ -317,7 +338,9 @@ class ModelFolder:
         if self.ranks():
             rows = None if book_rows is None else book_rows.numpy().astype(np.int64)
             ranking = self.ranking_stage(catalog, rows, scorer.device)
-        return Recommender(towers, vectors, scorer, self.retrieval_settings(), ranking)
+        whole = book_rows is None or torch.equal(book_rows, torch.arange(len(catalog.books)))
+        index = self.book_index() if whole and not from_features else None
+        return Recommender(towers, vectors, scorer, self.retrieval_settings(), ranking, index)
 
 
 @dataclass

@@ -30,6 +30,12 @@ RANKER_FILE = "ranker_scripted.pt"
 RANKING_SETTINGS = "ranking_settings.json"
 RANKING_FILES = (ITEM_GRAPH, RANKER_FILE, RANKING_SETTINGS)
 
+# The approximate nearest-neighbour index over the book vectors (optional: catalogs below the
+# threshold, ``model/book_index.py``, are searched exhaustively) and its settings.
+BOOK_INDEX = "book_index.faiss"
+BOOK_INDEX_SETTINGS = "book_index.json"
+INDEX_FILES = (BOOK_INDEX, BOOK_INDEX_SETTINGS)
+
 # The text encoder (weights, tokenizer, encoder.json) and its own description.
 ENCODER_DIR = "encoder"
 ENCODER_META = "encoder.json"

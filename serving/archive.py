@@ -11,6 +11,8 @@ The archive holds everything the handler reads, laid out like a run folder so th
     item_graph.npz           the ranking stage, where the run has one: item graph, TorchScript
     ranker_scripted.pt       ranker and ranking_settings.json (the run's reports, retrieval.json
     ranking_settings.json    and ranking.json, stay in the run folder)
+    book_index.faiss         the book vectors' HNSW index and book_index.json, its settings, where the
+                             catalog reached the index threshold (smaller ones are searched exhaustively)
     bookrec_handler.py       the handler (TorchServe's entry point), from handlers/
     encoder/                 BERT-tiny weights, config, tokenizer, encoder.json
     catalog/                 books (ISBN, title, author, year, publisher + text embeddings),
@@ -264,6 +266,10 @@ def _archive(
     # the towers' order, as before).
     if all((run_dir / name).is_file() for name in layout.RANKING_FILES):
         for name in layout.RANKING_FILES:
+            shutil.copy2(run_dir / name, payload / name)
+    # So does the book index (catalogs below its threshold have none and are searched exhaustively).
+    if folder.has_index():
+        for name in layout.INDEX_FILES:
             shutil.copy2(run_dir / name, payload / name)
     # The run's manifest, less the rating-model variants that stay in the run folder.
     record = folder.read_manifest()

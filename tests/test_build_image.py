@@ -161,7 +161,7 @@ def test_the_build_context_admits_exactly_what_the_dockerfile_copies():
 
 
 # Import name -> distribution name where they differ; "ts" is TorchServe's own package.
-DISTRIBUTIONS = {"ts": "torchserve", "yaml": "PyYAML", "pydantic_core": "pydantic"}
+DISTRIBUTIONS = {"ts": "torchserve", "yaml": "PyYAML", "pydantic_core": "pydantic", "faiss": "faiss-cpu"}
 # Installed by the Dockerfile itself (from TORCH_INDEX), not by the requirements file.
 FROM_DOCKERFILE = {"torch"}
 
