@@ -129,6 +129,34 @@ def test_torch_index_and_version_become_build_args_without_wheels(context):
     assert f"--build-arg BASE_IMAGE={cuda}" in build
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "--run-dir is required"),
+        (["--run-dir", "runs/x", "--bogus"], "unknown option '--bogus'"),
+        (["--run-dir", "runs/x", "--engine", "podman"], "--engine must be auto, docker or buildah, not 'podman'"),
+        (["--run-dir", "runs/x", "--timeout", "0"], "--timeout must be a positive number of seconds, not '0'"),
+        (["--run-dir"], "--run-dir needs a value"),
+    ],
+)
+def test_run_image_names_bad_arguments(args, message):
+    result = subprocess.run(
+        ["bash", str(REPO / "serving/run_image.sh"), *args], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr
+
+
+def test_run_image_refuses_a_missing_run_folder(tmp_path):
+    result = subprocess.run(
+        ["bash", str(REPO / "serving/run_image.sh"), "--run-dir", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1 and f"no run folder '{tmp_path / 'none'}'" in result.stderr
+
+
 def _copy_sources(dockerfile: str) -> list[str]:
     """Context paths of the Dockerfile's COPY instructions (not COPY --from=<stage>)."""
     sources = []
