@@ -81,13 +81,40 @@ descendants() {
     done
 }
 
-# The image's ENTRYPOINT + CMD (what `docker run` starts), one word per line.
-image_command() {
-    buildah inspect --type image -f '{{json .Docker.Config.Entrypoint}}{{"\n"}}{{json .Docker.Config.Cmd}}' "$tag" \
-        | "${python[@]}" -c 'import json, sys; print(*[w for line in sys.stdin for w in json.loads(line) or []], sep="\n")'
+# The image's ENTRYPOINT + CMD (what `docker run` starts), one word per line, then its USER.
+image_config() {
+    buildah inspect --type image "$tag" | "${python[@]}" -c '
+import json, sys
+config = json.load(sys.stdin)["Docker"]["config"]
+command = (config.get("Entrypoint") or []) + (config.get("Cmd") or [])
+if not command:
+    sys.exit("the image has no ENTRYPOINT or CMD")
+print(*command, sep="\n")
+print(config.get("User") or "root")'
 }
 
-# What docker stop does: SIGTERM to the container's init (tini), which forwards it to the group.
+# tini (the image's init) and the process group it forwards signals to (-g): its child's group, which
+# TorchServe's frontend and workers join.
+init_pid="" group=""
+find_group() {
+    [[ -z "$group" && -n "$server_pid" ]] || return 0
+    local pid child
+    for pid in $(descendants "$server_pid"); do
+        if [[ "$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)" == /usr/bin/tini* ]]; then
+            init_pid=$pid
+            child=$(pgrep -P "$pid" | head -n 1) || return 0
+            group=$(ps -o pgid= -p "$child" | tr -d ' ') || true
+            return 0
+        fi
+    done
+}
+
+# The live processes of group $1 (not zombies: an exited worker waits there for the host's init).
+group_alive() { ps -e -o pgid=,stat=,pid= | awk -v g="$1" '$1 == g && $2 !~ /^Z/ { print $3 }'; }
+
+# What docker stop does: SIGTERM to the container's init, which forwards it to the group, and
+# SIGKILL after 30 s. When a container's PID 1 exits, the kernel kills what is left of its PID
+# namespace; chroot isolation has none, so this does it: SIGKILL to the group's survivors.
 stop_server() {
     [[ "$stopped" == 0 ]] || return 0
     stopped=1
@@ -99,18 +126,26 @@ stop_server() {
             ;;
         buildah)
             [[ -n "$server_pid" ]] || return 0
-            local pid init="" start=$SECONDS status=0
-            for pid in $(descendants "$server_pid"); do
-                if [[ "$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)" == /usr/bin/tini* ]]; then init=$pid; break; fi
-            done
-            if [[ -n "$init" ]]; then kill -TERM "$init"; else kill -TERM "$server_pid"; fi
-            for _ in $(seq 60); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.5; done
+            local start=$SECONDS status=0 how="stopped" left=""
+            find_group
             if kill -0 "$server_pid" 2>/dev/null; then
-                echo "still running 30 s after SIGTERM: SIGKILL" >&2
-                for pid in $(descendants "$server_pid"); do kill -KILL "$pid" 2>/dev/null || true; done
+                kill -TERM "${init_pid:-$server_pid}" 2>/dev/null || true
+                for _ in $(seq 60); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.5; done
+                if kill -0 "$server_pid" 2>/dev/null; then
+                    how="killed (still running 30 s after SIGTERM)"
+                    kill -KILL "${init_pid:-$server_pid}" 2>/dev/null || true
+                fi
+            else
+                how="had ended before the stop"
             fi
             wait "$server_pid" || status=$?
-            echo "stopped in $((SECONDS - start)) s, exit status $status (143: SIGTERM, as docker stop ends it)"
+            echo "$how: init exited $((SECONDS - start)) s after SIGTERM, status $status (143: SIGTERM, as docker stop ends it)"
+            if [[ -n "$group" ]]; then left=$(group_alive "$group" | paste -sd ,); fi
+            if [[ -n "$left" ]]; then
+                echo "left when init exited, killed as the end of a PID namespace would:"
+                ps -o pid=,args= -p "$left" | cut -c1-120 || true
+                kill -KILL -- "-$group" 2>/dev/null || true
+            fi
             ;;
     esac
 }
@@ -142,7 +177,9 @@ case "$engine" in
         in_ctr() { docker exec "$ctr" "$@"; }
         container_url=http://127.0.0.1:8080 container_management=http://127.0.0.1:8081
         key_file() { docker cp "$ctr:$home/key_file.json" "$work/key_file.json" >/dev/null 2>&1; }
-        logs() { docker logs --tail 40 "$ctr" 2>&1; docker exec "$ctr" tail -n 40 "$home/logs/model_log.log" 2>&1 || true; }
+        server_running() { [[ "$(docker inspect -f '{{.State.Running}}' "$ctr" 2>/dev/null)" == true ]]; }
+        server_log() { docker logs "$ctr" 2>&1; }
+        model_log() { docker exec "$ctr" cat "$home/logs/model_log.log" 2>/dev/null || true; }
         ;;
     buildah)
         ctr=$(buildah from "$tag")
@@ -156,38 +193,51 @@ case "$engine" in
         grep -q "^inference_address=http://0.0.0.0:$inf\$" "$mnt/tmp/config.properties" \
             && grep -q "^management_address=http://127.0.0.1:$man\$" "$mnt/tmp/config.properties" \
             || die "the image's config.properties has no inference/management address to move to free ports"
-        mapfile -t command < <(image_command)
-        [[ ${#command[@]} -gt 0 ]] || die "the image '$tag' has no ENTRYPOINT or CMD"
-        user=$(buildah inspect --type image -f '{{.Docker.Config.User}}' "$tag")
+        config=$(image_config) || die "cannot read the ENTRYPOINT, CMD and USER of '$tag'"
+        mapfile -t command <<<"$config"
+        user=${command[-1]}
+        unset 'command[-1]'
         echo "ports: inference $inf, management $man, metrics $met, gRPC $grpc_inf/$grpc_man"
-        echo "+ buildah run --user ${user:-root} --env TS_CONFIG_FILE=/tmp/config.properties $ctr -- ${command[*]}"
-        buildah run ${user:+--user "$user"} --env TS_CONFIG_FILE=/tmp/config.properties "$ctr" -- "${command[@]}" \
+        echo "+ buildah run --user $user --env TS_CONFIG_FILE=/tmp/config.properties $ctr -- ${command[*]}"
+        buildah run --user "$user" --env TS_CONFIG_FILE=/tmp/config.properties "$ctr" -- "${command[@]}" \
             >"$work/server.log" 2>&1 &
         server_pid=$!
         in_ctr() { buildah run "$ctr" -- "$@"; }
         container_url=http://127.0.0.1:$inf container_management=http://127.0.0.1:$man
         key_file() { cp "$mnt$home/key_file.json" "$work/key_file.json" 2>/dev/null; }
-        logs() { tail -n 40 "$work/server.log"; tail -n 40 "$mnt$home/logs/model_log.log" 2>/dev/null || true; }
+        server_running() { kill -0 "$server_pid" 2>/dev/null; }
+        server_log() { cat "$work/server.log"; }
+        model_log() { cat "$mnt$home/logs/model_log.log" 2>/dev/null || true; }
         ;;
 esac
+
+# Why it did not become healthy: the end of TorchServe's output and each distinct error the workers
+# logged, in the order first seen (a missing module shows here, not in TorchServe's own output).
+logs() {
+    echo "--- the last lines of TorchServe's output"
+    server_log | tail -n 15
+    echo "--- the workers' errors (logs/model_log.log), first seen first"
+    model_log | grep -o '[A-Za-z_.]*\(Error\|Exception\): .*' | awk '!seen[$0]++' | head -n 8
+}
 
 # The image's health check (its healthcheck.py with its Python), until it passes or the time is up.
 health=(python3 "$home/healthcheck.py" --url "$container_url" --management-url "$container_management"
     --key-file "$home/key_file.json")
 echo "+ ${health[*]}"
 while true; do
-    if answer=$(in_ctr "${health[@]}" 2>&1); then
+    if answer=$(in_ctr "${health[@]}" 2>"$work/health.err"); then
         echo "$answer   ($((SECONDS - start)) s after the start)"
         break
     fi
-    if [[ "$engine" == buildah ]] && ! kill -0 "$server_pid" 2>/dev/null; then
+    [[ "$engine" == docker ]] || find_group
+    if ! server_running; then
         logs >&2
         die "the server ended before its health check passed"
     fi
     if ((SECONDS - start >= timeout)); then
-        echo "last health check: $answer" >&2
+        echo "last health check: ${answer:-$(cat "$work/health.err")}" >&2
         logs >&2
-        die "not healthy ${timeout} s after the start (the logs' last lines are above)"
+        die "not healthy ${timeout} s after the start (what the logs say is above)"
     fi
     sleep 3
 done
