@@ -40,9 +40,10 @@ done
 case "$engine" in auto | docker | buildah) ;; *) bad_arg "--engine must be auto, docker or buildah, not '$engine'" ;; esac
 [[ "$timeout" =~ ^[0-9]+$ && "$timeout" -gt 0 ]] || bad_arg "--timeout must be a positive number of seconds, not '$timeout'"
 
+[[ -d "$run_dir" ]] || die "no run folder '$run_dir'"
+run_dir=$(cd "$run_dir" && pwd)
 # The examples import serving/ and model/: run from the repository root.
 cd "$(dirname "$0")/.."
-[[ -d "$run_dir" ]] || die "no run folder '$run_dir'"
 read -r -a python <<<"${PYTHON:-python3}"
 
 if [[ "$engine" == auto ]]; then
