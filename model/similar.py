@@ -6,7 +6,10 @@ Three sources each rank books for a query book, over catalog rows:
   ``item_graph.npz``), largest weight first; empty for a book nobody read and for a new book;
 - **towers**: the nearest book vectors of the retrieval towers (cosine), the query's own vector
   from the catalog or, for a new book, from its text, author and publisher;
-- **author**: the other books of the book's author, most read first.
+- **author**: the other books of the book's author, most read first;
+- **popular**: the most read books of the catalog, the same for every query: where a book has few
+  readers its graph row is thin, and the books most people read are the likeliest next reads (on
+  Book-Crossing the most read books alone beat every item-item list: EVALUATION.md).
 
 The lists are merged by weighted reciprocal-rank fusion: a book's score is
 ``sum over sources s of weight_s / (offset + rank_s)`` (rank 1 = a source's best; a source that does
@@ -27,9 +30,9 @@ import torch
 
 from model.candidates import AuthorIndex, ItemGraph, RankedRows, sparse_lookup
 from model.catalog import Catalog
-from model.ranker import SOURCES
 from model.text import group_key
 
+SOURCES = ("towers", "graph", "author", "popular")
 # Most cosines held at once (queries x books): 2^24 floats = 64 MB.
 COSINE_BLOCK = 1 << 24
 
@@ -40,7 +43,8 @@ class SimilarSettings:
 
     towers: float = 0.5
     graph: float = 1.0
-    author: float = 0.5
+    author: float = 1.0
+    popular: float = 1.0
     offset: float = 10.0
     depth: int = 100
 
@@ -55,7 +59,7 @@ class SimilarBooks:
 
     rows: np.ndarray  # [Q, k] catalog rows, best first
     score: np.ndarray  # [Q, k] float32 fused score
-    sources: np.ndarray  # [Q, k, 3] bool: listed by the towers / graph / author source
+    sources: np.ndarray  # [Q, k, 4] bool: listed by the towers / graph / author / popular source
 
     def source_names(self, q: int, n: int) -> list[str]:
         """The names of the sources that listed the ``n``-th book of query ``q``."""
@@ -113,6 +117,18 @@ class SimilarIndex:
                 cols[s : s + step] = idx.masked_fill(torch.isinf(top), -1).numpy()
         return _ranked(cols, self.n_books)
 
+    def popular_rows(self, exclude: np.ndarray) -> RankedRows:
+        """The ``depth`` most read books of the catalog for every query, the query's own row left out."""
+        depth = min(self.settings.depth + 1, self.n_books)
+        if not hasattr(self, "_most_read"):  # the same list for every query: sorted once
+            self._most_read = np.argsort(-self.authors.popularity, kind="stable")[:depth].astype(np.int64)
+        top = self._most_read[: self.settings.depth + 1]
+        cols = np.where(top[None, :] == exclude[:, None], -1, top[None, :])
+        # The query dropped, the rest shift up: ranks stay contiguous.
+        order = np.argsort(cols < 0, axis=1, kind="stable")
+        cols = np.take_along_axis(cols, order, axis=1)[:, : self.settings.depth]
+        return _ranked(cols, self.n_books)
+
     def graph_rows(self, rows: np.ndarray) -> RankedRows:
         """The item graph's rows of the queries (empty for new books), cut to ``depth``."""
         if self.graph is None:
@@ -137,11 +153,24 @@ class SimilarIndex:
     def _fuse(
         self, vectors: torch.Tensor, rows: np.ndarray, author_codes: np.ndarray, exclude: np.ndarray, k: int
     ) -> SimilarBooks:
-        parts = (self.towers_rows(vectors, exclude), self.graph_rows(rows), self.author_rows(author_codes, exclude))
-        return fuse(parts, self.settings, k)
+        return fuse(self.sources(vectors, rows, author_codes, exclude), self.settings, k)
+
+    def sources(
+        self, vectors: torch.Tensor, rows: np.ndarray, author_codes: np.ndarray, exclude: np.ndarray
+    ) -> tuple[RankedRows, ...]:
+        """Each source's ranked rows for a block of queries, in ``SOURCES`` order (a source of weight
+        0 is left empty)."""
+        s = self.settings
+        empty = RankedRows.of(sp.csr_matrix((len(rows), self.n_books), dtype=np.float32))
+        return (
+            self.towers_rows(vectors, exclude) if s.towers > 0 else empty,
+            self.graph_rows(rows) if s.graph > 0 else empty,
+            self.author_rows(author_codes, exclude) if s.author > 0 else empty,
+            self.popular_rows(exclude) if s.popular > 0 else empty,
+        )
 
 
-def fuse(parts: tuple[RankedRows, RankedRows, RankedRows], settings: SimilarSettings, k: int) -> SimilarBooks:
+def fuse(parts: tuple[RankedRows, ...], settings: SimilarSettings, k: int) -> SimilarBooks:
     """Weighted reciprocal-rank fusion of the sources' ranked rows (``SOURCES`` order), top ``k``."""
     weights = settings.weights()
     n_q, n_books = parts[0].matrix.shape
