@@ -353,4 +353,13 @@ class LoadedModel:
             graph = self.folder.item_graph() if has else None
             per_author = self.folder.ranking_settings().per_author if has else 50
             authors = author_index(self.catalog, per_author)
-        return SimilarIndex(self.folder.book_vectors(), graph, authors, settings)
+        recommender = self.recommender
+        shared = (
+            whole
+            and recommender is not None
+            and recommender.book_vectors.dtype == torch.float32
+            and recommender.device.type == "cpu"
+        )
+        # The recommender's fp32 CPU copy is the same matrix: no second one in a worker's memory.
+        vectors = recommender.book_vectors if shared else self.folder.book_vectors()
+        return SimilarIndex(vectors, graph, authors, settings)
