@@ -31,6 +31,7 @@ from model.encoder import TextEncoder, load_saved_encoder
 from model.ranker import RankingSettings, RankingStage
 from model.recommend import Recommender, RetrievalSettings, embed_book_set
 from model.scoring import Scorer
+from model.similar import SimilarIndex, SimilarSettings, author_index
 
 VARIANTS = tuple(layout.MODEL_FILES)
 # The code that turns a user or a book into features and features into scores: this package.
@@ -361,3 +362,27 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return self.scorer.device
+
+    def similar_index(self, settings: SimilarSettings | None = None) -> SimilarIndex:
+        """The "similar books" sources of this model: the catalog's book vectors, the item graph (where
+        the model has a ranking stage) and the author index, shared with the recommender's ranking
+        stage when it covers the whole catalog."""
+        ranking = self.recommender.ranking if self.recommender is not None else None
+        whole = ranking is not None and ranking.in_set is None
+        if whole:
+            graph, authors = ranking.graph, ranking.authors
+        else:
+            has = self.folder.has_ranking()
+            graph = self.folder.item_graph() if has else None
+            per_author = self.folder.ranking_settings().per_author if has else 50
+            authors = author_index(self.catalog, per_author)
+        recommender = self.recommender
+        shared = (
+            whole
+            and recommender is not None
+            and recommender.book_vectors.dtype == torch.float32
+            and recommender.device.type == "cpu"
+        )
+        # The recommender's fp32 CPU copy is the same matrix: no second one in a worker's memory.
+        vectors = recommender.book_vectors if shared else self.folder.book_vectors()
+        return SimilarIndex(vectors, graph, authors, settings)

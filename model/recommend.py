@@ -20,6 +20,7 @@ The top-k by relevance are the answer, each with its predicted rating.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -31,7 +32,8 @@ import torch
 
 from model.book_index import BookIndex
 from model.catalog import Catalog
-from model.ranker import MergedCandidates, RankingStage, merge
+from model.ranker import SOURCES, MergedCandidates, RankingStage, merge
+from model.reasons import MAX_AUTHOR_BOOKS, Explainer, Reasons
 from model.scoring import Scorer
 from model.topk import exclusion_coords
 
@@ -72,6 +74,7 @@ class Recommendations:
     rows: torch.Tensor  # [U, k]
     relevance: torch.Tensor  # [U, k] the rerank score the list is ordered by
     rating: torch.Tensor  # [U, k] predicted rating
+    sources: np.ndarray | None = None  # [U, k, 3] bool, which sources listed each (None: the towers alone)
 
 
 @dataclass(frozen=True)
@@ -347,4 +350,23 @@ class Recommender:
         relevance, order = torch.topk(relevance, k, dim=1)
         rows = cands.rows.gather(1, order).masked_fill(torch.isinf(relevance), -1)
         self.last_timings["rerank"] = time.perf_counter() - start
-        return Recommendations(rows, relevance, cands.rating.gather(1, order))
+        sources = np.take_along_axis(cands.sources, order.cpu().numpy()[..., None], axis=1)
+        return Recommendations(rows, relevance, cands.rating.gather(1, order), sources)
+
+    @functools.cached_property
+    def _explainer(self) -> Explainer | None:
+        return Explainer(self.ranking.graph, self.ranking.authors) if self.ranking is not None else None
+
+    def explain(self, history: list[np.ndarray], recs: Recommendations) -> Reasons:
+        """The reasons of ``recs`` (``model/reasons.py``): the sources that listed each book and the
+        reader's history books (catalog rows, ``history[u]``) behind graph and author candidates."""
+        rows = recs.rows.cpu().numpy()
+        sources = recs.sources
+        if sources is None:  # no ranking stage: the towers alone retrieved the list
+            sources = np.zeros((*rows.shape, len(SOURCES)), bool)
+            sources[..., 0] = rows >= 0
+        if self._explainer is None:
+            none = np.full(rows.shape, -1, np.int64)
+            return Reasons(sources, none, np.full((*rows.shape, MAX_AUTHOR_BOOKS), -1, np.int64))
+        picks = np.where(rows >= 0, self.ranking.catalog_rows[np.maximum(rows, 0)], -1)
+        return self._explainer.explain(history, picks, sources)

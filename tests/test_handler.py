@@ -466,6 +466,11 @@ def bad_requests(user: int, isbn: str) -> list[tuple[str, Any, int, str]]:
         ("k huge", {**rec, "k": 10**30}, 400, "k"),
         ("exclude_rated string", {**rec, "exclude_rated": "yes"}, 400, "exclude_rated"),
         ("books in recommend", {**rec, "books": [isbn]}, 400, "books"),
+        ("similar unknown ISBN", {"action": "similar", "book": "nope-123"}, 404, "book"),
+        ("similar unknown ISBN object", {"action": "similar", "book": {"isbn": "nope-123"}}, 404, "book.isbn"),
+        ("similar without a book", {"action": "similar", "k": 3}, 400, "book"),
+        ("similar k zero", {"action": "similar", "book": isbn, "k": 0}, 400, "k"),
+        ("similar with a user", {"action": "similar", "book": isbn, "user": {"user_id": user}}, 400, "user"),
     ]
 
 
