@@ -83,6 +83,26 @@ def test_below_the_threshold_no_index_and_the_exhaustive_path(tiny_run: Path, tm
     assert index is None and not any((run / name).exists() for name in layout.INDEX_FILES)
 
 
+def test_the_retrieval_step_builds_the_index_at_the_threshold(tiny_run: Path, tmp_path: Path) -> None:
+    """``python -m train retrieval`` on a copy of the tiny run with the threshold at its catalog size:
+    the index is written, recorded in the refreshed manifest and the step's report, and verifies."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    n_books = len(ModelFolder(run).book_vectors())
+    overrides = [f"run_dir={run}", f"retrieval.index.threshold={n_books}", "retrieval.index.ef_search=512"]
+    cmd = [sys.executable, "-m", "train", "retrieval", "--config", str(tiny_run.parent / "tiny.yaml"), "--quiet"]
+    proc = subprocess.run(
+        [*cmd, *(x for o in overrides for x in ("--set", o))], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = ModelFolder(run)
+    assert folder.has_index() and folder.read_manifest()["stages"]["index"] == "hnsw"
+    folder.verify(serving=True)
+    assert folder.read_json(layout.RETRIEVAL_REPORT)["index"]["kind"] == "hnsw"
+    index = folder.book_index()
+    assert (index.n_books, index.settings.threshold, index.settings.ef_search) == (n_books, n_books, 512)
+
+
 def test_the_index_lists_equal_the_exhaustive_lists(indexed_run: Path) -> None:
     """Towers' candidates (several n) and the ranked top-k, read books excluded, are the same books
     in the same order with the index and without it."""
