@@ -209,3 +209,26 @@ def test_an_index_of_another_book_set_is_refused(indexed_run: Path) -> None:
     other = BookIndex.build(rec.book_vectors.float()[:50].numpy(), IndexSettings())
     with pytest.raises(ValueError, match="a book index of 50"):
         Recommender(rec.towers, rec.book_vectors, rec.scorer, rec.settings, rec.ranking, other)
+
+
+@pytest.mark.beam
+def test_the_batch_job_top_k_through_the_index_is_the_recommenders(indexed_run: Path, tmp_path: Path) -> None:
+    """Beam's --mode topk on the indexed model (its DoFns set the threads of both pools) writes the
+    lists the recommender gives with the index."""
+    from batch.context import JobSpec, ScoringContext
+    from tests.test_batch import batch, read
+
+    spec = JobSpec(str(indexed_run), str(tmp_path / "out"), str(tmp_path), "index", "topk", 10, True)
+    assert ScoringContext.load(spec).model.recommender.index is not None  # the job's own recommender
+    batch(indexed_run, tmp_path / "top", "--mode", "topk", "--k", "10", "--exclude-rated")
+    frame = read(tmp_path / "top").sort_values(["user_id", "rank"])
+    folder = ModelFolder(indexed_run)
+    catalog = folder.load_catalog()
+    rec = folder.load().recommender
+    assert rec.index is not None
+    feats, history = readers(folder)
+    expected = rec.recommend(feats, history, 10, history).rows.numpy()
+    isbns = catalog.books["isbn"].to_numpy()
+    by_user = {u: g["isbn"].tolist() for u, g in frame.groupby("user_id")}
+    for n, user in enumerate(catalog.users["user_id"].tolist()):
+        assert by_user[user] == isbns[expected[n][expected[n] >= 0]].tolist()
