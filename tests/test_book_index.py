@@ -83,6 +83,26 @@ def test_below_the_threshold_no_index_and_the_exhaustive_path(tiny_run: Path, tm
     assert index is None and not any((run / name).exists() for name in layout.INDEX_FILES)
 
 
+def test_the_retrieval_step_builds_the_index_at_the_threshold(tiny_run: Path, tmp_path: Path) -> None:
+    """``python -m train retrieval`` on a copy of the tiny run with the threshold at its catalog size:
+    the index is written, recorded in the refreshed manifest and the step's report, and verifies."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    n_books = len(ModelFolder(run).book_vectors())
+    overrides = [f"run_dir={run}", f"retrieval.index.threshold={n_books}", "retrieval.index.ef_search=512"]
+    cmd = [sys.executable, "-m", "train", "retrieval", "--config", str(tiny_run.parent / "tiny.yaml"), "--quiet"]
+    proc = subprocess.run(
+        [*cmd, *(x for o in overrides for x in ("--set", o))], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = ModelFolder(run)
+    assert folder.has_index() and folder.read_manifest()["stages"]["index"] == "hnsw"
+    folder.verify(serving=True)
+    assert folder.read_json(layout.RETRIEVAL_REPORT)["index"]["kind"] == "hnsw"
+    index = folder.book_index()
+    assert (index.n_books, index.settings.threshold, index.settings.ef_search) == (n_books, n_books, 512)
+
+
 def test_the_index_lists_equal_the_exhaustive_lists(indexed_run: Path) -> None:
     """Towers' candidates (several n) and the ranked top-k, read books excluded, are the same books
     in the same order with the index and without it."""
@@ -189,3 +209,26 @@ def test_an_index_of_another_book_set_is_refused(indexed_run: Path) -> None:
     other = BookIndex.build(rec.book_vectors.float()[:50].numpy(), IndexSettings())
     with pytest.raises(ValueError, match="a book index of 50"):
         Recommender(rec.towers, rec.book_vectors, rec.scorer, rec.settings, rec.ranking, other)
+
+
+@pytest.mark.beam
+def test_the_batch_job_top_k_through_the_index_is_the_recommenders(indexed_run: Path, tmp_path: Path) -> None:
+    """Beam's --mode topk on the indexed model (its DoFns set the threads of both pools) writes the
+    lists the recommender gives with the index."""
+    from batch.context import JobSpec, ScoringContext
+    from tests.test_batch import batch, read
+
+    spec = JobSpec(str(indexed_run), str(tmp_path / "out"), str(tmp_path), "index", "topk", 10, True)
+    assert ScoringContext.load(spec).model.recommender.index is not None  # the job's own recommender
+    batch(indexed_run, tmp_path / "top", "--mode", "topk", "--k", "10", "--exclude-rated")
+    frame = read(tmp_path / "top").sort_values(["user_id", "rank"])
+    folder = ModelFolder(indexed_run)
+    catalog = folder.load_catalog()
+    rec = folder.load().recommender
+    assert rec.index is not None
+    feats, history = readers(folder)
+    expected = rec.recommend(feats, history, 10, history).rows.numpy()
+    isbns = catalog.books["isbn"].to_numpy()
+    by_user = {u: g["isbn"].tolist() for u, g in frame.groupby("user_id")}
+    for n, user in enumerate(catalog.users["user_id"].tolist()):
+        assert by_user[user] == isbns[expected[n][expected[n] >= 0]].tolist()
