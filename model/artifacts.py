@@ -26,7 +26,7 @@ from model import layout, manifest
 from model.candidates import AuthorIndex, ItemGraph
 from model.catalog import Catalog
 from model.checkpoint import load_checkpoint, load_scripted
-from model.encoder import TextEncoder, load_saved_encoder
+from model.encoder import ScriptedTextEncoder, TextEncoder, load_serving_encoder
 from model.ranker import RankingSettings, RankingStage
 from model.recommend import Recommender, RetrievalSettings, embed_book_set
 from model.scoring import Scorer
@@ -209,10 +209,9 @@ class ModelFolder:
     def load_catalog(self) -> Catalog:
         return Catalog.load(self.path)
 
-    def load_encoder(self, device: str | torch.device = "cpu") -> TextEncoder:
-        encoder = load_saved_encoder(self.path / layout.ENCODER_DIR)
-        encoder.model.to(device)
-        return encoder
+    def load_encoder(self, device: str | torch.device = "cpu") -> ScriptedTextEncoder | TextEncoder:
+        """The encoder new users' and books' texts are embedded with (``load_serving_encoder``)."""
+        return load_serving_encoder(self.path / layout.ENCODER_DIR, device)
 
     def load_towers(self, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
         return load_scripted(self.path / layout.RETRIEVAL_FILE, device)
@@ -328,7 +327,7 @@ class LoadedModel:
     catalog: Catalog
     scorer: Scorer
     recommender: Recommender | None  # None where only ratings are asked for (batch "all" mode)
-    encoder: TextEncoder | None = None
+    encoder: ScriptedTextEncoder | TextEncoder | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -30,10 +30,14 @@ RANKER_FILE = "ranker_scripted.pt"
 RANKING_SETTINGS = "ranking_settings.json"
 RANKING_FILES = (ITEM_GRAPH, RANKER_FILE, RANKING_SETTINGS)
 
-# The text encoder (weights, tokenizer, encoder.json) and its own description.
+# The text encoder (weights, tokenizer, encoder.json) and its own description. The worker embeds with
+# the TorchScript trace of the BERT model and its pooling and with the ``tokenizers`` tokenizer, so it
+# never imports transformers (the other files are training's and an older model's way back in).
 ENCODER_DIR = "encoder"
 ENCODER_META = "encoder.json"
 ENCODER_CONFIG = "config.json"
+ENCODER_SCRIPTED = "encoder_scripted.pt"
+ENCODER_TOKENIZER = "tokenizer.json"
 
 # Known books and users with their text embeddings, the training history and the feature spec.
 CATALOG_DIR = "catalog"

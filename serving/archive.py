@@ -3,7 +3,7 @@
     python -m serving.archive --run-dir runs/bookcrossing --out model-store
 
 The archive holds everything the handler reads, laid out like a run folder so the same
-``Catalog.load`` / ``load_saved_encoder`` code loads it:
+``Catalog.load`` / ``load_serving_encoder`` code loads it:
 
     model_scripted.pt        TorchScript MLP (the serialized file)
     retrieval_scripted.pt    TorchScript retrieval towers; retrieval_settings.json: rerank settings;
@@ -12,7 +12,8 @@ The archive holds everything the handler reads, laid out like a run folder so th
     ranker_scripted.pt       ranker and ranking_settings.json (the run's reports, retrieval.json
     ranking_settings.json    and ranking.json, stay in the run folder)
     bookrec_handler.py       the handler (TorchServe's entry point), from handlers/
-    encoder/                 BERT-tiny weights, config, tokenizer, encoder.json
+    encoder/                 BERT-tiny weights, config, tokenizer, encoder.json, and the TorchScript
+                             trace the worker embeds with (encoder_scripted.pt: no transformers import)
     catalog/                 books (ISBN, title, author, year, publisher + text embeddings),
                              users (+ embeddings), training history, feature_spec.json
     model/, handlers/        the project's code, so the worker imports it without an install: every
