@@ -217,8 +217,14 @@ class ModelFolder:
         return load_scripted(self.path / layout.RETRIEVAL_FILE, device)
 
     def book_vectors(self) -> torch.Tensor:
-        """The towers' unit vector [B, dim] of every catalog book, in catalog row order."""
-        return torch.from_numpy(np.load(self.path / layout.BOOK_VECTORS))
+        """The towers' unit vector [B, dim] of every catalog book, in catalog row order.
+
+        Mapped, not read: where the recommender keeps them as stored (fp32 on the CPU) a worker
+        starts without copying the file into memory of its own and the workers of one archive share
+        its pages; otherwise its one conversion reads the pages directly. The mapping is
+        copy-on-write: a write would change this process's copy only, never the file.
+        """
+        return torch.from_numpy(np.load(self.path / layout.BOOK_VECTORS, mmap_mode="c"))
 
     def retrieval_settings(self) -> RetrievalSettings:
         return RetrievalSettings.load(self.path / layout.RETRIEVAL_SETTINGS)
