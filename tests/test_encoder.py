@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 
+from model import layout
+from model.artifacts import ModelFolder
 from model.encoder import ScriptedTextEncoder, TextEncoder, load_saved_encoder, load_serving_encoder
 from train.config import EncoderConfig
 from train.features.embed import EmbeddingCache
 from train.features.encoders import EncoderUnavailable, load_encoder
 from train.features.scripted import ScriptedEncoderMismatch, check_scripted, save_scripted
 
-from .conftest import SHARED
+from .conftest import REPO, SHARED
 
 CORPUS = [
     "The Dragon Queen by Ann Smith, 1999, Tor",
@@ -151,3 +156,26 @@ def test_a_folder_saved_without_the_scripted_form_serves_through_transformers(tm
     assert isinstance(served, TextEncoder)
     assert "export-encoder" in caplog.text
     np.testing.assert_allclose(served.embed(CORPUS[:4]), enc.embed(CORPUS[:4]), atol=1e-6)
+
+
+def test_export_encoder_adds_the_scripted_form_to_a_run_saved_without_it(tiny_run, tmp_path):
+    """``python -m train export-encoder RUN`` on a run whose encoder predates the scripted form:
+    the trace is written, the manifest rewritten, and the folder verifies and serves without transformers."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("data", "distill"))
+    (run / layout.ENCODER_DIR / layout.ENCODER_SCRIPTED).unlink()
+    ModelFolder(run).write_manifest()  # as the older training wrote it
+    assert isinstance(ModelFolder(run).load_encoder(), TextEncoder)
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", "export-encoder", str(run)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert layout.ENCODER_SCRIPTED in proc.stdout and layout.MANIFEST_FILE in proc.stdout
+    folder = ModelFolder(run)
+    folder.verify(serving=True)
+    assert layout.encoder_path(layout.ENCODER_SCRIPTED) in folder.read_manifest()["files"]
+    assert isinstance(folder.load_encoder(), ScriptedTextEncoder)
