@@ -27,7 +27,7 @@ from model.book_index import BookIndex
 from model.candidates import AuthorIndex, ItemGraph
 from model.catalog import Catalog
 from model.checkpoint import load_checkpoint, load_scripted
-from model.encoder import TextEncoder, load_saved_encoder
+from model.encoder import ScriptedTextEncoder, TextEncoder, load_serving_encoder
 from model.ranker import RankingSettings, RankingStage
 from model.recommend import Recommender, RetrievalSettings, embed_book_set
 from model.scoring import Scorer
@@ -220,17 +220,22 @@ class ModelFolder:
     def load_catalog(self) -> Catalog:
         return Catalog.load(self.path)
 
-    def load_encoder(self, device: str | torch.device = "cpu") -> TextEncoder:
-        encoder = load_saved_encoder(self.path / layout.ENCODER_DIR)
-        encoder.model.to(device)
-        return encoder
+    def load_encoder(self, device: str | torch.device = "cpu") -> ScriptedTextEncoder | TextEncoder:
+        """The encoder new users' and books' texts are embedded with (``load_serving_encoder``)."""
+        return load_serving_encoder(self.path / layout.ENCODER_DIR, device)
 
     def load_towers(self, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
         return load_scripted(self.path / layout.RETRIEVAL_FILE, device)
 
     def book_vectors(self) -> torch.Tensor:
-        """The towers' unit vector [B, dim] of every catalog book, in catalog row order."""
-        return torch.from_numpy(np.load(self.path / layout.BOOK_VECTORS))
+        """The towers' unit vector [B, dim] of every catalog book, in catalog row order.
+
+        Mapped, not read: where the recommender keeps them as stored (fp32 on the CPU) a worker
+        starts without copying the file into memory of its own and the workers of one archive share
+        its pages; otherwise its one conversion reads the pages directly. The mapping is
+        copy-on-write: a write would change this process's copy only, never the file.
+        """
+        return torch.from_numpy(np.load(self.path / layout.BOOK_VECTORS, mmap_mode="c"))
 
     def retrieval_settings(self) -> RetrievalSettings:
         return RetrievalSettings.load(self.path / layout.RETRIEVAL_SETTINGS)
@@ -352,7 +357,7 @@ class LoadedModel:
     catalog: Catalog
     scorer: Scorer
     recommender: Recommender | None  # None where only ratings are asked for (batch "all" mode)
-    encoder: TextEncoder | None = None
+    encoder: ScriptedTextEncoder | TextEncoder | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -36,10 +36,14 @@ BOOK_INDEX = "book_index.faiss"
 BOOK_INDEX_SETTINGS = "book_index.json"
 INDEX_FILES = (BOOK_INDEX, BOOK_INDEX_SETTINGS)
 
-# The text encoder (weights, tokenizer, encoder.json) and its own description.
+# The text encoder (weights, tokenizer, encoder.json) and its own description. The worker embeds with
+# the TorchScript trace of the BERT model and its pooling and with the ``tokenizers`` tokenizer, so it
+# never imports transformers (the other files are training's and an older model's way back in).
 ENCODER_DIR = "encoder"
 ENCODER_META = "encoder.json"
 ENCODER_CONFIG = "config.json"
+ENCODER_SCRIPTED = "encoder_scripted.pt"
+ENCODER_TOKENIZER = "tokenizer.json"
 
 # Known books and users with their text embeddings, the training history and the feature spec.
 CATALOG_DIR = "catalog"

@@ -3,7 +3,7 @@
     python -m serving.archive --run-dir runs/bookcrossing --out model-store
 
 The archive holds everything the handler reads, laid out like a run folder so the same
-``Catalog.load`` / ``load_saved_encoder`` code loads it:
+``Catalog.load`` / ``load_serving_encoder`` code loads it:
 
     model_scripted.pt        TorchScript MLP (the serialized file)
     retrieval_scripted.pt    TorchScript retrieval towers; retrieval_settings.json: rerank settings;
@@ -14,7 +14,8 @@ The archive holds everything the handler reads, laid out like a run folder so th
     book_index.faiss         the book vectors' HNSW index and book_index.json, its settings, where the
                              catalog reached the index threshold (smaller ones are searched exhaustively)
     bookrec_handler.py       the handler (TorchServe's entry point), from handlers/
-    encoder/                 BERT-tiny weights, config, tokenizer, encoder.json
+    encoder/                 BERT-tiny weights, config, tokenizer, encoder.json, and the TorchScript
+                             trace the worker embeds with (encoder_scripted.pt: no transformers import)
     catalog/                 books (ISBN, title, author, year, publisher + text embeddings),
                              users (+ embeddings), training history, feature_spec.json
     model/, handlers/        the project's code, so the worker imports it without an install: every

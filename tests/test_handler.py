@@ -129,6 +129,7 @@ def test_archive_holds_everything_the_worker_needs(tiny_store: Path, model_dir: 
         "encoder/model.safetensors",
         "encoder/tokenizer.json",
         "encoder/encoder.json",
+        "encoder/encoder_scripted.pt",
         "catalog/books.parquet",
         "catalog/users.parquet",
         "catalog/history.parquet",
@@ -234,13 +235,15 @@ context.request_ids = metrics.request_ids = {0: "standalone"}
 body = json.dumps({"action": "recommend", "user": {"user_id": user}, "k": 3}).encode()
 [answer] = handler.handle([{"body": body}], context)
 print(json.dumps({"files": [model.__file__, handlers.__file__, bookrec_handler.__file__],
-                  "status": context.get_response_status(0)[0], "answer": json.loads(answer)}))
+                  "status": context.get_response_status(0)[0], "answer": json.loads(answer),
+                  "transformers": sorted(m for m in sys.modules if m.split(".")[0] == "transformers")}))
 """
 
 
 def test_unpacked_archive_serves_without_the_project_or_network(model_dir: Path, samples: dict) -> None:
     """A fresh interpreter with sockets disabled, run from the unpacked archive, loads the handler
-    and answers; the project code it runs is the archive's copy, not the repository's."""
+    and answers; the project code it runs is the archive's copy, not the repository's, and its
+    encoder is the scripted one: transformers is never imported (it was most of a worker's start)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_HUB_OFFLINE"] = "1"
     proc = subprocess.run(
@@ -256,6 +259,7 @@ def test_unpacked_archive_serves_without_the_project_or_network(model_dir: Path,
     for file in result["files"]:
         assert Path(file).resolve().is_relative_to(model_dir.resolve()), file
     assert result["status"] == 200 and len(result["answer"]["recommendations"]) == 3
+    assert result["transformers"] == [], "the worker imported transformers"
     # TorchScript's deprecation warnings stay out of the worker's output.
     assert "deprecated" not in proc.stderr.lower(), proc.stderr[-2000:]
 

@@ -1,9 +1,11 @@
 """Command line: ``python -m train STEP --config FILE``, STEP one of run, data, distill, features, train,
 compress, retrieval, ranking, evaluate.
 
-One more command with its own flags: ``python -m train sweep --config FILE --trials N``
-(hyper-parameter sweep, ``train/experiments/sweep.py``). The drift check of served traffic against
-the training data is ``python -m serving.drift``.
+Commands with their own flags: ``python -m train sweep --config FILE --trials N``
+(hyper-parameter sweep, ``train/experiments/sweep.py``) and ``python -m train export-encoder RUN``
+(the encoder's TorchScript serving form for a run saved before it existed,
+``train/features/scripted.py``). The drift check of served traffic against the training data is
+``python -m serving.drift``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from train.data.download import DatasetUnavailable
 from train.data.ingest import DataError
 from train.features.encoders import EncoderUnavailable
 
-TOOLS = ("sweep",)
+TOOLS = ("sweep", "export-encoder")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +93,10 @@ def _tool(name: str, argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    from train.experiments.sweep import main as tool
+    if name == "export-encoder":
+        from train.features.scripted import main as tool
+    else:
+        from train.experiments.sweep import main as tool
 
     return tool(argv)
 
