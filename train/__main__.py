@@ -20,6 +20,7 @@ from train.config import Config, load_config
 from train.data.download import DatasetUnavailable
 from train.data.ingest import DataError
 from train.features.encoders import EncoderUnavailable
+from train.run_record import ConfigDiffers
 
 TOOLS = ("sweep",)
 
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run_all(cfg, progress=not args.quiet)
         else:
             result = run_step(args.step, cfg, progress=not args.quiet)
-    except (DatasetUnavailable, DataError, EncoderUnavailable, StepNotReady) as err:
+    except (DatasetUnavailable, DataError, EncoderUnavailable, StepNotReady, ConfigDiffers) as err:
         if args.verbose:
             raise
         print(f"error: {err}", file=sys.stderr)

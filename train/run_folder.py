@@ -1,5 +1,5 @@
-"""The run folder and what makes a run reproducible: its record (config, versions, machine, code),
-the data fingerprint, JSON reports."""
+"""The run folder and what makes a run reproducible: package versions and machine, the data
+fingerprint, JSON reports, the manifest (the record of which config and code made it: ``train/run_record.py``)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ from pathlib import Path
 import pandas as pd
 
 from model import layout
-from model.artifacts import ModelFolder, code_identity
+from model.artifacts import ModelFolder
 from model.manifest import file_sha256
-from train.config import Config
 
 PACKAGES = (
     "torch",
@@ -73,15 +72,6 @@ def machine() -> str:
 
 def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-
-
-def prepare_run(cfg: Config) -> Path:
-    """Create the run folder with the config, versions, machine and code identity beside it."""
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / layout.CONFIG_FILE)
-    write_json(run_dir / layout.VERSIONS_FILE, {**versions(), "machine": machine(), "code": code_identity()})
-    return run_dir
 
 
 def refresh_manifest(run_dir: Path) -> Path | None:

@@ -110,7 +110,7 @@ def prepare_features(cfg: Config, progress: bool = True) -> Path:
     from train.features.distill.step import step_distill
     from train.features.step import step_features
     from train.run_context import RunContext
-    from train.run_folder import prepare_run
+    from train.run_record import record_step
 
     run_dir = Path(cfg.run_dir)
     if _same_features(cfg, run_dir):
@@ -118,10 +118,11 @@ def prepare_features(cfg: Config, progress: bool = True) -> Path:
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     run = RunContext(cfg, run_dir)
-    step_data(run, progress)
-    step_distill(run, progress)  # a no-op unless the encoder is a distilled student
-    step_features(run, progress)
-    return prepare_run(cfg)  # only now: _same_features trusts the saved config to describe data and features
+    # Each step's record only once it is done: _same_features trusts the saved config to describe them.
+    for name, step in (("data", step_data), ("distill", step_distill), ("features", step_features)):
+        step(run, progress)  # distill: a no-op unless the encoder is a distilled student
+        record_step(name, cfg, run_dir)
+    return run_dir
 
 
 def train_trial(cfg: Config, catalog: Catalog, data: Any, epochs: int | None) -> dict[str, Any]:
