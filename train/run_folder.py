@@ -8,6 +8,9 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -83,3 +86,21 @@ def refresh_manifest(run_dir: Path) -> Path | None:
         (Path(run_dir) / layout.MANIFEST_FILE).unlink(missing_ok=True)
         return None
     return folder.write_manifest()
+
+
+@contextmanager
+def removed_if_failed(run_dir: Path) -> Iterator[None]:
+    """Around work that may create ``run_dir``: if it fails (Ctrl-C included), what it created of the
+    path (the folder and any parents made for it) is removed; a folder that was there is left as the
+    work leaves it."""
+    created = None
+    for folder in (run_dir, *run_dir.parents):  # the highest folder of the path that is not there yet
+        if folder.exists():
+            break
+        created = folder
+    try:
+        yield
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
