@@ -61,6 +61,8 @@ MANIFEST_FILE = "manifest.json"
 # these; the settings serving needs are files of their own above).
 CONFIG_FILE = "config.yaml"
 VERSIONS_FILE = "versions.json"
+# Which config (hash) and code each step last ran with (``train/run_record.py``).
+STEPS_RECORD = "steps.json"
 FINGERPRINT_FILE = "fingerprint.json"
 FEATURES_REPORT = "features.json"
 TRAIN_REPORT = "train.json"

@@ -23,14 +23,16 @@ The archive holds everything the handler reads, laid out like a run folder so th
     model-config.yaml        batchSize, maxBatchDelay, min/maxWorkers, responseTimeout, and the handler
                              section: request limits and ``profile`` (per-stage handler timings)
     metadata.json            training config, metrics, data fingerprint, versions, file hashes, and
-                             the code: git commit and feature-code hash at training and at archiving
+                             the code: git commit and feature-code hash of each step that made the
+                             model's files (the run's steps.json) and at archiving
     manifest.json            the run's manifest (size and SHA-256 of every model file, the stages),
                              less the rating-model variants that stay in the run folder
 
 No requirements file is shipped: the worker installs nothing and downloads nothing. The archive
-ships the checked-out ``model/`` code; it refuses a run trained with different ``model/`` code
-(its feature-code hash differs) unless ``--allow-code-change``, since that code computes the
-features and scores the model was trained on.
+ships the checked-out ``model/`` code; it refuses a run any step of which that made model files ran
+with different ``model/`` code (its feature-code hash differs) unless ``--allow-code-change``, since
+that code computes the features and scores the model was trained on. Rerunning a step that makes no
+model file (``evaluate``) does not change that record.
 
 The run folder is verified against its manifest first (``ModelFolder.verify``): a missing, truncated
 or changed file is refused by name. The new archive is written into a temporary folder of the store,
@@ -71,6 +73,7 @@ SERIALIZED = layout.MODEL_FILES[layout.SHIPPED_VARIANT]
 RUN_INFO = {
     "fingerprint": layout.FINGERPRINT_FILE,
     "versions": layout.VERSIONS_FILE,
+    "steps": layout.STEPS_RECORD,
     "evaluation": layout.EVALUATION_REPORT,
     "compression": layout.COMPRESSION_REPORT,
     "train": layout.TRAIN_REPORT,
@@ -137,22 +140,31 @@ def _copy_code(dest: Path) -> None:
 
 
 def code_record(folder: ModelFolder, allow_change: bool = False) -> dict[str, Any]:
-    """The code the run was trained with (from ``versions.json``) and the code being shipped; raises
-    ``CodeChanged`` when their feature-code hashes differ, unless ``allow_change``."""
-    trained = (folder.read_json(layout.VERSIONS_FILE) or {}).get("code")
+    """The code each step that made the model's files ran with (``steps.json``; ``versions.json`` in a
+    run from before that record) and the code being shipped; raises ``CodeChanged`` when a feature-code
+    hash differs, unless ``allow_change``."""
+    steps = folder.read_json(layout.STEPS_RECORD)
+    if steps:
+        trained = {name: entry["code"] for name, entry in steps.items() if entry.get("model_files")}
+    else:
+        trained = {"run": (folder.read_json(layout.VERSIONS_FILE) or {}).get("code") or {}}
     shipped = code_identity()
-    trained_hash = (trained or {}).get("feature_code_sha256")
-    if trained_hash and trained_hash != shipped["feature_code_sha256"] and not allow_change:
-        raise CodeChanged(
-            f"{folder.path} was trained with other model/ code (feature-code hash {trained_hash[:12]}, "
-            f"commit {trained.get('git_commit')}) than the checkout ships ({shipped['feature_code_sha256'][:12]}, "
-            f"commit {shipped['git_commit']}): retrain, check out that commit, or pass --allow-code-change"
-        )
-    return {
-        "trained_with": trained,
-        "archived_with": shipped,
-        "same_feature_code": trained_hash == shipped["feature_code_sha256"],
+    other = {
+        name: code
+        for name, code in trained.items()
+        if code.get("feature_code_sha256") not in (None, shipped["feature_code_sha256"])
     }
+    if other and not allow_change:
+        made = ", ".join(
+            f"{name} with feature-code hash {code['feature_code_sha256'][:12]} (commit {code.get('git_commit')})"
+            for name, code in other.items()
+        )
+        raise CodeChanged(
+            f"{folder.path} was made with other model/ code ({made}) than the checkout ships "
+            f"({shipped['feature_code_sha256'][:12]}, commit {shipped['git_commit']}): retrain, check out that "
+            "commit, or pass --allow-code-change"
+        )
+    return {"trained_with": trained, "archived_with": shipped, "same_feature_code": not other}
 
 
 def metadata(folder: ModelFolder, payload: Path, version: str, code: dict[str, Any]) -> dict[str, Any]:
