@@ -9,7 +9,7 @@ RUN ?= $(call run_of,$(CONFIG))
 MODEL_STORE ?= model-store
 BATCH_OUT ?= $(RUN)/batch-scores
 
-.PHONY: help install minilm distill data train evaluate archive update swap rollback image serve stop batch sweep drift repro demo test test-fast lint format clean
+.PHONY: help install minilm distill data train evaluate archive update swap rollback image image-check serve stop batch sweep drift repro demo test test-fast lint format clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -62,6 +62,9 @@ rollback: $(STAMP) ## swap back to the archive the last swap replaced
 
 image: ## build the serving image from model-store/bookrec.mar (docker, else buildah; IMAGE_ARGS="--wheels ...")
 	PIP="$(PYTHON) -m pip" serving/build_image.sh $(IMAGE_ARGS)
+
+image-check: ## run the built image: health check, a rate and recommends answered, stopped (serving/run_image.sh)
+	PYTHON="$(PYTHON)" serving/run_image.sh --run-dir $(RUN) $(IMAGE_CHECK_ARGS)
 
 serve: $(STAMP) ## start TorchServe with bookrec.mar (config.properties); request sample in logs/ for make drift
 	BOOKREC_DRIFT_LOG=$(CURDIR)/logs/drift-sample.jsonl \

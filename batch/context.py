@@ -32,10 +32,13 @@ from batch.io import _local, is_local
 from batch.model_source import ModelError, model_dims, resolve
 from batch.native_head import attach
 from model import layout
+from model import similar as similar_books
 from model.artifacts import LoadedModel, release_unused_memory, resolve_device
 from model.catalog import Catalog
 from model.isbn import normalise_isbn
+from model.ranker import SOURCES
 from model.scoring import Scorer
+from model.similar import SimilarIndex
 
 log = logging.getLogger("bookrec.batch")
 
@@ -173,6 +176,14 @@ class ScoringContext:
             external = books.source != "catalog"
             recommender = folder.recommender_for(self.scorer, catalog, catalog_rows, from_features=external)
         self.model = LoadedModel(folder, catalog, self.scorer, recommender)
+        self.catalog_isbns = pa.array(catalog.books["isbn"].tolist(), pa.string())
+        self.similar: SimilarIndex | None = None
+        if spec.mode == "similar":
+            # Queries: the book set's ISBNs by their position in the planned list (--books or the
+            # catalog); the answers come from the whole catalog.
+            self.similar = self.model.similar_index()
+            self.queries = list(spec.books) if spec.books is not None else catalog.books["isbn"].tolist()
+            self.scorable = set(isbns)
         release_unused_memory()
         self.k = min(spec.k, self.n_books)
         self._exclusion = self._exclusion_index(catalog, isbns) if spec.exclude_rated else None
@@ -220,7 +231,14 @@ class ScoringContext:
         return out
 
     def resolve_users(self, user_ids: np.ndarray) -> tuple[np.ndarray, torch.Tensor, list[DeadLetter]]:
-        """(scorable ids, their feature rows, dead letters) of a block of requested user ids."""
+        """(scorable ids, their feature rows, dead letters) of a block of requested user ids; in
+        --mode similar the ids are query positions and the rows catalog rows (a query outside the
+        book set is the book set's dead letter, reported once)."""
+        if self.similar is not None:
+            isbns = [self.queries[i] for i in user_ids.tolist()]
+            keep = [n for n, isbn in enumerate(isbns) if isbn in self.scorable]
+            rows = torch.tensor([self.model.catalog.book_index[isbns[n]] for n in keep], dtype=torch.long)
+            return user_ids[keep], rows, []
         good, rows, dead = [], [], []
         for user in user_ids.tolist():
             row = self.users.index.get(user)
@@ -236,6 +254,8 @@ class ScoringContext:
     @torch.inference_mode()
     def score_block(self, user_ids: np.ndarray, rows: torch.Tensor) -> pa.RecordBatch:
         """One record batch with every output row of a block of resolved users."""
+        if self.similar is not None:
+            return self._similar(rows.numpy())
         feats = self.users.feats[rows]
         if self.spec.mode == "all":
             return self._all_pairs(user_ids, self.all_pairs.score_projected(self.scorer.project_users(feats)))
@@ -263,6 +283,10 @@ class ScoringContext:
         n_u = len(user_ids)
         reads = self.reads(user_ids)
         recs = self.model.recommender.recommend(feats, reads, self.k, self.rated(user_ids, reads))
+        reasons = self.model.recommender.explain(reads, recs)
+        sources = reasons.sources.reshape(-1, len(SOURCES))
+        because_graph = reasons.graph_book.reshape(-1)
+        because_author = reasons.author_books.reshape(-1, reasons.author_books.shape[-1])
         idx = recs.rows.cpu().numpy().reshape(-1)
         score = recs.rating.cpu().numpy().reshape(-1)
         relevance = recs.relevance.cpu().numpy().reshape(-1)
@@ -273,9 +297,42 @@ class ScoringContext:
         user = np.repeat(user_ids, self.k)
         if not keep.all():
             idx, score, relevance, rank, user = idx[keep], score[keep], relevance[keep], rank[keep], user[keep]
+            sources, because_graph, because_author = sources[keep], because_graph[keep], because_author[keep]
         isbn = self.isbn_dictionary.take(pa.array(idx))
-        columns = [pa.array(user), pa.array(rank), isbn, pa.array(score), pa.array(relevance)]
+        columns = [
+            pa.array(user),
+            pa.array(rank),
+            isbn,
+            pa.array(score),
+            pa.array(relevance),
+            source_lists(sources, SOURCES),
+            self.catalog_isbns.take(pa.array(because_graph, mask=because_graph < 0)),
+            self._isbn_lists(because_author),
+        ]
         return pa.RecordBatch.from_arrays(columns, schema=self.schema)
+
+    def _similar(self, rows: np.ndarray) -> pa.RecordBatch:
+        """The k most similar books of a block of query books (catalog rows), ``model/similar.py``."""
+        k = min(self.spec.k, len(self.catalog_isbns))
+        found = self.similar.of_books(rows, k)
+        flat = found.rows.reshape(-1)
+        keep = flat >= 0  # fewer than k books with any source's vote
+        query = np.repeat(rows, k)[keep]
+        rank = np.tile(np.arange(1, k + 1, dtype=np.int32), len(rows))[keep]
+        columns = [
+            self.catalog_isbns.take(pa.array(query)),
+            pa.array(rank),
+            self.catalog_isbns.take(pa.array(flat[keep])),
+            pa.array(found.score.reshape(-1)[keep]),
+            source_lists(found.sources.reshape(-1, len(similar_books.SOURCES))[keep], similar_books.SOURCES),
+        ]
+        return pa.RecordBatch.from_arrays(columns, schema=self.schema)
+
+    def _isbn_lists(self, rows: np.ndarray) -> pa.ListArray:
+        """A list of catalog ISBNs per row of ``rows`` [N, m] (catalog rows, -1 padding)."""
+        present = rows >= 0
+        offsets = np.concatenate([[0], np.cumsum(present.sum(axis=1))]).astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets), self.catalog_isbns.take(pa.array(rows[present])))
 
     @classmethod
     def load(cls, spec: JobSpec) -> ScoringContext:
@@ -295,6 +352,13 @@ class ScoringContext:
         """This process's counts for the run (reported in ``_SUCCESS``)."""
         run_id = self.spec.run_id
         return WorkerStats(worker_name(), contexts[run_id], model_cache.loads[run_id])
+
+
+def source_lists(flags: np.ndarray, sources: tuple[str, ...]) -> pa.ListArray:
+    """The names of the ``sources`` set in each row of ``flags`` [N, len(sources)]."""
+    offsets = np.concatenate([[0], np.cumsum(flags.sum(axis=1))]).astype(np.int32)
+    names = np.broadcast_to(np.array(sources, dtype=object), flags.shape)[flags]
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(names.tolist(), pa.string()))
 
 
 contexts: Counter[str] = Counter()  # ScoringContexts built by this process, by run id

@@ -24,7 +24,7 @@ from apache_beam.options.pipeline_options import (
 from batch.io import COMPRESSIONS, is_local
 from model.layout import MODEL_FILES
 
-MODES = ("all", "topk")
+MODES = ("all", "topk", "similar")
 DEVICES = ("auto", "cpu", "cuda")
 LOCAL_RUNNERS = ("DirectRunner", "SwitchingDirectRunner", "FnApiRunner", "DaskRunner")
 
@@ -85,8 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="training run folder or bookrec.mar (local or gs://...)")
     p.add_argument("--output", required=True, help="output folder (local or any Beam filesystem, e.g. gs://...)")
-    p.add_argument("--mode", choices=MODES, default="all", help="all: every pair (default); topk: best K per user")
-    p.add_argument("--k", type=int, default=None, help="books per user in --mode topk (default 10)")
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="all",
+        help="all: every pair (default); topk: best K per user; similar: the K books most like each book",
+    )
+    p.add_argument("--k", type=int, default=None, help="books per user (--mode topk) or per book (similar); default 10")
     p.add_argument("--exclude-rated", action="store_true", help="drop pairs the user rated in training")
     p.add_argument("--users", help="file of user ids to score (one per line, or Parquet with user_id)")
     p.add_argument("--books", help="file of ISBNs to score against (one per line, or Parquet with isbn)")
@@ -150,8 +155,15 @@ def parse(argv: list[str] | None = None) -> JobOptions:
     if stray:
         raise BatchUsageError(f"unexpected argument(s): {' '.join(stray)}")
     flags = vars(ns)
-    if flags["k"] is not None and flags["mode"] != "topk":
-        raise BatchUsageError("--k applies to --mode topk only")
+    if flags["k"] is not None and flags["mode"] == "all":
+        raise BatchUsageError("--k applies to --mode topk and --mode similar only")
+    if flags["mode"] == "similar":
+        # The queries are books (--books, or the catalog's); no reader and no external features enter.
+        for name in ("users", "max_users", "user_features", "book_features"):
+            if flags[name] is not None:
+                raise BatchUsageError(f"--{name.replace('_', '-')} does not apply to --mode similar")
+        if flags["exclude_rated"]:
+            raise BatchUsageError("--exclude-rated does not apply to --mode similar")
     flags["k"] = 10 if flags["k"] is None else flags["k"]
     for name in ("k", "max_users", "num_shards", "block_users", "threads", "workers"):
         value = flags[name]

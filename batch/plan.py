@@ -59,6 +59,8 @@ class JobPlan:
         """Which path put the rows in order, in words (``_SUCCESS`` says it to a reader of the output)."""
         if self.spec.mode == "all":
             return f"none: every pair, rated by {layout.MODEL_FILES[self.spec.variant]}"
+        if self.spec.mode == "similar":
+            return "similar books: the item graph, the book vectors and the author fused by rank (model/similar.py)"
         if self.ranking_stage:
             return "the ranking stage: the learned ranker ordered the candidates (towers, item graph, authors)"
         return "no ranking stage: retrieval logit blended with the predicted rating"
@@ -68,7 +70,7 @@ class JobPlan:
         spec = self.spec
         return {
             "mode": spec.mode,
-            "k": spec.k if spec.mode == "topk" else None,
+            "k": spec.k if spec.mode != "all" else None,
             "exclude_rated": spec.exclude_rated,
             "model": spec.model,
             "model_file": layout.MODEL_FILES[spec.variant],
@@ -111,12 +113,16 @@ def plan_job(argv: list[str] | None = None) -> JobPlan:
         n_books = len(_feature_ids(options.book_features, "isbn", pa.string()))
     else:
         n_books = len(catalog_ids(folder, "book"))
+    if options.mode == "similar":
+        # The queries are books: their positions in the --books list (or the catalog) travel through
+        # the blocks as ids, and the workers turn them back into ISBNs.
+        user_ids = list(range(n_books))
 
     runner = options.runner
     num_shards = options.num_shards or max(1, min(max(len(user_ids), 1), 4 * runner.workers if runner.local else 32))
     if options.block_users:
         block_users = options.block_users
-    elif options.mode == "topk":
+    elif options.mode in ("topk", "similar"):
         block_users = TOPK_BLOCK_USERS
     else:
         block_users = max(1, PAIRS_PER_BLOCK // max(n_books, 1))

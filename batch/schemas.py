@@ -17,8 +17,17 @@ RANK = pa.field("rank", pa.int32(), nullable=False)
 # The two-stage rerank score the top-k is ordered by (retrieval logit + blend x predicted rating).
 RELEVANCE = pa.field("relevance", pa.float32(), nullable=False)
 
+# Why each top-k book is there (model/reasons.py): the sources that listed it ("towers", "graph",
+# "author"), the history book behind a graph candidate (null: none), the history books by its author.
+SOURCES = pa.field("sources", pa.list_(pa.string()), nullable=False)
+BECAUSE_GRAPH = pa.field("because_graph", pa.string(), nullable=True)
+BECAUSE_AUTHOR = pa.field("because_author", pa.list_(pa.string()), nullable=False)
+# --mode similar: per query book (isbn), its similar books in rank order, fused score, sources.
+SIMILAR_ISBN = pa.field("similar_isbn", pa.string(), nullable=False)
+
 ALL_PAIRS = pa.schema([USER_ID, ISBN, SCORE])
-TOP_K = pa.schema([USER_ID, RANK, ISBN, SCORE, RELEVANCE])
+TOP_K = pa.schema([USER_ID, RANK, ISBN, SCORE, RELEVANCE, SOURCES, BECAUSE_GRAPH, BECAUSE_AUTHOR])
+SIMILAR = pa.schema([ISBN, RANK, SIMILAR_ISBN, SCORE, SOURCES])
 
 DEAD_LETTERS = pa.schema(
     [
@@ -32,8 +41,8 @@ ISBN_DICT_TYPE = pa.dictionary(pa.int32(), pa.string())
 
 
 def output_schema(mode: str) -> pa.Schema:
-    """The schema readers see for ``mode`` ("all" or "topk")."""
-    return ALL_PAIRS if mode == "all" else TOP_K
+    """The schema readers see for ``mode`` ("all", "topk" or "similar")."""
+    return {"all": ALL_PAIRS, "topk": TOP_K, "similar": SIMILAR}[mode]
 
 
 def writer_schema(mode: str) -> pa.Schema:

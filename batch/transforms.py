@@ -84,11 +84,11 @@ class _WithContext(beam.DoFn):
         self.ctx: ScoringContext | None = None
 
     def setup(self) -> None:
-        import torch
+        from model.book_index import set_threads
 
-        # Parallelism comes from the workers and the scorer's own threads; torch's intra-op pool
-        # on top of that only oversubscribes the cores.
-        torch.set_num_threads(1)
+        # Parallelism comes from the workers and the scorer's own threads; torch's (and the book
+        # index's faiss) intra-op pool on top of that only oversubscribes the cores.
+        set_threads(1)
         self.ctx = self.shared.acquire(lambda: ScoringContext.load(self.spec), tag=self.spec.tag())
 
 

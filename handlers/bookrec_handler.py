@@ -36,6 +36,7 @@ from handlers.engine import BookrecEngine  # noqa: E402
 from handlers.schema import Limits  # noqa: E402
 from handlers.stages import Batch  # noqa: E402
 from model.artifacts import ModelFolder  # noqa: E402
+from model.book_index import set_threads  # noqa: E402
 
 log = logging.getLogger("bookrec.handler")
 
@@ -58,7 +59,7 @@ class BookrecHandler(BaseHandler):
         config = getattr(context, "model_yaml_config", None) or {}
         settings = config.get("handler") or {}
         threads = _torch_threads(settings, config)
-        torch.set_num_threads(threads)
+        set_threads(threads)  # torch's and the book index's (faiss) OpenMP pools alike
         model_dir = Path(context.system_properties["model_dir"])
         # Before BaseHandler loads the serialized file: a changed or corrupt file is refused by name.
         ModelFolder(model_dir).verify(serving=True)

@@ -123,8 +123,8 @@ class DriftSampler:
         """Sample the answered requests of one batch; returns how many lines were written."""
         written = 0
         for body, (status, payload) in zip(bodies, results, strict=True):
-            if status != 200 or not isinstance(body, dict):
-                continue
+            if status != 200 or not isinstance(body, dict) or payload.get("action") == "similar":
+                continue  # a similar-books request describes no reader
             if self.rate < 1.0 and self._random.random() >= self.rate:
                 continue
             try:

@@ -27,9 +27,12 @@ from handlers.schema import (
     Refusal,
     Request,
     RequestError,
+    SimilarBody,
     parse_request,
 )
 from model.artifacts import ModelFolder
+from model.reasons import Reasons
+from model.similar import SimilarBooks, group_codes_of, new_book_vectors
 from model.text import book_text, user_text
 
 log = logging.getLogger("bookrec.serve")
@@ -64,6 +67,7 @@ class BookrecEngine:
         self.catalog, self.encoder = self.model.catalog, self.model.encoder
         self.scorer, self.recommender = self.model.scorer, self.model.recommender
         self.metadata = self.model.metadata
+        self.similar = self.model.similar_index()
         self.version = str(self.metadata.get("version", "unversioned"))
         books = self.catalog.books
         # Plain lists: formatting a top-k answer indexes these a few times per request.
@@ -126,7 +130,22 @@ class BookrecEngine:
 
     # ------------------------------------------------------------------------------------ scoring
     def score(self, requests: list[Request]) -> list[dict[str, Any]]:
-        """Answers of validated requests: one encoder call, one pair batch, one top-k batch."""
+        """Answers of validated requests: the similar-books requests as one batch, the others as one
+        encoder call, one pair batch and one top-k batch."""
+        similar = [j for j, r in enumerate(requests) if isinstance(r, SimilarBody)]
+        if not similar:
+            return self._score_users(requests)
+        answers: list[dict[str, Any]] = [{}] * len(requests)
+        for j, answer in zip(similar, self._similar([requests[j] for j in similar]), strict=True):
+            answers[j] = answer
+        rest = sorted(set(range(len(requests))) - set(similar))
+        if rest:
+            for j, answer in zip(rest, self._score_users([requests[j] for j in rest]), strict=True):
+                answers[j] = answer
+        return answers
+
+    def _score_users(self, requests: list[Request]) -> list[dict[str, Any]]:
+        """Answers of rate and recommend requests: one encoder call, one pair batch, one top-k batch."""
         users = [r.user for r in requests]
         new_users = [u for u in users if not u.known]
         new_books = [b for r in requests if isinstance(r, RateBody) for b in r.books if not b.known]
@@ -153,9 +172,10 @@ class BookrecEngine:
             exclude = [h if requests[j].exclude_rated else _NO_ROWS for h, j in zip(history, recommend, strict=True)]
             k = max(requests[j].k for j in recommend)
             recs = self.recommender.recommend(user_feats[recommend], history, k, exclude)
+            reasons = self.recommender.explain(history, recs)
             rows, relevance, rating = (x.cpu().tolist() for x in (recs.rows, recs.relevance, recs.rating))
             for n, j in enumerate(recommend):
-                answers[j] = self._recommend_answer(requests[j], rows[n], relevance[n], rating[n])
+                answers[j] = self._recommend_answer(requests[j], rows[n], relevance[n], rating[n], reasons, n)
         return answers  # type: ignore[return-value]
 
     @property
@@ -210,6 +230,32 @@ class BookrecEngine:
         user_proj = self.scorer.project_users(user_feats)
         return self.scorer.rate_projected(user_proj, torch.tensor(pair_user, dtype=torch.long), book_proj)
 
+    def _similar(self, requests: list[SimilarBody]) -> list[dict[str, Any]]:
+        """The k most similar catalog books of each request's book (``model/similar.py``): catalog
+        books from their rows, new books from their text, embedded as a ``rate`` request's are."""
+        k = max(r.k for r in requests)
+        found: list[tuple[SimilarBooks, int]] = [None] * len(requests)  # type: ignore[list-item]
+        known = [j for j, r in enumerate(requests) if r.book.known]
+        if known:
+            rows = self.catalog.book_rows([requests[j].book.isbn for j in known]).numpy()
+            lists = self.similar.of_books(rows, k)
+            for n, j in enumerate(known):
+                found[j] = (lists, n)
+        new = [j for j, r in enumerate(requests) if not r.book.known]
+        if new:
+            books = [requests[j].book for j in new]
+            emb = torch.from_numpy(
+                self.encoder.embed([book_text(b.title, b.author, b.year, b.publisher) for b in books])
+            )
+            authors, publishers = [b.author for b in books], [b.publisher for b in books]
+            feats = self.catalog.new_book_features(emb, authors, publishers)
+            vectors = new_book_vectors(self.recommender.towers, self.catalog, feats, authors, publishers)
+            codes = group_codes_of(self.catalog, "author", authors).numpy()
+            lists = self.similar.of_new_books(vectors, codes, k)
+            for n, j in enumerate(new):
+                found[j] = (lists, n)
+        return [self._similar_answer(r, *f) for r, f in zip(requests, found, strict=True)]
+
     def _rated_rows(self, user: User) -> np.ndarray:
         """Catalog rows the user already read: the catalog's history and the request's own ratings."""
         rows = self.catalog.book_rows([r.isbn for r in user.ratings]).numpy().astype(np.int64)
@@ -239,20 +285,36 @@ class BookrecEngine:
         }
 
     def _recommend_answer(
-        self, request: RecommendBody, rows: list[int], relevance: list[float], rating: list[float]
+        self,
+        request: RecommendBody,
+        rows: list[int],
+        relevance: list[float],
+        rating: list[float],
+        reasons: Reasons,
+        u: int,
     ) -> dict[str, Any]:
         items = []
         for row, rel, score in zip(rows[: request.k], relevance[: request.k], rating[: request.k], strict=True):
             if row < 0:  # fewer unrated books than k (tiny catalogs only)
                 break
+            n = len(items)
+            because: dict[str, Any] = {}
+            graph_book = int(reasons.graph_book[u, n])
+            if graph_book >= 0:
+                because["graph"] = self._isbn[graph_book]
+            author_books = [self._isbn[b] for b in reasons.author_books[u, n].tolist() if b >= 0]
+            if author_books:
+                because["author"] = author_books
             items.append(
                 {
-                    "rank": len(items) + 1,
+                    "rank": n + 1,
                     "isbn": self._isbn[row],
                     "title": self._title[row],
                     "author": self._author[row],
                     "score": score,
                     "relevance": rel,
+                    "sources": reasons.source_names(u, n),
+                    "because": because,
                 }
             )
         return {
@@ -262,6 +324,36 @@ class BookrecEngine:
             "k": request.k,
             "exclude_rated": request.exclude_rated,
             "recommendations": items,
+        }
+
+    def _similar_answer(self, request: SimilarBody, lists: SimilarBooks, q: int) -> dict[str, Any]:
+        book = request.book
+        if book.known:
+            row = self.catalog.book_index[book.isbn]
+            echo = {"isbn": book.isbn, "title": self._title[row], "author": self._author[row], "known": True}
+        else:
+            echo = {"isbn": None, "title": book.title, "author": book.author, "known": False}
+        items = []
+        for n in range(min(request.k, lists.rows.shape[1])):
+            row = int(lists.rows[q, n])
+            if row < 0:  # fewer books than k have any source's vote (tiny catalogs only)
+                break
+            items.append(
+                {
+                    "rank": n + 1,
+                    "isbn": self._isbn[row],
+                    "title": self._title[row],
+                    "author": self._author[row],
+                    "score": float(lists.score[q, n]),
+                    "sources": lists.source_names(q, n),
+                }
+            )
+        return {
+            "action": "similar",
+            "model_version": self.version,
+            "book": echo,
+            "k": request.k,
+            "similar": items,
         }
 
     # ------------------------------------------------------------------------------------ warm-up
@@ -276,6 +368,8 @@ class BookrecEngine:
             {"action": "rate", "user": new_user, "books": isbns[:1]},
             {"action": "recommend", "user": {"user_id": user_id}, "k": 10},
             {"action": "recommend", "user": new_user, "k": 10, "exclude_rated": True},
+            {"action": "similar", "book": isbns[0], "k": 10},
+            {"action": "similar", "book": new_book, "k": 10},
         ]
 
     def warm_up(self, rounds: int = 3) -> None:

@@ -2,7 +2,7 @@
 
 The pydantic classes below are the one statement of the contract: ``parse_request`` validates with
 them and ``request_schema`` (published as ``docs/request.schema.json``) is generated from them.
-A valid body becomes a ``RateBody`` or ``RecommendBody``, the very objects the engine scores; anything
+A valid body becomes a ``RateBody``, ``RecommendBody`` or ``SimilarBody``, the very objects the engine scores; anything
 else raises ``RequestError`` carrying a ``Refusal`` that names the offending field as a JSON path, so
 every bad input becomes a 4xx with a JSON body and never reaches the model. Catalog look-ups
 (unknown ISBN or user id -> 404) run inside the same validation, through the validation context.
@@ -41,7 +41,7 @@ from pydantic_core import PydanticCustomError, core_schema
 from model.isbn import normalise_isbn
 from model.ranges import AGE_MAX, AGE_MIN, RATING_MAX, RATING_MIN, YEAR_MAX, YEAR_MIN
 
-ACTIONS = ("rate", "recommend")
+ACTIONS = ("rate", "recommend", "similar")
 MAX_ISBN_CHARS = 32
 DEFAULT_K = 10
 
@@ -326,7 +326,15 @@ class RecommendBody(_Body):
     exclude_rated: bool = True
 
 
-Request = RateBody | RecommendBody
+class SimilarBody(_Body):
+    """The k catalog books most like one book: a catalog book (ISBN) or a new book's metadata."""
+
+    action: Literal["similar"]
+    book: Book
+    k: Annotated[int, Field(ge=1), Limited("max_k")] = DEFAULT_K
+
+
+Request = RateBody | RecommendBody | SimilarBody
 RequestBody = Annotated[Request, Field(discriminator="action")]
 _ADAPTER: TypeAdapter[Request] = TypeAdapter(RequestBody)
 

@@ -104,6 +104,8 @@ def tally(bodies: list[Any], results: list[tuple[int, dict[str, Any]]]) -> Count
         if status != 200:
             add(ERRORS, status=str(status), field=error_field(payload))
             continue
+        if action == "similar":  # no user and no predicted rating
+            continue
         user = "known" if (payload.get("user") or {}).get("known") else "new"
         add(USERS, action=action, user=user)
         if action == "rate":

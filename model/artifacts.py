@@ -23,13 +23,15 @@ import pyarrow as pa
 import torch
 
 from model import layout, manifest
+from model.book_index import BookIndex
 from model.candidates import AuthorIndex, ItemGraph
 from model.catalog import Catalog
 from model.checkpoint import load_checkpoint, load_scripted
-from model.encoder import TextEncoder, load_saved_encoder
+from model.encoder import ScriptedTextEncoder, TextEncoder, load_serving_encoder
 from model.ranker import RankingSettings, RankingStage
 from model.recommend import Recommender, RetrievalSettings, embed_book_set
 from model.scoring import Scorer
+from model.similar import SimilarIndex, SimilarSettings, author_index
 
 VARIANTS = tuple(layout.MODEL_FILES)
 # The code that turns a user or a book into features and features into scores: this package.
@@ -120,8 +122,10 @@ class ModelFolder:
         missing = [name for name in needed if not (self.path / name).is_file()]
         # The ranking stage is optional but whole: part of it (a folder from before its settings had a
         # file of their own) would otherwise be served as no ranking stage at all.
-        ranking = [name for name in layout.RANKING_FILES if not (self.path / name).is_file()]
-        return missing + (ranking if len(ranking) < len(layout.RANKING_FILES) else [])
+        for optional in (layout.RANKING_FILES, layout.INDEX_FILES):
+            absent = [name for name in optional if not (self.path / name).is_file()]
+            missing += absent if len(absent) < len(optional) else []
+        return missing
 
     def check(self, variant: str = layout.SHIPPED_VARIANT, *, serving: bool = False, shown: str | None = None) -> None:
         """Raise ``IncompleteModelFolder`` naming every missing file."""
@@ -134,7 +138,7 @@ class ModelFolder:
     def verify(self, variant: str = layout.SHIPPED_VARIANT, *, serving: bool = False, shown: str | None = None) -> None:
         """Check the folder against its manifest before loading it: every file scoring with ``variant``
         needs (with ``serving``, also the encoder's) is listed, present, and of the listed size and
-        SHA-256, and a model listed with a ranking stage holds all of it. Raises
+        SHA-256, and a model listed with a ranking stage or a book index holds all of it. Raises
         ``IncompleteModelFolder`` / ``CorruptModelFolder`` naming each bad file."""
         self.check(variant, serving=serving, shown=shown)
         where = shown or self.path
@@ -150,16 +154,23 @@ class ModelFolder:
         ranking = bool(record.get("stages", {}).get("ranking"))
         if ranking or self.has_ranking():
             needed += layout.RANKING_FILES
+        indexed = bool(record.get("stages", {}).get("index"))
+        if indexed or self.has_index():
+            needed += layout.INDEX_FILES
         problems = []
         if ranking and not self.has_ranking():
             absent = [name for name in layout.RANKING_FILES if not (self.path / name).is_file()]
             problems.append(f"the model has a ranking stage but {', '.join(absent)} missing")
+        if indexed and not self.has_index():
+            absent = [name for name in layout.INDEX_FILES if not (self.path / name).is_file()]
+            problems.append(f"the model has a book index but {', '.join(absent)} missing")
+        reported = (layout.RANKING_FILES if ranking else ()) + (layout.INDEX_FILES if indexed else ())
         for name in needed:
             entry, path = listed.get(name), self.path / name
             if entry is None:
                 problems.append(f"{name}: not in {layout.MANIFEST_FILE} (a file the model was not made with)")
             elif not path.is_file():
-                if not ranking or name not in layout.RANKING_FILES:
+                if name not in reported:
                     problems.append(f"{name}: missing")
             elif path.stat().st_size != entry["bytes"]:
                 size = path.stat().st_size
@@ -212,17 +223,22 @@ class ModelFolder:
     def load_catalog(self) -> Catalog:
         return Catalog.load(self.path)
 
-    def load_encoder(self, device: str | torch.device = "cpu") -> TextEncoder:
-        encoder = load_saved_encoder(self.path / layout.ENCODER_DIR)
-        encoder.model.to(device)
-        return encoder
+    def load_encoder(self, device: str | torch.device = "cpu") -> ScriptedTextEncoder | TextEncoder:
+        """The encoder new users' and books' texts are embedded with (``load_serving_encoder``)."""
+        return load_serving_encoder(self.path / layout.ENCODER_DIR, device)
 
     def load_towers(self, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
         return load_scripted(self.path / layout.RETRIEVAL_FILE, device)
 
     def book_vectors(self) -> torch.Tensor:
-        """The towers' unit vector [B, dim] of every catalog book, in catalog row order."""
-        return torch.from_numpy(np.load(self.path / layout.BOOK_VECTORS))
+        """The towers' unit vector [B, dim] of every catalog book, in catalog row order.
+
+        Mapped, not read: where the recommender keeps them as stored (fp32 on the CPU) a worker
+        starts without copying the file into memory of its own and the workers of one archive share
+        its pages; otherwise its one conversion reads the pages directly. The mapping is
+        copy-on-write: a write would change this process's copy only, never the file.
+        """
+        return torch.from_numpy(np.load(self.path / layout.BOOK_VECTORS, mmap_mode="c"))
 
     def retrieval_settings(self) -> RetrievalSettings:
         return RetrievalSettings.load(self.path / layout.RETRIEVAL_SETTINGS)
@@ -230,6 +246,16 @@ class ModelFolder:
     def has_ranking(self) -> bool:
         """Whether the folder holds the ranking stage (item graph, ranker and its settings)."""
         return all((self.path / name).is_file() for name in layout.RANKING_FILES)
+
+    def has_index(self) -> bool:
+        """Whether the folder holds a book index (the index file and its settings)."""
+        return all((self.path / name).is_file() for name in layout.INDEX_FILES)
+
+    def book_index(self) -> BookIndex | None:
+        """The book index over the catalog's vectors; None where the folder has none (exhaustive)."""
+        if not self.has_index():
+            return None
+        return BookIndex.load(self.path / layout.BOOK_INDEX, self.path / layout.BOOK_INDEX_SETTINGS)
 
     def ranks(self) -> bool:
         """Whether top-k lists of this folder go through its ranking stage (held and enabled)."""
@@ -310,7 +336,8 @@ class ModelFolder:
         """The recommender over the book set of a rating ``scorer``, whose books are the
         catalog rows ``book_rows`` (-1: outside the catalog; None: the whole catalog in order). The
         catalog's shipped vectors are used, or, with ``from_features`` (the set's features came from
-        elsewhere), the towers embed the scorer's features."""
+        elsewhere), the towers embed the scorer's features. The folder's book index serves the
+        whole catalog in order only; any other book set is searched exhaustively."""
         towers = self.load_towers(scorer.device)
         if from_features:
             vectors = embed_book_set(towers, catalog, scorer.book_feats, book_rows)
@@ -325,7 +352,9 @@ class ModelFolder:
             mask = catalog.withdrawn_mask()
             rows = None if book_rows is None else book_rows.numpy().astype(np.int64)
             withdrawn = mask if rows is None else np.where(rows >= 0, mask[np.maximum(rows, 0)], False)
-        return Recommender(towers, vectors, scorer, self.retrieval_settings(), ranking, withdrawn)
+        whole = book_rows is None or torch.equal(book_rows, torch.arange(len(catalog.books)))
+        index = self.book_index() if whole and not from_features else None
+        return Recommender(towers, vectors, scorer, self.retrieval_settings(), ranking, index, withdrawn)
 
 
 @dataclass
@@ -336,7 +365,7 @@ class LoadedModel:
     catalog: Catalog
     scorer: Scorer
     recommender: Recommender | None  # None where only ratings are asked for (batch "all" mode)
-    encoder: TextEncoder | None = None
+    encoder: ScriptedTextEncoder | TextEncoder | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -346,3 +375,27 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return self.scorer.device
+
+    def similar_index(self, settings: SimilarSettings | None = None) -> SimilarIndex:
+        """The "similar books" sources of this model: the catalog's book vectors, the item graph (where
+        the model has a ranking stage) and the author index, shared with the recommender's ranking
+        stage when it covers the whole catalog."""
+        ranking = self.recommender.ranking if self.recommender is not None else None
+        whole = ranking is not None and ranking.in_set is None
+        if whole:
+            graph, authors = ranking.graph, ranking.authors
+        else:
+            has = self.folder.has_ranking()
+            graph = self.folder.item_graph() if has else None
+            per_author = self.folder.ranking_settings().per_author if has else 50
+            authors = author_index(self.catalog, per_author)
+        recommender = self.recommender
+        shared = (
+            whole
+            and recommender is not None
+            and recommender.book_vectors.dtype == torch.float32
+            and recommender.device.type == "cpu"
+        )
+        # The recommender's fp32 CPU copy is the same matrix: no second one in a worker's memory.
+        vectors = recommender.book_vectors if shared else self.folder.book_vectors()
+        return SimilarIndex(vectors, graph, authors, settings)

@@ -30,10 +30,20 @@ RANKER_FILE = "ranker_scripted.pt"
 RANKING_SETTINGS = "ranking_settings.json"
 RANKING_FILES = (ITEM_GRAPH, RANKER_FILE, RANKING_SETTINGS)
 
-# The text encoder (weights, tokenizer, encoder.json) and its own description.
+# The approximate nearest-neighbour index over the book vectors (optional: catalogs below the
+# threshold, ``model/book_index.py``, are searched exhaustively) and its settings.
+BOOK_INDEX = "book_index.faiss"
+BOOK_INDEX_SETTINGS = "book_index.json"
+INDEX_FILES = (BOOK_INDEX, BOOK_INDEX_SETTINGS)
+
+# The text encoder (weights, tokenizer, encoder.json) and its own description. The worker embeds with
+# the TorchScript trace of the BERT model and its pooling and with the ``tokenizers`` tokenizer, so it
+# never imports transformers (the other files are training's and an older model's way back in).
 ENCODER_DIR = "encoder"
 ENCODER_META = "encoder.json"
 ENCODER_CONFIG = "config.json"
+ENCODER_SCRIPTED = "encoder_scripted.pt"
+ENCODER_TOKENIZER = "tokenizer.json"
 
 # Known books and users with their text embeddings, the training history and the feature spec.
 CATALOG_DIR = "catalog"
@@ -53,6 +63,8 @@ MANIFEST_FILE = "manifest.json"
 # these; the settings serving needs are files of their own above).
 CONFIG_FILE = "config.yaml"
 VERSIONS_FILE = "versions.json"
+# Which config (hash) and code each step last ran with (``train/run_record.py``).
+STEPS_RECORD = "steps.json"
 FINGERPRINT_FILE = "fingerprint.json"
 FEATURES_REPORT = "features.json"
 TRAIN_REPORT = "train.json"

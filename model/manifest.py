@@ -27,7 +27,8 @@ def file_sha256(path: Path) -> str:
 
 def needed_files(root: Path) -> list[str]:
     """The model files of the folder ``root``, relative to it: every rating-model variant it holds,
-    the scoring files, every file of the encoder folder, and the ranking stage where it has one."""
+    the scoring files, every file of the encoder folder, and the ranking stage and the book index
+    where it has them."""
     root = Path(root)
     variants = [name for name in layout.MODEL_FILES.values() if (root / name).is_file()]
     encoder = root / layout.ENCODER_DIR
@@ -35,12 +36,13 @@ def needed_files(root: Path) -> list[str]:
     ranking = [name for name in layout.RANKING_FILES if (root / name).is_file()]
     withdrawn = layout.catalog_path(layout.WITHDRAWN_FILE)
     optional = [withdrawn] if (root / withdrawn).is_file() else []
-    return [*variants, *layout.SCORING_FILES, *encoder_files, *ranking, *optional]
+    index = [name for name in layout.INDEX_FILES if (root / name).is_file()]
+    return [*variants, *layout.SCORING_FILES, *encoder_files, *ranking, *index, *optional]
 
 
 def build(root: Path, files: list[str] | None = None) -> dict[str, Any]:
     """The manifest of ``files`` of ``root`` (default: ``needed_files``); the ranking stage is on
-    when all of its files are listed."""
+    when all of its files are listed, the index stage names the index's kind when its files are."""
     root = Path(root)
     files = needed_files(root) if files is None else files
     encoder = json.loads((root / layout.encoder_path(layout.ENCODER_META)).read_text())
@@ -49,10 +51,15 @@ def build(root: Path, files: list[str] | None = None) -> dict[str, Any]:
         "stages": {
             "ranking": all(name in files for name in layout.RANKING_FILES),
             "encoder": encoder.get("source"),
-            "index": None,
+            "index": index_kind(root) if all(name in files for name in layout.INDEX_FILES) else None,
         },
         "files": {name: {"bytes": (root / name).stat().st_size, "sha256": file_sha256(root / name)} for name in files},
     }
+
+
+def index_kind(root: Path) -> str:
+    """The kind of the folder's book index, from its settings file (read as JSON: no faiss needed)."""
+    return str(json.loads((Path(root) / layout.BOOK_INDEX_SETTINGS).read_text())["kind"])
 
 
 def write(root: Path, manifest: dict[str, Any]) -> Path:

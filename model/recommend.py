@@ -6,7 +6,9 @@ so the three give the same lists. For a block of users:
 1. user vectors from the retrieval towers (feature vector + the bag of books they read);
 2. logits against every book vector of the book set (one matmul), read books masked, top-N; in
    bfloat16 where the hardware runs it natively, with a margin of extra candidates rescored
-   exactly in fp32, so the order is the fp32 order of the rounded vectors;
+   exactly in fp32, so the order is the fp32 order of the rounded vectors. With a book index
+   (``model/book_index.py``, large catalogs) the index proposes N + margin candidates instead, read
+   books are dropped, and the rest are rescored the same way;
 3. with the ranking stage (``RankingStage``, ``model/ranker.py``; the ``ranking`` step, on by
    default): the towers' top-N merged with the item graph's and the reader's authors' candidates,
    every pair featurised, relevance = the learned ranker's score;
@@ -18,6 +20,7 @@ The top-k by relevance are the answer, each with its predicted rating.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -27,8 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.book_index import BookIndex
 from model.catalog import Catalog
-from model.ranker import MergedCandidates, RankingStage, merge
+from model.ranker import SOURCES, MergedCandidates, RankingStage, merge
+from model.reasons import MAX_AUTHOR_BOOKS, Explainer, Reasons
 from model.scoring import Scorer
 from model.topk import exclusion_coords
 
@@ -69,6 +74,7 @@ class Recommendations:
     rows: torch.Tensor  # [U, k]
     relevance: torch.Tensor  # [U, k] the rerank score the list is ordered by
     rating: torch.Tensor  # [U, k] predicted rating
+    sources: np.ndarray | None = None  # [U, k, 3] bool, which sources listed each (None: the towers alone)
 
 
 @dataclass(frozen=True)
@@ -119,13 +125,19 @@ class Recommender:
         scorer: Scorer,
         settings: RetrievalSettings,
         ranking: RankingStage | None = None,
+        index: BookIndex | None = None,
         withdrawn: np.ndarray | None = None,
     ):
-        """``withdrawn``: a bool per book of the set, True for a book never to recommend (out of print)."""
+        """``index``: the book set's ``BookIndex`` (None: exhaustive search). ``withdrawn``: a bool per
+        book of the set, True for a book never to recommend (out of print), on either search path."""
         if ranking is not None and len(ranking.catalog_rows) != book_vectors.shape[0]:
             raise ValueError(f"a ranking stage of {len(ranking.catalog_rows)} books for {book_vectors.shape[0]}")
         if book_vectors.shape[0] != scorer.n_books:
             raise ValueError(f"{book_vectors.shape[0]} book vectors for a book set of {scorer.n_books}")
+        if index is not None and (index.n_books, index.dim) != tuple(book_vectors.shape):
+            raise ValueError(
+                f"a book index of {index.n_books} x {index.dim} for book vectors {tuple(book_vectors.shape)}"
+            )
         self.device = scorer.device
         self.towers = towers.to(self.device).eval()
         self.dtype = vector_dtype(settings.precision, self.device)
@@ -134,18 +146,25 @@ class Recommender:
         self.scorer = scorer
         self.settings = settings
         self.ranking = ranking
+        self.index = index
         self.withdrawn = None if withdrawn is None else np.asarray(withdrawn, bool)
         blocked = np.flatnonzero(self.withdrawn) if self.withdrawn is not None else np.zeros(0, np.int64)
         self.blocked = torch.from_numpy(blocked).to(self.device) if len(blocked) else None
         self.last_timings: dict[str, float] = {}
 
     def subset(self, rows: np.ndarray) -> Recommender:
-        """The same recommender over the book-set positions ``rows`` only."""
+        """The same recommender over the book-set positions ``rows`` only (searched exhaustively: the
+        index covers the whole book set)."""
         index = torch.as_tensor(rows, dtype=torch.long, device=self.device)
         ranking = self.ranking.subset(rows) if self.ranking is not None else None
         withdrawn = self.withdrawn[np.asarray(rows, np.int64)] if self.withdrawn is not None else None
         return Recommender(
-            self.towers, self.book_vectors[index], self.scorer.subset(index), self.settings, ranking, withdrawn
+            self.towers,
+            self.book_vectors[index],
+            self.scorer.subset(index),
+            self.settings,
+            ranking,
+            withdrawn=withdrawn,
         )
 
     @property
@@ -191,13 +210,47 @@ class Recommender:
         """Top-``n`` logits and book-set positions per user, excluded books at -inf. The book set is
         scored in slices of at most ``LOGIT_BLOCK`` logits per call, each slice's top-n merged into
         the running one, so memory stays bounded whatever the catalog size and the user block.
-        In bf16 a margin of extra candidates is kept and rescored in fp32 (``_rescore``)."""
+        In bf16 a margin of extra candidates is kept and rescored in fp32 (``_rescore``). With a
+        book index, its candidates instead (``_top_n_indexed``)."""
         users = users / self.temperature
+        if self.index is not None and 0 < n < self.n_books:
+            return self._top_n_indexed(users, exclude, n)
         keep = n if self.dtype == torch.float32 else min(self.n_books, n + max(n, RESCORE_MARGIN))
         top, rows = self._top_pass(users.to(self.dtype), exclude, keep)
         if self.dtype == torch.float32:
             return top, rows
         return self._rescore(users, top, rows, n)
+
+    def _top_n_indexed(
+        self, users: torch.Tensor, exclude: list[np.ndarray] | None, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``n`` through the book index: ``n + margin`` candidates per user, read books dropped,
+        the rest rescored exactly (``_rescore``), so the order among the found books is exact. Users
+        left with fewer than ``n`` (they read more of their candidates than the margin holds) are
+        searched exhaustively."""
+        assert self.index is not None
+        n_users, n_books = users.shape[0], self.n_books
+        search = min(n_books, n + self.index.settings.margin)
+        _, found = self.index.search(users, search)
+        rows = torch.from_numpy(found).to(self.device)
+        dropped = rows < 0
+        n_read = torch.zeros(n_users, dtype=torch.long, device=self.device)
+        if exclude is not None and any(len(e) for e in exclude):
+            ex_user, ex_book = exclusion_coords(exclude, self.device)
+            user = torch.arange(n_users, device=self.device).unsqueeze(1)
+            dropped |= torch.isin(user * n_books + rows, ex_user * n_books + ex_book)
+            n_read = torch.bincount(ex_user, minlength=n_users)
+        top = torch.zeros(rows.shape, device=self.device).masked_fill(dropped, -math.inf)
+        top, rows = self._rescore(users, top, rows.clamp_min(0), n)
+        short = ((~torch.isinf(top)).sum(1) < torch.clamp(n_books - n_read, max=n)).nonzero().squeeze(1)
+        if len(short):
+            sub_exclude = [exclude[i] for i in short.tolist()] if exclude is not None else None
+            keep = n if self.dtype == torch.float32 else min(n_books, n + max(n, RESCORE_MARGIN))
+            part_top, part_rows = self._top_pass(users[short].to(self.dtype), sub_exclude, keep)
+            if self.dtype != torch.float32:
+                part_top, part_rows = self._rescore(users[short], part_top, part_rows, n)
+            top[short], rows[short] = part_top, part_rows
+        return top, rows
 
     def _rescore(
         self, users: torch.Tensor, top: torch.Tensor, rows: torch.Tensor, n: int
@@ -314,4 +367,23 @@ class Recommender:
         relevance, order = torch.topk(relevance, k, dim=1)
         rows = cands.rows.gather(1, order).masked_fill(torch.isinf(relevance), -1)
         self.last_timings["rerank"] = time.perf_counter() - start
-        return Recommendations(rows, relevance, cands.rating.gather(1, order))
+        sources = np.take_along_axis(cands.sources, order.cpu().numpy()[..., None], axis=1)
+        return Recommendations(rows, relevance, cands.rating.gather(1, order), sources)
+
+    @functools.cached_property
+    def _explainer(self) -> Explainer | None:
+        return Explainer(self.ranking.graph, self.ranking.authors) if self.ranking is not None else None
+
+    def explain(self, history: list[np.ndarray], recs: Recommendations) -> Reasons:
+        """The reasons of ``recs`` (``model/reasons.py``): the sources that listed each book and the
+        reader's history books (catalog rows, ``history[u]``) behind graph and author candidates."""
+        rows = recs.rows.cpu().numpy()
+        sources = recs.sources
+        if sources is None:  # no ranking stage: the towers alone retrieved the list
+            sources = np.zeros((*rows.shape, len(SOURCES)), bool)
+            sources[..., 0] = rows >= 0
+        if self._explainer is None:
+            none = np.full(rows.shape, -1, np.int64)
+            return Reasons(sources, none, np.full((*rows.shape, MAX_AUTHOR_BOOKS), -1, np.int64))
+        picks = np.where(rows >= 0, self.ranking.catalog_rows[np.maximum(rows, 0)], -1)
+        return self._explainer.explain(history, picks, sources)

@@ -3,7 +3,7 @@
     python -m serving.archive --run-dir runs/bookcrossing --out model-store
 
 The archive holds everything the handler reads, laid out like a run folder so the same
-``Catalog.load`` / ``load_saved_encoder`` code loads it:
+``Catalog.load`` / ``load_serving_encoder`` code loads it:
 
     model_scripted.pt        TorchScript MLP (the serialized file)
     retrieval_scripted.pt    TorchScript retrieval towers; retrieval_settings.json: rerank settings;
@@ -11,8 +11,11 @@ The archive holds everything the handler reads, laid out like a run folder so th
     item_graph.npz           the ranking stage, where the run has one: item graph, TorchScript
     ranker_scripted.pt       ranker and ranking_settings.json (the run's reports, retrieval.json
     ranking_settings.json    and ranking.json, stay in the run folder)
+    book_index.faiss         the book vectors' HNSW index and book_index.json, its settings, where the
+                             catalog reached the index threshold (smaller ones are searched exhaustively)
     bookrec_handler.py       the handler (TorchServe's entry point), from handlers/
-    encoder/                 BERT-tiny weights, config, tokenizer, encoder.json
+    encoder/                 BERT-tiny weights, config, tokenizer, encoder.json, and the TorchScript
+                             trace the worker embeds with (encoder_scripted.pt: no transformers import)
     catalog/                 books (ISBN, title, author, year, publisher + text embeddings),
                              users (+ embeddings), training history, feature_spec.json
     model/, handlers/        the project's code, so the worker imports it without an install: every
@@ -20,14 +23,16 @@ The archive holds everything the handler reads, laid out like a run folder so th
     model-config.yaml        batchSize, maxBatchDelay, min/maxWorkers, responseTimeout, and the handler
                              section: request limits and ``profile`` (per-stage handler timings)
     metadata.json            training config, metrics, data fingerprint, versions, file hashes, and
-                             the code: git commit and feature-code hash at training and at archiving
+                             the code: git commit and feature-code hash of each step that made the
+                             model's files (the run's steps.json) and at archiving
     manifest.json            the run's manifest (size and SHA-256 of every model file, the stages),
                              less the rating-model variants that stay in the run folder
 
 No requirements file is shipped: the worker installs nothing and downloads nothing. The archive
-ships the checked-out ``model/`` code; it refuses a run trained with different ``model/`` code
-(its feature-code hash differs) unless ``--allow-code-change``, since that code computes the
-features and scores the model was trained on.
+ships the checked-out ``model/`` code; it refuses a run any step of which that made model files ran
+with different ``model/`` code (its feature-code hash differs) unless ``--allow-code-change``, since
+that code computes the features and scores the model was trained on. Rerunning a step that makes no
+model file (``evaluate``) does not change that record.
 
 The run folder is verified against its manifest first (``ModelFolder.verify``): a missing, truncated
 or changed file is refused by name. The new archive is written into a temporary folder of the store,
@@ -68,6 +73,7 @@ SERIALIZED = layout.MODEL_FILES[layout.SHIPPED_VARIANT]
 RUN_INFO = {
     "fingerprint": layout.FINGERPRINT_FILE,
     "versions": layout.VERSIONS_FILE,
+    "steps": layout.STEPS_RECORD,
     "evaluation": layout.EVALUATION_REPORT,
     "compression": layout.COMPRESSION_REPORT,
     "train": layout.TRAIN_REPORT,
@@ -135,22 +141,31 @@ def _copy_code(dest: Path) -> None:
 
 
 def code_record(folder: ModelFolder, allow_change: bool = False) -> dict[str, Any]:
-    """The code the run was trained with (from ``versions.json``) and the code being shipped; raises
-    ``CodeChanged`` when their feature-code hashes differ, unless ``allow_change``."""
-    trained = (folder.read_json(layout.VERSIONS_FILE) or {}).get("code")
+    """The code each step that made the model's files ran with (``steps.json``; ``versions.json`` in a
+    run from before that record) and the code being shipped; raises ``CodeChanged`` when a feature-code
+    hash differs, unless ``allow_change``."""
+    steps = folder.read_json(layout.STEPS_RECORD)
+    if steps:
+        trained = {name: entry["code"] for name, entry in steps.items() if entry.get("model_files")}
+    else:
+        trained = {"run": (folder.read_json(layout.VERSIONS_FILE) or {}).get("code") or {}}
     shipped = code_identity()
-    trained_hash = (trained or {}).get("feature_code_sha256")
-    if trained_hash and trained_hash != shipped["feature_code_sha256"] and not allow_change:
-        raise CodeChanged(
-            f"{folder.path} was trained with other model/ code (feature-code hash {trained_hash[:12]}, "
-            f"commit {trained.get('git_commit')}) than the checkout ships ({shipped['feature_code_sha256'][:12]}, "
-            f"commit {shipped['git_commit']}): retrain, check out that commit, or pass --allow-code-change"
-        )
-    return {
-        "trained_with": trained,
-        "archived_with": shipped,
-        "same_feature_code": trained_hash == shipped["feature_code_sha256"],
+    other = {
+        name: code
+        for name, code in trained.items()
+        if code.get("feature_code_sha256") not in (None, shipped["feature_code_sha256"])
     }
+    if other and not allow_change:
+        made = ", ".join(
+            f"{name} with feature-code hash {code['feature_code_sha256'][:12]} (commit {code.get('git_commit')})"
+            for name, code in other.items()
+        )
+        raise CodeChanged(
+            f"{folder.path} was made with other model/ code ({made}) than the checkout ships "
+            f"({shipped['feature_code_sha256'][:12]}, commit {shipped['git_commit']}): retrain, check out that "
+            "commit, or pass --allow-code-change"
+        )
+    return {"trained_with": trained, "archived_with": shipped, "same_feature_code": not other}
 
 
 def metadata(folder: ModelFolder, payload: Path, version: str, code: dict[str, Any]) -> dict[str, Any]:
@@ -273,6 +288,10 @@ def _archive(
     # the towers' order, as before).
     if all((run_dir / name).is_file() for name in layout.RANKING_FILES):
         for name in layout.RANKING_FILES:
+            shutil.copy2(run_dir / name, payload / name)
+    # So does the book index (catalogs below its threshold have none and are searched exhaustively).
+    if folder.has_index():
+        for name in layout.INDEX_FILES:
             shutil.copy2(run_dir / name, payload / name)
     # The run's manifest, less the rating-model variants that stay in the run folder.
     record = folder.read_manifest()

@@ -76,13 +76,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300)
     args = parser.parse_args(argv)
 
+    history = args.run_dir / layout.catalog_path(layout.HISTORY_FILE)
+    if not history.is_file():  # said now, not once the server is up
+        print(f"error: --run-dir {args.run_dir}: no {layout.catalog_path(layout.HISTORY_FILE)}", file=sys.stderr)
+        return 2
+    calls = examples(args.run_dir)
     deadline = time.monotonic() + args.timeout
-    key = read_key(args.key_file, deadline)
-    headers = {"Authorization": f"Bearer {key}"}
-    wait_ready(args.url, headers, max(1.0, deadline - time.monotonic()))
+    try:
+        key = read_key(args.key_file, deadline)
+        headers = {"Authorization": f"Bearer {key}"}
+        wait_ready(args.url, headers, max(1.0, deadline - time.monotonic()))
+    except TimeoutError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     ok = True
     with BookrecClient(args.url, key, timeout=30) as client:
-        for title, body in examples(args.run_dir):
+        for title, body in calls:
             answer = client.predict(body)
             retried = f" after {answer.attempts} attempts ({'; '.join(answer.retries)})" if answer.retries else ""
             print(f"\n### {title}\n$ curl -H 'Authorization: Bearer ...' -d '{json.dumps(body)}' {client.endpoint}")

@@ -292,3 +292,55 @@ def test_failed_writes_leave_the_folder_as_it_was(tmp_path: Path) -> None:
         raise OSError("disk full")
     assert [p.name for p in tmp_path.iterdir()] == ["data"]
     assert (tmp_path / "data" / "t.parquet").read_text() == "old"
+
+
+def test_a_failed_data_step_removes_the_run_folder_it_made(case, tmp_path: Path, capsys) -> None:
+    """A new run folder (and the parents made for it) goes with a failed data step; an existing one,
+    even empty, stays."""
+    csv_dir = case[0]
+    (csv_dir / "Ratings.csv").write_text("User-ID,ISBN,Book-Rating\r\n", encoding="utf-8")
+    new = tmp_path / "new" / "runs" / "r"
+    for source in (tmp_path / "missing", csv_dir):
+        assert main(_args(new, source)) == 2
+        assert not (tmp_path / "new").exists(), sorted(tmp_path.rglob("*"))
+    (tmp_path / "empty").mkdir()
+    _fails(_args(tmp_path / "empty", csv_dir), tmp_path / "empty", capsys, str(csv_dir / "Ratings.csv"))
+    assert (tmp_path / "empty").is_dir()
+
+
+def _one_line(err: str, *names: str) -> None:
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and err.rstrip().splitlines()[-1] == errors[0] and "Traceback" not in err, err
+    assert all(name in errors[0] for name in names), errors[0]
+
+
+def test_download_and_sweep_end_bad_data_with_one_line(case, tmp_path: Path, capsys) -> None:
+    """``python -m train.data.download`` and ``python -m train sweep`` on a folder with both layouts, an
+    empty ratings file, or a config that is not YAML: one ``error:`` line naming the file, exit 2, no
+    run folder left; ``--verbose`` raises."""
+    from train.data.download import main as download
+    from train.experiments.sweep import main as sweep
+
+    csv_dir = case[0]
+    both = tmp_path / "both"
+    shutil.copytree(csv_dir, both)
+    for name in ("BX-Users.csv", "BX-Books.csv", "BX-Book-Ratings.csv"):
+        (both / name).write_text("")
+    capsys.readouterr()
+    assert download(["--source", str(both), "--dest", str(tmp_path / "dl")]) == 2
+    _one_line(capsys.readouterr().err, str(both), "both layouts")
+    with pytest.raises(DataError):
+        download(["--source", str(both), "--dest", str(tmp_path / "dl"), "--verbose"])
+
+    (csv_dir / "Ratings.csv").write_text("User-ID,ISBN,Book-Rating\r\n", encoding="utf-8")
+    run = tmp_path / "sweep-run"
+    args = ["--trials", "1", "--quiet", "--set", f"data.source={csv_dir}", "--set", f"run_dir={run}"]
+    assert sweep(args) == 2
+    _one_line(capsys.readouterr().err, str(csv_dir / "Ratings.csv"), "no ratings")
+    assert not run.exists()
+    with pytest.raises(DataError):
+        sweep([*args, "--verbose"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {source: [\n")
+    assert sweep(["--config", str(bad)]) == 2
+    _one_line(capsys.readouterr().err, f"{bad}:2:1", "not valid YAML")

@@ -197,6 +197,66 @@ def test_top_k_is_the_evaluations_two_stage_path(tiny_run: Path, catalog: Catalo
         np.testing.assert_allclose([r["score"] for r in answer], recs.rating[n].numpy(), rtol=0, atol=1e-5)
 
 
+def test_top_k_rows_carry_the_handlers_reasons(tiny_run: Path, catalog: Catalog, tmp_path: Path) -> None:
+    """The top-k output names each book's sources and the history books behind them, as the
+    handler's answer does; a graph reason's book is in the reader's history."""
+    from handlers.engine import BookrecEngine
+
+    batch(tiny_run, tmp_path / "top", "--mode", "topk", "--k", "5", "--exclude-rated")
+    frame = read(tmp_path / "top")
+    assert {"sources", "because_graph", "because_author"} <= set(frame.columns)
+    assert frame["sources"].map(len).gt(0).all()
+    with_graph = frame[frame["because_graph"].notna()]
+    assert len(with_graph) and with_graph["sources"].map(lambda s: "graph" in s).all()
+    assert frame["because_author"].map(len).gt(0).any()
+    engine = BookrecEngine(tiny_run)
+    users = frame["user_id"].unique()[:20].tolist()
+    answers = engine.run([{"action": "recommend", "user": {"user_id": u}, "k": 5} for u in users])
+    for user, (_, body) in zip(users, answers, strict=True):
+        mine = frame[frame["user_id"] == user].sort_values("rank")
+        history = set(catalog.books["isbn"].to_numpy()[catalog.rated_by(catalog.user_index[user])])
+        for (_, row), item in zip(mine.iterrows(), body["recommendations"], strict=True):
+            assert list(row["sources"]) == item["sources"]
+            assert (row["because_graph"] if isinstance(row["because_graph"], str) else None) == item["because"].get(
+                "graph"
+            )
+            assert list(row["because_author"]) == item["because"].get("author", [])
+            assert set(row["because_author"]) <= history
+            if isinstance(row["because_graph"], str):
+                assert row["because_graph"] in history
+
+
+def test_similar_mode_writes_every_books_top_k_as_the_handler(tiny_run: Path, catalog: Catalog, tmp_path: Path) -> None:
+    from handlers.engine import BookrecEngine
+
+    summary = batch(tiny_run, tmp_path / "sim", "--mode", "similar", "--k", "4", "--num-shards", "2")
+    table = pq.read_table(tmp_path / "sim")
+    assert table.schema.equals(schemas.SIMILAR)
+    frame = table.to_pandas()
+    assert set(frame["isbn"]) == set(catalog.books["isbn"]) and summary["mode"] == "similar"
+    assert len(frame) == summary["rows"] <= 4 * len(catalog.books)
+    assert (frame["isbn"] != frame["similar_isbn"]).all()
+    assert not frame.duplicated(["isbn", "similar_isbn"]).any()
+    assert all(r == list(range(1, len(r) + 1)) for r in frame.groupby("isbn")["rank"].apply(list))
+    engine = BookrecEngine(tiny_run)
+    isbns = catalog.books["isbn"].tolist()[:25]
+    answers = engine.run([{"action": "similar", "book": i, "k": 4} for i in isbns])
+    for isbn, (status, body) in zip(isbns, answers, strict=True):
+        assert status == 200
+        mine = frame[frame["isbn"] == isbn].sort_values("rank")
+        assert mine["similar_isbn"].tolist() == [i["isbn"] for i in body["similar"]]
+        np.testing.assert_allclose(mine["score"], [i["score"] for i in body["similar"]], rtol=1e-6)
+        assert [list(s) for s in mine["sources"]] == [i["sources"] for i in body["similar"]]
+
+    # --books picks the queries; an unknown one is a dead letter, the answers still span the catalog
+    (tmp_path / "books.txt").write_text(f"{isbns[0].lower()}\nnot-a-book\n")
+    part = batch(tiny_run, tmp_path / "part", "--mode", "similar", "--books", str(tmp_path / "books.txt"))
+    got = read(tmp_path / "part")
+    assert set(got["isbn"]) == {isbns[0]} and part["dead_letter_books"] == 1
+    first = got.sort_values("rank")["similar_isbn"].tolist()[:4]
+    assert first == frame[frame["isbn"] == isbns[0]].sort_values("rank")["similar_isbn"].tolist()
+
+
 def test_exclude_rated_drops_training_pairs(tiny_run: Path, catalog: Catalog, tmp_path: Path) -> None:
     summary = batch(tiny_run, tmp_path / "ex", "--exclude-rated")
     frame = read(tmp_path / "ex")

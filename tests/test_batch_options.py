@@ -48,7 +48,12 @@ def test_bad_flags_fail_fast_with_a_clear_message(tiny_run: Path, tmp_path: Path
     topk = ("--model", model, "--output", out, "--mode", "topk")
     assert "--k must be at least 1, got 0" in fails(capsys, *topk, "--k", "0")
     assert "--k must be at least 1, got -3" in fails(capsys, *topk, "--k", "-3")
-    assert "--k applies to --mode topk only" in fails(capsys, "--model", model, "--output", out, "--k", "5")
+    assert "--k applies to --mode topk and --mode similar" in fails(
+        capsys, "--model", model, "--output", out, "--k", "5"
+    )
+    similar = ("--model", model, "--output", out, "--mode", "similar")
+    assert "--exclude-rated does not apply to --mode similar" in fails(capsys, *similar, "--exclude-rated")
+    assert "--max-users does not apply to --mode similar" in fails(capsys, *similar, "--max-users", "3")
     assert "no such file or folder" in fails(capsys, "--model", str(tmp_path / "nope"), "--output", out)
     assert "missing model_scripted.pt" in fails(capsys, "--model", str(tmp_path), "--output", out)
     assert "the following arguments are required: --output" in fails(capsys, "--model", model)

@@ -129,6 +129,34 @@ def test_torch_index_and_version_become_build_args_without_wheels(context):
     assert f"--build-arg BASE_IMAGE={cuda}" in build
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "--run-dir is required"),
+        (["--run-dir", "runs/x", "--bogus"], "unknown option '--bogus'"),
+        (["--run-dir", "runs/x", "--engine", "podman"], "--engine must be auto, docker or buildah, not 'podman'"),
+        (["--run-dir", "runs/x", "--timeout", "0"], "--timeout must be a positive number of seconds, not '0'"),
+        (["--run-dir"], "--run-dir needs a value"),
+    ],
+)
+def test_run_image_names_bad_arguments(args, message):
+    result = subprocess.run(
+        ["bash", str(REPO / "serving/run_image.sh"), *args], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr
+
+
+def test_run_image_refuses_a_missing_run_folder(tmp_path):
+    result = subprocess.run(
+        ["bash", str(REPO / "serving/run_image.sh"), "--run-dir", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1 and f"no run folder '{tmp_path / 'none'}'" in result.stderr
+
+
 def _copy_sources(dockerfile: str) -> list[str]:
     """Context paths of the Dockerfile's COPY instructions (not COPY --from=<stage>)."""
     sources = []
@@ -161,7 +189,7 @@ def test_the_build_context_admits_exactly_what_the_dockerfile_copies():
 
 
 # Import name -> distribution name where they differ; "ts" is TorchServe's own package.
-DISTRIBUTIONS = {"ts": "torchserve", "yaml": "PyYAML", "pydantic_core": "pydantic"}
+DISTRIBUTIONS = {"ts": "torchserve", "yaml": "PyYAML", "pydantic_core": "pydantic", "faiss": "faiss-cpu"}
 # Installed by the Dockerfile itself (from TORCH_INDEX), not by the requirements file.
 FROM_DOCKERFILE = {"torch"}
 
@@ -185,3 +213,27 @@ def test_serving_requirements_cover_what_the_worker_imports() -> None:
     lines = (REPO / "handlers/requirements-serve.txt").read_text().splitlines()
     pinned = {re.split(r"[=<>~!\[ ]", line, maxsplit=1)[0].lower() for line in lines if line and line[0].isalnum()}
     assert needed <= pinned, f"imported by the worker but not in requirements-serve.txt: {sorted(needed - pinned)}"
+
+
+def test_serving_pins_are_versions_pyproject_allows() -> None:
+    """pyproject.toml is the source of truth for which versions bookrec supports: every package the
+    image pins (and the Dockerfile's TORCH_VERSION) must satisfy its dependency range there, and
+    every line pins one exact version."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    allowed = {canonicalize_name(r.name): r.specifier for r in map(Requirement, project)}
+    lines = (REPO / "handlers/requirements-serve.txt").read_text().splitlines()
+    pins = [Requirement(line) for line in lines if line and line[0].isalnum()]
+    torch_version = re.search(r"^ARG TORCH_VERSION=(\S+)$", (REPO / "Dockerfile").read_text(), re.M)
+    assert torch_version, "the Dockerfile sets no default TORCH_VERSION"
+    pins.append(Requirement(f"torch=={torch_version.group(1)}"))
+    for pin in pins:
+        (spec,) = pin.specifier
+        assert spec.operator == "==", f"requirements-serve.txt must pin {pin.name} exactly, not {pin}"
+        name = canonicalize_name(pin.name)
+        if name in allowed:
+            assert allowed[name].contains(spec.version), f"{pin} is outside pyproject.toml's {name}{allowed[name]}"

@@ -200,13 +200,12 @@ def test_run_all_hands_over_in_memory_and_a_step_alone_reads_the_folder(tmp_path
     from); the evaluate step alone, from the folder, computes the same figures."""
     from train.data.sample import write_sample
     from train.run_context import RunContext
-    from train.run_folder import prepare_run
     from train.steps import STEPS, run_all
 
     write_sample(tmp_path / "csv", layout="kaggle", n_users=150, n_books=100, n_ratings=2000, seed=2)
     cfg = tiny_config(tmp_path / "run", tmp_path / "csv", tmp_path / "cache")
     cfg.train.epochs = 2
-    run = RunContext(cfg, prepare_run(cfg))
+    run = RunContext(cfg, tmp_path / "run")
     run_all(cfg, progress=False, run=run)
     assert dict(run.folder.made) == {"training_data": 1, "rating:fp32": 1}
     handed_over = json.loads((tmp_path / "run" / "evaluation.json").read_text())

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 
-from model.encoder import load_saved_encoder
+from model import layout
+from model.artifacts import ModelFolder
+from model.encoder import ScriptedTextEncoder, TextEncoder, load_saved_encoder, load_serving_encoder
 from train.config import EncoderConfig
 from train.features.embed import EmbeddingCache
 from train.features.encoders import EncoderUnavailable, load_encoder
+from train.features.scripted import ScriptedEncoderMismatch, check_scripted, save_scripted
 
-from .conftest import SHARED
+from .conftest import REPO, SHARED
 
 CORPUS = [
     "The Dragon Queen by Ann Smith, 1999, Tor",
@@ -84,3 +90,92 @@ def test_embedding_cache_skips_known_texts(tmp_path):
     other = load_encoder(_random(seed=5), corpus=CORPUS)  # another encoder never reuses these keys
     _, stats = EmbeddingCache(tmp_path).embed(other, CORPUS, progress=False)
     assert stats["unique_new"] == 4
+
+
+# Empty, one letter, accented and non-Latin, and far past max_length (truncated), mixed in one batch.
+SERVING_TEXTS = [
+    "",
+    "a",
+    *CORPUS[:4],
+    "Crème brûlée à Zürich — naïve CAFÉ 東京",
+    "The Dragon Queen by Ann Smith, 1999, Tor. " * 40,
+    "q" * 700,
+]
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_the_scripted_encoder_gives_the_transformers_tokens_and_vectors(tmp_path, pooling):
+    """What the worker loads (the trace and the ``tokenizers`` tokenizer) reproduces the encoder:
+    the same token ids, truncation included, and embeddings within 1e-5 in any batching."""
+    enc = load_encoder(_random(pooling=pooling, max_length=32), corpus=CORPUS)
+    enc.save(tmp_path)
+    save_scripted(enc, tmp_path)
+    served = load_serving_encoder(tmp_path)
+    assert isinstance(served, ScriptedTextEncoder)
+    assert (served.dim, served.pooling, served.max_length, served.source) == (
+        enc.dim,
+        pooling,
+        32,
+        enc.source,
+    )
+    ids = [e.ids for e in served.tokenizer.encode_batch(SERVING_TEXTS)]
+    assert ids == enc.tokenizer(SERVING_TEXTS, padding=True, truncation=True, max_length=32)["input_ids"]
+    assert max(sum(e.attention_mask) for e in served.tokenizer.encode_batch(SERVING_TEXTS)) == 32
+    reference = enc.embed(SERVING_TEXTS)
+    for batch_size in (1, 4, 256):
+        assert np.abs(served.embed(SERVING_TEXTS, batch_size=batch_size) - reference).max() < 1e-5
+    assert served.embed([]).shape == (0, enc.dim)
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "bert-tiny" / "vocab.txt").is_file(), reason="no shared BERT-tiny folder")
+def test_the_scripted_encoder_tokenizes_as_transformers_with_the_bert_vocabulary(tmp_path):
+    enc = load_encoder(_random(config_dir=str(SHARED / "data" / "bert-tiny")))
+    enc.save(tmp_path)
+    save_scripted(enc, tmp_path)
+    served = ScriptedTextEncoder.load(tmp_path)
+    ids = [e.ids for e in served.tokenizer.encode_batch(SERVING_TEXTS)]
+    assert ids == enc.tokenizer(SERVING_TEXTS, padding=True, truncation=True, max_length=enc.max_length)["input_ids"]
+    assert np.abs(served.embed(SERVING_TEXTS) - enc.embed(SERVING_TEXTS)).max() < 1e-5
+
+
+def test_a_scripted_encoder_of_other_weights_is_refused(tmp_path):
+    """The check ``save_scripted`` runs fails on a trace that is not the encoder's."""
+    enc, other = (load_encoder(_random(seed=s), corpus=CORPUS) for s in (0, 1))
+    enc.save(tmp_path)
+    save_scripted(enc, tmp_path)
+    with pytest.raises(ScriptedEncoderMismatch, match="embeddings differ"):
+        check_scripted(other, ScriptedTextEncoder.load(tmp_path))
+
+
+def test_a_folder_saved_without_the_scripted_form_serves_through_transformers(tmp_path, caplog):
+    """An encoder saved before the scripted form existed still loads (and says how to add it)."""
+    enc = load_encoder(_random(), corpus=CORPUS)
+    enc.save(tmp_path)
+    with caplog.at_level("WARNING", logger="bookrec.encoder"):
+        served = load_serving_encoder(tmp_path)
+    assert isinstance(served, TextEncoder)
+    assert "export-encoder" in caplog.text
+    np.testing.assert_allclose(served.embed(CORPUS[:4]), enc.embed(CORPUS[:4]), atol=1e-6)
+
+
+def test_export_encoder_adds_the_scripted_form_to_a_run_saved_without_it(tiny_run, tmp_path):
+    """``python -m train export-encoder RUN`` on a run whose encoder predates the scripted form:
+    the trace is written, the manifest rewritten, and the folder verifies and serves without transformers."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("data", "distill"))
+    (run / layout.ENCODER_DIR / layout.ENCODER_SCRIPTED).unlink()
+    ModelFolder(run).write_manifest()  # as the older training wrote it
+    assert isinstance(ModelFolder(run).load_encoder(), TextEncoder)
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", "export-encoder", str(run)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert layout.ENCODER_SCRIPTED in proc.stdout and layout.MANIFEST_FILE in proc.stdout
+    folder = ModelFolder(run)
+    folder.verify(serving=True)
+    assert layout.encoder_path(layout.ENCODER_SCRIPTED) in folder.read_manifest()["files"]
+    assert isinstance(folder.load_encoder(), ScriptedTextEncoder)

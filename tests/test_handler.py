@@ -129,6 +129,7 @@ def test_archive_holds_everything_the_worker_needs(tiny_store: Path, model_dir: 
         "encoder/model.safetensors",
         "encoder/tokenizer.json",
         "encoder/encoder.json",
+        "encoder/encoder_scripted.pt",
         "catalog/books.parquet",
         "catalog/users.parquet",
         "catalog/history.parquet",
@@ -151,10 +152,13 @@ def test_archive_holds_everything_the_worker_needs(tiny_store: Path, model_dir: 
     assert meta["fingerprint"] == json.loads((tiny_run / "fingerprint.json").read_text())
     assert meta["versions"]["torch"] and meta["serving_versions"]["torchserve"]
     assert "MLP TorchScript (shipped)" in meta["metrics"]
-    # The code: what the run was trained with (versions.json) and what the archive ships.
+    # The code: what each step that made model files ran with (steps.json) and what the archive ships.
     shipped_code = code_identity()
     assert meta["code"]["archived_with"]["feature_code_sha256"] == shipped_code["feature_code_sha256"]
-    assert meta["code"]["trained_with"]["feature_code_sha256"] == shipped_code["feature_code_sha256"]
+    trained = meta["code"]["trained_with"]
+    assert set(trained) == {"distill", "features", "train", "compress", "retrieval", "ranking"}
+    assert {code["feature_code_sha256"] for code in trained.values()} == {shipped_code["feature_code_sha256"]}
+    assert set(meta["steps"]) == {"data", *trained, "evaluate"}
     assert meta["code"]["same_feature_code"] is True
     assert meta["code"]["archived_with"]["git_commit"] == shipped_code["git_commit"]
     # Book metadata and embeddings travel in the catalog.
@@ -188,20 +192,71 @@ def test_worker_code_imports_no_training_batch_or_tool_code() -> None:
                 assert f"{module.split('.')[1]}.py" in shipped, f"{name} imports {module}, which is not shipped"
 
 
+def _made_with_other_code(run: Path, steps: tuple[str, ...]) -> None:
+    """Record ``steps`` of ``run`` as run with other model/ code (another feature-code hash and commit)."""
+    record = json.loads((run / "steps.json").read_text())
+    for name in steps:
+        record[name]["code"] = {**record[name]["code"], "feature_code_sha256": "0" * 64, "git_commit": "abc123"}
+    (run / "steps.json").write_text(json.dumps(record))
+
+
 def test_archive_refuses_a_run_trained_with_other_model_code(tiny_run: Path, tmp_path: Path) -> None:
-    """A run whose recorded feature-code hash is not the checkout's is refused, naming both, unless
-    the change is allowed; the metadata then says the code differs."""
+    """A run a step of which made model files with a feature-code hash that is not the checkout's is
+    refused, naming the step and both hashes, unless the change is allowed; the metadata then says the
+    code differs. A run from before steps.json is judged by its versions.json."""
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    versions = json.loads((run / "versions.json").read_text())
-    versions["code"] = {**versions["code"], "feature_code_sha256": "0" * 64, "git_commit": "abc123"}
-    (run / "versions.json").write_text(json.dumps(versions))
-    with pytest.raises(CodeChanged, match=r"000000000000.*abc123.*--allow-code-change"):
+    _made_with_other_code(run, ("features",))
+    with pytest.raises(CodeChanged, match=r"features with feature-code hash 000000000000 \(commit abc123\).*--allow"):
         build_archive(run, tmp_path / "store")
     path = build_archive(run, tmp_path / "store", archive_format="no-archive", allow_code_change=True)
     meta = json.loads((path / "metadata.json").read_text())
     assert meta["code"]["same_feature_code"] is False
-    assert meta["code"]["trained_with"]["git_commit"] == "abc123"
+    assert meta["code"]["trained_with"]["features"]["git_commit"] == "abc123"
+
+    (run / "steps.json").unlink()
+    versions = json.loads((run / "versions.json").read_text())
+    versions["code"] = {**versions["code"], "feature_code_sha256": "0" * 64, "git_commit": "abc123"}
+    (run / "versions.json").write_text(json.dumps(versions))
+    with pytest.raises(CodeChanged, match=r"run with feature-code hash 000000000000 \(commit abc123\)"):
+        build_archive(run, tmp_path / "store2")
+
+
+@pytest.mark.training  # a `python -m train` process of its own
+def test_rerunning_a_step_keeps_the_record_of_the_code_that_made_the_model(tiny_run: Path, tmp_path: Path) -> None:
+    """Rerunning a step that makes no model file (here the distill step, a no-op for a random-init
+    encoder, as evaluate is for the model) with the checkout's code does not make a run made with
+    other code archivable: the code-change guard holds."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    _made_with_other_code(run, ("distill", "features", "train", "compress", "retrieval", "ranking"))
+    versions = json.loads((run / "versions.json").read_text())
+    versions["code"] = {**versions["code"], "feature_code_sha256": "0" * 64, "git_commit": "abc123"}
+    (run / "versions.json").write_text(json.dumps(versions))
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", "distill", "--config", str(run / "config.yaml"), "--run-dir", str(run)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((run / "steps.json").read_text())
+    assert record["distill"]["code"]["feature_code_sha256"] == code_identity()["feature_code_sha256"]
+    assert json.loads((run / "versions.json").read_text())["code"]["git_commit"] == "abc123"  # not the data step
+    with pytest.raises(CodeChanged, match=r"features with feature-code hash 000000000000"):
+        build_archive(run, tmp_path / "store")
+
+    # A run from before steps.json: each step is taken to have run with the code versions.json names.
+    from train.config import load_config
+    from train.steps import run_step
+
+    (run / "steps.json").unlink()
+    run_step("distill", load_config(run / "config.yaml", [f"run_dir={run}"]), progress=False)
+    record = json.loads((run / "steps.json").read_text())
+    assert record["features"]["code"]["git_commit"] == "abc123" and record["features"]["config_sha256"] is None
+    with pytest.raises(CodeChanged, match=r"features with feature-code hash 000000000000"):
+        build_archive(run, tmp_path / "store")
 
 
 def test_archive_rejects_an_incomplete_run(tmp_path: Path) -> None:
@@ -234,13 +289,15 @@ context.request_ids = metrics.request_ids = {0: "standalone"}
 body = json.dumps({"action": "recommend", "user": {"user_id": user}, "k": 3}).encode()
 [answer] = handler.handle([{"body": body}], context)
 print(json.dumps({"files": [model.__file__, handlers.__file__, bookrec_handler.__file__],
-                  "status": context.get_response_status(0)[0], "answer": json.loads(answer)}))
+                  "status": context.get_response_status(0)[0], "answer": json.loads(answer),
+                  "transformers": sorted(m for m in sys.modules if m.split(".")[0] == "transformers")}))
 """
 
 
 def test_unpacked_archive_serves_without_the_project_or_network(model_dir: Path, samples: dict) -> None:
     """A fresh interpreter with sockets disabled, run from the unpacked archive, loads the handler
-    and answers; the project code it runs is the archive's copy, not the repository's."""
+    and answers; the project code it runs is the archive's copy, not the repository's, and its
+    encoder is the scripted one: transformers is never imported (it was most of a worker's start)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_HUB_OFFLINE"] = "1"
     proc = subprocess.run(
@@ -256,6 +313,7 @@ def test_unpacked_archive_serves_without_the_project_or_network(model_dir: Path,
     for file in result["files"]:
         assert Path(file).resolve().is_relative_to(model_dir.resolve()), file
     assert result["status"] == 200 and len(result["answer"]["recommendations"]) == 3
+    assert result["transformers"] == [], "the worker imported transformers"
     # TorchScript's deprecation warnings stay out of the worker's output.
     assert "deprecated" not in proc.stderr.lower(), proc.stderr[-2000:]
 
@@ -466,6 +524,11 @@ def bad_requests(user: int, isbn: str) -> list[tuple[str, Any, int, str]]:
         ("k huge", {**rec, "k": 10**30}, 400, "k"),
         ("exclude_rated string", {**rec, "exclude_rated": "yes"}, 400, "exclude_rated"),
         ("books in recommend", {**rec, "books": [isbn]}, 400, "books"),
+        ("similar unknown ISBN", {"action": "similar", "book": "nope-123"}, 404, "book"),
+        ("similar unknown ISBN object", {"action": "similar", "book": {"isbn": "nope-123"}}, 404, "book.isbn"),
+        ("similar without a book", {"action": "similar", "k": 3}, 400, "book"),
+        ("similar k zero", {"action": "similar", "book": isbn, "k": 0}, 400, "k"),
+        ("similar with a user", {"action": "similar", "book": isbn, "user": {"user_id": user}}, 400, "user"),
     ]
 
 

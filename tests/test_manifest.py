@@ -228,3 +228,74 @@ def test_a_step_refreshes_the_manifest_or_drops_a_stale_one(tiny_run: Path, tmp_
     ModelFolder(run).verify(serving=True)
     (run / layout.RETRIEVAL_FILE).unlink()
     assert refresh_manifest(run) is None and not (run / layout.MANIFEST_FILE).exists()
+
+
+def _changed_vectors(good_mar: Path, dest: Path) -> None:
+    """``good_mar`` with its book vectors negated: the same shape and size, loadable, wrong answers."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    with zipfile.ZipFile(good_mar) as src, zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as out:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename == layout.BOOK_VECTORS:
+                buffer = io.BytesIO()
+                np.save(buffer, -np.load(io.BytesIO(data)))
+                assert len(buffer.getvalue()) == len(data)
+                data = buffer.getvalue()
+            out.writestr(item, data)
+
+
+@pytest.mark.torchserve
+def test_torchserve_never_serves_an_archive_with_a_changed_model_file(
+    tiny_run: Path, good_mar: Path, tmp_path: Path
+) -> None:
+    """One real TorchServe, one store: the good archive and a copy whose book vectors changed after
+    packing. The changed one's worker refuses to start, its log naming the file, and the model never
+    answers a prediction; the good one serves."""
+    import time
+
+    import requests
+
+    from serving.examples import examples
+    from serving.local_server import LocalServer
+
+    store = tmp_path / "store"
+    store.mkdir()
+    shutil.copy2(good_mar, store / "good.mar")
+    _changed_vectors(good_mar, store / "bad.mar")
+    body = next(body for _, body in examples(tiny_run) if body["action"] == "recommend")
+    srv = LocalServer(store, tmp_path / "ts", archive="good=good.mar bad=bad.mar")
+    srv.start(timeout=240, model="good", healthy=False)  # /ping is unhealthy while `bad` has no worker
+    try:
+
+        def ask(model: str) -> requests.Response:
+            url = f"{srv.inference_url}/predictions/{model}"
+            return requests.post(url, json=body, headers=srv.headers(), timeout=60)
+
+        def ask_bad() -> int | str:
+            """Its status, or "no answer" when TorchServe holds the request for a worker that never comes."""
+            try:
+                url = f"{srv.inference_url}/predictions/bad"
+                return requests.post(url, json=body, headers=srv.headers(), timeout=15).status_code
+            except requests.Timeout:
+                return "no answer"
+
+        good = ask("good")
+        assert good.status_code == 200 and len(good.json()["recommendations"]) == body["k"], good.text
+        refusal = f"{layout.BOOK_VECTORS}: SHA-256 differs from the manifest"
+        log = srv.logs / "model_log.log"
+        deadline = time.monotonic() + 120
+        answers = []
+        while not (log.is_file() and refusal in log.read_text(errors="replace")):
+            assert time.monotonic() < deadline, srv.log_tail()
+            answers.append(ask_bad())
+            time.sleep(2)
+        answers += [ask_bad() for _ in range(2)]
+        assert 200 not in answers, answers
+        assert not [w for w in srv.workers("bad") if w.get("status") == "READY"]
+        assert ask("good").json() == good.json()
+    finally:
+        srv.stop()

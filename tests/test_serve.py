@@ -160,6 +160,31 @@ def test_rate_and_recommend_over_http(server: LocalServer, engine: BookrecEngine
         assert_same_answer(resp.json(), want)
 
 
+def test_similar_and_reasons_over_http(server: LocalServer, engine: BookrecEngine, ids: dict) -> None:
+    """The similar action for a catalog and a new book, and the reasons of a recommendation, answer
+    over HTTP as in process; an unknown ISBN is a 404 naming it."""
+    isbn, user = ids["isbns"][0], ids["users"][1]
+    bodies = [
+        {"action": "similar", "book": isbn.lower(), "k": 5},
+        {"action": "similar", "book": {"title": "A Quiet Orbit", "author": "Ada Stone", "year": 2004}, "k": 3},
+        {"action": "recommend", "user": {"user_id": user}, "k": 5},
+    ]
+    for body in bodies:
+        resp = post(server, body)
+        assert resp.status_code == 200, resp.text
+        [(status, want)] = engine.run([body])
+        assert status == 200
+        key = "similar" if body["action"] == "similar" else "recommendations"
+        got = resp.json()[key]
+        assert got and [i["isbn"] for i in got] == [i["isbn"] for i in want[key]]
+        assert [i["sources"] for i in got] == [i["sources"] for i in want[key]]
+        if key == "recommendations":
+            assert [i["because"] for i in got] == [i["because"] for i in want[key]]
+    resp = post(server, {"action": "similar", "book": "no-such-isbn"})
+    assert resp.status_code == 404
+    assert resp.json()["error"]["field"] == "book" and "NO-SUCH-ISBN" in resp.json()["error"]["message"]
+
+
 def test_parity_with_the_evaluation_code_over_http(server: LocalServer, tiny_run: Path) -> None:
     requests_ = rate_requests(evaluation_pairs(tiny_run))[:25]
     got, want = [], []

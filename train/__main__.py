@@ -1,10 +1,12 @@
 """Command line: ``python -m train STEP --config FILE``, STEP one of run, data, distill, features, train,
 compress, retrieval, ranking, evaluate.
 
-Two more commands with their own flags: ``python -m train sweep --config FILE --trials N``
-(hyper-parameter sweep, ``train/experiments/sweep.py``) and ``python -m train update --model SRC
---input DIR --out DIR`` (a catalog update without retraining, ``train/update/``). The drift check
-of served traffic against the training data is ``python -m serving.drift``.
+Commands with their own flags: ``python -m train sweep --config FILE --trials N``
+(hyper-parameter sweep, ``train/experiments/sweep.py``), ``python -m train update --model SRC
+--input DIR --out DIR`` (a catalog update without retraining, ``train/update/``) and
+``python -m train export-encoder RUN`` (the encoder's TorchScript serving form for a run saved
+before it existed, ``train/features/scripted.py``). The drift check of served traffic against the
+training data is ``python -m serving.drift``.
 """
 
 from __future__ import annotations
@@ -15,14 +17,14 @@ import logging
 import sys
 import warnings
 
-import yaml
-
+from train.cli import CONFIG_ERRORS, config_problem, fail
 from train.config import Config, load_config
 from train.data.download import DatasetUnavailable
 from train.data.ingest import DataError
 from train.features.encoders import EncoderUnavailable
+from train.run_record import ConfigDiffers
 
-TOOLS = ("sweep", "update")
+TOOLS = ("sweep", "update", "export-encoder")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,33 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     overrides = args.set + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
     try:
         cfg = load_config(args.config, overrides)
-    except (OSError, ValueError, yaml.YAMLError) as err:
-        if args.verbose:
-            raise
-        print(f"error: bad config: {_config_problem(err, args.config)}", file=sys.stderr)
-        return 2
+    except CONFIG_ERRORS as err:
+        return fail(f"bad config: {config_problem(err, args.config)}", args.verbose)
 
     try:
         if args.step == "run":
             result = run_all(cfg, progress=not args.quiet)
         else:
             result = run_step(args.step, cfg, progress=not args.quiet)
-    except (DatasetUnavailable, DataError, EncoderUnavailable, StepNotReady) as err:
-        if args.verbose:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (DatasetUnavailable, DataError, EncoderUnavailable, StepNotReady, ConfigDiffers) as err:
+        return fail(err, args.verbose)
     print(json.dumps({"run_dir": cfg.run_dir, args.step: result}, indent=2, default=str))
     return 0
-
-
-def _config_problem(err: Exception, path: str | None) -> str:
-    """One line for a config that cannot be read: a YAML error as FILE:LINE:COLUMN: PROBLEM."""
-    if not isinstance(err, yaml.YAMLError):
-        return str(err)
-    mark = getattr(err, "problem_mark", None)
-    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-    return f"{where}: not valid YAML: {getattr(err, 'problem', None) or err}"
 
 
 def _tool(name: str, argv: list[str]) -> int:
@@ -94,6 +81,8 @@ def _tool(name: str, argv: list[str]) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     if name == "update":
         from train.update.cli import main as tool
+    elif name == "export-encoder":
+        from train.features.scripted import main as tool
     else:
         from train.experiments.sweep import main as tool
 

@@ -293,6 +293,23 @@ class TrainConfig(Section):
         return self
 
 
+class IndexConfig(Section):
+    """The approximate nearest-neighbour index over the book vectors (``model/book_index.py``),
+    built by the retrieval step when the catalog has at least ``threshold`` books."""
+
+    threshold: int = 100_000  # smaller catalogs are searched exhaustively (as fast there)
+    m: int = 32  # HNSW links per node
+    ef_construction: int = 128
+    ef_search: int = 400  # recall against latency (BENCHMARKS.md, "Retrieval index")
+    margin: int = 64  # candidates searched beyond those asked, for read books
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> Self:
+        _positive(self, "threshold", "m", "ef_construction", "ef_search")
+        _non_negative(self, "margin")
+        return self
+
+
 class RetrievalConfig(Section):
     """The two-tower retrieval model and the recommender built on it."""
 
@@ -325,6 +342,7 @@ class RetrievalConfig(Section):
     # A non-zero blend is kept only when it beats blend 0 by more than this validation recall@10:
     # it makes every request rate all its candidates instead of the k it returns.
     blend_min_gain: float = 0.001
+    index: IndexConfig = Field(default_factory=IndexConfig)
 
     @model_validator(mode="after")
     def _check_ranges(self) -> Self:

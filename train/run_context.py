@@ -24,6 +24,7 @@ import torch
 
 from model import layout
 from model.artifacts import ModelFolder, resolve_device
+from model.book_index import BookIndex
 from model.candidates import ItemGraph
 from model.catalog import Catalog
 from model.ranker import RankingSettings
@@ -43,6 +44,7 @@ PIECES = frozenset(
         *(f"rating:{v}" for v in layout.MODEL_FILES),
         "towers",
         "book_vectors",
+        "book_index",
         "retrieval_settings",
         "item_graph",
         "ranker",
@@ -117,6 +119,9 @@ class RunFolder(ModelFolder):
 
     def book_vectors(self) -> torch.Tensor:
         return self.piece("book_vectors", super().book_vectors)
+
+    def book_index(self) -> BookIndex | None:
+        return self.piece("book_index", super().book_index)
 
     def retrieval_settings(self) -> RetrievalSettings:
         return self.piece("retrieval_settings", super().retrieval_settings)

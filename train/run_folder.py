@@ -1,5 +1,5 @@
-"""The run folder and what makes a run reproducible: its record (config, versions, machine, code),
-the data fingerprint, JSON reports."""
+"""The run folder and what makes a run reproducible: package versions and machine, the data
+fingerprint, JSON reports, the manifest (the record of which config and code made it: ``train/run_record.py``)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,16 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 
 from model import layout
-from model.artifacts import ModelFolder, code_identity
+from model.artifacts import ModelFolder
 from model.manifest import file_sha256
-from train.config import Config
 
 PACKAGES = (
     "torch",
@@ -75,15 +77,6 @@ def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
 
-def prepare_run(cfg: Config) -> Path:
-    """Create the run folder with the config, versions, machine and code identity beside it."""
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / layout.CONFIG_FILE)
-    write_json(run_dir / layout.VERSIONS_FILE, {**versions(), "machine": machine(), "code": code_identity()})
-    return run_dir
-
-
 def refresh_manifest(run_dir: Path) -> Path | None:
     """Record the run's model files in its manifest once the folder holds a complete model; a folder
     that does not (a step rewrote part of it, or failed) loses a stale manifest instead, so it is
@@ -93,3 +86,21 @@ def refresh_manifest(run_dir: Path) -> Path | None:
         (Path(run_dir) / layout.MANIFEST_FILE).unlink(missing_ok=True)
         return None
     return folder.write_manifest()
+
+
+@contextmanager
+def removed_if_failed(run_dir: Path) -> Iterator[None]:
+    """Around work that may create ``run_dir``: if it fails (Ctrl-C included), what it created of the
+    path (the folder and any parents made for it) is removed; a folder that was there is left as the
+    work leaves it."""
+    created = None
+    for folder in (run_dir, *run_dir.parents):  # the highest folder of the path that is not there yet
+        if folder.exists():
+            break
+        created = folder
+    try:
+        yield
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise

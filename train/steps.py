@@ -28,7 +28,8 @@ from train.rating.compress import step_compress
 from train.rating.step import step_train
 from train.retrieval.step import step_retrieval
 from train.run_context import RunContext
-from train.run_folder import prepare_run, refresh_manifest, write_json
+from train.run_folder import refresh_manifest, removed_if_failed, write_json
+from train.run_record import OWNS, check_config, record_step
 
 log = logging.getLogger("bookrec.pipeline")
 
@@ -45,6 +46,7 @@ STEPS: dict[str, Step] = {
 }
 # The steps that write model files: the manifest is refreshed after each of them.
 MODEL_STEPS = ("features", "train", "compress", "retrieval", "ranking")
+assert tuple(OWNS) == tuple(STEPS), "train/run_record.py's OWNS lists the steps in order"
 
 
 # What a step run alone reads first, and the step that writes it: a folder without it is refused
@@ -69,11 +71,27 @@ class StepNotReady(Exception):
 
 
 def run_step(name: str, cfg: Config, progress: bool = True) -> dict:
-    """One step on the configured run folder, starting from what the folder holds; the run's record
-    (config, versions) is written once the step succeeded, so a failed step leaves the record of what
-    the folder still holds. A folder lacking what the step reads is ``StepNotReady``, left untouched; a
-    step that writes model files refreshes the manifest."""
+    """One step on the configured run folder, starting from what the folder holds. A folder lacking what
+    the step reads is ``StepNotReady``, and a config that differs from the run's in what earlier steps
+    made is ``ConfigDiffers``: both leave the folder untouched. The step's part of the run's record
+    (``train/run_record.py``) is written once it succeeded, so a failed step leaves the record of what
+    the folder still holds; a step that writes model files refreshes the manifest."""
     run_dir = Path(cfg.run_dir)
+    check_ready(name, run_dir)
+    check_config(name, cfg, run_dir)
+    with removed_if_failed(run_dir):  # a failed first step leaves no empty run folder behind
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if name in MODEL_STEPS:  # a step that fails half-way must not leave the old manifest vouching for it
+            (run_dir / layout.MANIFEST_FILE).unlink(missing_ok=True)
+        result = STEPS[name](RunContext(cfg, run_dir), progress)
+    record_step(name, cfg, run_dir)
+    if name in MODEL_STEPS:
+        refresh_manifest(run_dir)
+    return result
+
+
+def check_ready(name: str, run_dir: Path) -> None:
+    """Raise ``StepNotReady`` when ``run_dir`` lacks what step ``name`` reads, naming the step to run first."""
     missing = _missing(name, run_dir)
     if missing:
         needed, first = missing
@@ -81,14 +99,6 @@ def run_step(name: str, cfg: Config, progress: bool = True) -> dict:
             f"{run_dir} has no {needed} for `{name}`: run `python -m train {first}` and the steps after it "
             f"first, or `python -m train run`"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if name in MODEL_STEPS:  # a step that fails half-way must not leave the old manifest vouching for it
-        (run_dir / layout.MANIFEST_FILE).unlink(missing_ok=True)
-    result = STEPS[name](RunContext(cfg, run_dir), progress)
-    prepare_run(cfg)
-    if name in MODEL_STEPS:
-        refresh_manifest(run_dir)
-    return result
 
 
 def _missing(name: str, run_dir: Path) -> tuple[str, str] | None:
@@ -101,23 +111,31 @@ def _missing(name: str, run_dir: Path) -> tuple[str, str] | None:
 
 def run_all(cfg: Config, progress: bool = True, run: RunContext | None = None) -> dict:
     """Every step in order, handing each other what they build through one ``RunContext`` (``run``
-    where the caller holds one); returns each step's summary and its wall time. The record is written
-    once the data step succeeded (as ``run_step`` does), the manifest once the last model step did."""
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    where the caller holds one); returns each step's summary and its wall time. Each step's part of
+    the record is written once it succeeded (as ``run_step`` does), the manifest once the last model
+    step did."""
     run = run or RunContext(cfg, Path(cfg.run_dir))
     run_dir = run.dir
+    with removed_if_failed(run_dir):  # a run folder this run made goes if its data step fails
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / layout.MANIFEST_FILE).unlink(missing_ok=True)  # vouches for no file until the model is rewritten
+        out = _timed("data", run, progress)
     tracker = tracking.start_training_run(cfg, run_dir)  # None unless train.wandb
-    (run_dir / layout.MANIFEST_FILE).unlink(missing_ok=True)  # vouches for no file until the model is rewritten
-    out = {}
-    for name, step in STEPS.items():
-        start = time.perf_counter()
-        out[name] = step(run, progress)
-        if name == "data":
-            prepare_run(cfg)
-        if name == MODEL_STEPS[-1]:  # the model files are final
-            refresh_manifest(run_dir)
-        out[f"{name}_seconds"] = round(time.perf_counter() - start, 1)
-        log.info("step %s done in %.1f s", name, out[f"{name}_seconds"])
+    for name in list(STEPS)[1:]:
+        out.update(_timed(name, run, progress))
     write_json(run_dir / layout.TIMINGS_FILE, {k: v for k, v in out.items() if k.endswith("_seconds")})
     tracking.finish_training_run(tracker, run_dir)
     return out
+
+
+def _timed(name: str, run: RunContext, progress: bool) -> dict:
+    """Step ``name`` of ``run_all``: its summary and wall time; its record, and the manifest once the
+    last model step wrote the model's final files."""
+    start = time.perf_counter()
+    result = STEPS[name](run, progress)
+    record_step(name, run.cfg, run.dir)
+    if name == MODEL_STEPS[-1]:
+        refresh_manifest(run.dir)
+    seconds = round(time.perf_counter() - start, 1)
+    log.info("step %s done in %.1f s", name, seconds)
+    return {name: result, f"{name}_seconds": seconds}

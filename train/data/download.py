@@ -19,8 +19,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from train.cli import fail
 from train.config import DEFAULT_URL, DataConfig
-from train.data.ingest import detect_layout
+from train.data.ingest import DataError, detect_layout
 
 LOG = logging.getLogger("bookrec.download")
 
@@ -145,13 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default=DEFAULT_URL)
     parser.add_argument("--dest", type=Path, default=Path(DataConfig().download_dir))
     parser.add_argument("--source", help="use this folder instead of downloading")
+    parser.add_argument("--verbose", action="store_true", help="a traceback with every error")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         folder = resolve_data_dir(args.source, args.url, args.dest)
-    except DatasetUnavailable as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (DatasetUnavailable, DataError) as error:
+        return fail(error, args.verbose)
     print(folder)
     return 0
 

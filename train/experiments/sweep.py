@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import logging
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -110,18 +109,23 @@ def prepare_features(cfg: Config, progress: bool = True) -> Path:
     from train.features.distill.step import step_distill
     from train.features.step import step_features
     from train.run_context import RunContext
-    from train.run_folder import prepare_run
+    from train.run_folder import removed_if_failed
+    from train.run_record import record_step
 
     run_dir = Path(cfg.run_dir)
     if _same_features(cfg, run_dir):
         log.info("sweep: reusing data and features of %s", run_dir)
         return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     run = RunContext(cfg, run_dir)
-    step_data(run, progress)
-    step_distill(run, progress)  # a no-op unless the encoder is a distilled student
-    step_features(run, progress)
-    return prepare_run(cfg)  # only now: _same_features trusts the saved config to describe data and features
+    with removed_if_failed(run_dir):  # a run folder made here goes if the data step fails
+        run_dir.mkdir(parents=True, exist_ok=True)
+        step_data(run, progress)
+        record_step("data", cfg, run_dir)
+    # Each step's record only once it is done: _same_features trusts the saved config to describe them.
+    for name, step in (("distill", step_distill), ("features", step_features)):
+        step(run, progress)  # distill: a no-op unless the encoder is a distilled student
+        record_step(name, cfg, run_dir)
+    return run_dir
 
 
 def train_trial(cfg: Config, catalog: Catalog, data: Any, epochs: int | None) -> dict[str, Any]:
@@ -320,22 +324,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampler")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/sweep)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--verbose", action="store_true", help="a traceback with every error")
     args = parser.parse_args(argv)
     if args.trials < 1 or (args.epochs is not None and args.epochs < 1):
         parser.error("--trials and --epochs must be at least 1")
+    from train.cli import CONFIG_ERRORS, config_problem, fail
+
     try:
         cfg = load_config(args.config, args.set)
-    except (OSError, ValueError) as err:
-        print(f"error: bad config: {err}", file=sys.stderr)
-        return 2
+    except CONFIG_ERRORS as err:
+        return fail(f"bad config: {config_problem(err, args.config)}", args.verbose)
     from train.data.download import DatasetUnavailable
+    from train.data.ingest import DataError
     from train.features.encoders import EncoderUnavailable
 
     try:
         summary = run_sweep(cfg, args.trials, args.out, args.epochs, args.seed, progress=not args.quiet)
-    except (DatasetUnavailable, EncoderUnavailable) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (DatasetUnavailable, DataError, EncoderUnavailable) as err:
+        return fail(err, args.verbose)
     print(json.dumps(summary, indent=2))
     return 0
 

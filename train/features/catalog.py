@@ -16,6 +16,7 @@ from model.features import FeatureSpec
 from model.text import book_texts, user_texts
 from train.features.distill.step import configured_encoder
 from train.features.embed import EmbeddingCache
+from train.features.scripted import save_scripted
 from train.run_context import RunContext
 
 log = logging.getLogger("bookrec.pipeline")
@@ -48,6 +49,7 @@ def embed_catalog(run: RunContext, encoder: TextEncoder | None = None, progress:
     book_emb, book_stats = cache.embed(encoder, btexts, cfg.encoder.batch_size, progress)
     user_emb, user_stats = cache.embed(encoder, utexts, cfg.encoder.batch_size, progress)
     encoder.save(run.dir / layout.ENCODER_DIR)
+    save_scripted(encoder, run.dir / layout.ENCODER_DIR)
 
     train = ratings[ratings["split"] == "train"]
     spec = FeatureSpec(

@@ -15,6 +15,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,12 +24,13 @@ from tqdm.auto import tqdm
 
 from model import layout
 from model.artifacts import resolve_device
+from model.book_index import BookIndex, IndexSettings
 from model.catalog import Catalog
 from model.checkpoint import load_scripted
 from model.features import book_own_stats
 from model.recommend import Recommender, RetrievalSettings, embed_book_set
 from model.scoring import Scorer
-from train.config import RetrievalConfig
+from train.config import IndexConfig, RetrievalConfig
 from train.evaluation.protocols import warm_task
 from train.evaluation.topk import choose_blend
 from train.rating.dataset import TrainingData
@@ -328,6 +330,28 @@ def fit_retrieval(
     return result
 
 
+def save_book_index(run_dir: Path, vectors: torch.Tensor, cfg: IndexConfig) -> tuple[BookIndex | None, float]:
+    """The book index of a catalog of at least ``cfg.threshold`` books, saved in the run folder, and
+    its build time; below the threshold none (a stale one of an earlier run is removed)."""
+    if len(vectors) < cfg.threshold:
+        for name in layout.INDEX_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+        return None, 0.0
+    start = time.perf_counter()
+    settings = IndexSettings(
+        threshold=cfg.threshold,
+        m=cfg.m,
+        ef_construction=cfg.ef_construction,
+        ef_search=cfg.ef_search,
+        margin=cfg.margin,
+    )
+    index = BookIndex.build(vectors.numpy(), settings)
+    index.save(run_dir / layout.BOOK_INDEX, run_dir / layout.BOOK_INDEX_SETTINGS)
+    seconds = time.perf_counter() - start
+    log.info("retrieval: %s index of %d books built in %.1f s", settings.kind, len(vectors), seconds)
+    return index, seconds
+
+
 def step_retrieval(run: RunContext, progress: bool = True) -> dict:
     """Train the towers, ship them scripted with the catalog's book vectors, and choose the rerank
     blend on validation with the shipped rating model; the settings go to ``retrieval_settings.json``,
@@ -346,16 +370,18 @@ def step_retrieval(run: RunContext, progress: bool = True) -> dict:
     towers = load_scripted(run_dir / layout.RETRIEVAL_FILE)
     vectors = catalog_book_vectors(towers, catalog)
     np.save(run_dir / layout.BOOK_VECTORS, vectors.numpy())
+    index, index_seconds = save_book_index(run_dir, vectors, cfg.retrieval.index)
     run.keep("towers", towers)
     run.keep("book_vectors", vectors)
+    run.keep("book_index", index)
 
     # The blend is chosen with the recommender in memory: the shipped rating model over the catalog,
-    # these towers and vectors, the configured candidates and precision (no ranking stage);
+    # these towers, vectors and index, the configured candidates and precision (no ranking stage);
     # ``choose_blend`` tries every blend of the grid.
     scorer = Scorer(run.folder.load_rating_model(), catalog.book_feats, torch.device("cpu"))
     unblended = RetrievalSettings(cfg.retrieval.candidates, precision=cfg.retrieval.precision)
     blend, blend_table = choose_blend(
-        Recommender(towers, vectors, scorer, unblended),
+        Recommender(towers, vectors, scorer, unblended, index=index),
         warm_task(catalog, ratings, "val"),
         cfg.retrieval.blend_grid,
         min_gain=cfg.retrieval.blend_min_gain,
@@ -371,6 +397,7 @@ def step_retrieval(run: RunContext, progress: bool = True) -> dict:
         "seconds": round(result.seconds, 1),
         "val_recall@10_by_blend": blend_table,
         "device": str(device),
+        "index": None if index is None else {"kind": index.settings.kind, "build_seconds": round(index_seconds, 1)},
     }
     run.write_report(layout.RETRIEVAL_REPORT, summary)
     log.info("retrieval: best epoch %d, blend %g (val recall@10 by blend %s)", result.best_epoch, blend, blend_table)
