@@ -224,25 +224,29 @@ class Recommender:
     def _top_n_indexed(
         self, users: torch.Tensor, exclude: list[np.ndarray] | None, n: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-``n`` through the book index: ``n + margin`` candidates per user, read books dropped,
-        the rest rescored exactly (``_rescore``), so the order among the found books is exact. Users
-        left with fewer than ``n`` (they read more of their candidates than the margin holds) are
-        searched exhaustively."""
+        """Top-``n`` through the book index: ``n + margin`` candidates per user (withdrawn books
+        skipped by the search itself), read books dropped, the rest rescored exactly (``_rescore``),
+        so the order among the found books is exact. Users left with fewer than ``n`` (they read
+        more of their candidates than the margin holds) are searched exhaustively."""
         assert self.index is not None
         n_users, n_books = users.shape[0], self.n_books
         search = min(n_books, n + self.index.settings.margin)
-        _, found = self.index.search(users, search)
+        blocked = self.blocked.cpu().numpy() if self.blocked is not None else None
+        _, found = self.index.search(users, search, blocked)
         rows = torch.from_numpy(found).to(self.device)
         dropped = rows < 0
-        n_read = torch.zeros(n_users, dtype=torch.long, device=self.device)
+        if self.blocked is not None:  # the index skips them already; a withdrawn book must never pass
+            dropped |= torch.isin(rows, self.blocked)
+        n_open = torch.full((n_users,), n_books - (len(blocked) if blocked is not None else 0), device=self.device)
         if exclude is not None and any(len(e) for e in exclude):
             ex_user, ex_book = exclusion_coords(exclude, self.device)
             user = torch.arange(n_users, device=self.device).unsqueeze(1)
             dropped |= torch.isin(user * n_books + rows, ex_user * n_books + ex_book)
-            n_read = torch.bincount(ex_user, minlength=n_users)
+            open_read = ~torch.isin(ex_book, self.blocked) if self.blocked is not None else None
+            n_open -= torch.bincount(ex_user if open_read is None else ex_user[open_read], minlength=n_users)
         top = torch.zeros(rows.shape, device=self.device).masked_fill(dropped, -math.inf)
         top, rows = self._rescore(users, top, rows.clamp_min(0), n)
-        short = ((~torch.isinf(top)).sum(1) < torch.clamp(n_books - n_read, max=n)).nonzero().squeeze(1)
+        short = ((~torch.isinf(top)).sum(1) < torch.clamp(n_open, max=n)).nonzero().squeeze(1)
         if len(short):
             sub_exclude = [exclude[i] for i in short.tolist()] if exclude is not None else None
             keep = n if self.dtype == torch.float32 else min(n_books, n + max(n, RESCORE_MARGIN))
