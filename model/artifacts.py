@@ -379,9 +379,9 @@ class LoadedModel:
     def similar_index(self, settings: SimilarSettings | None = None) -> SimilarIndex:
         """The "similar books" sources of this model: the catalog's book vectors, the item graph (where
         the model has a ranking stage) and the author index, shared with the recommender's ranking
-        stage when it covers the whole catalog."""
+        stage when it covers the whole catalog; the catalog's withdrawn books are never offered."""
         ranking = self.recommender.ranking if self.recommender is not None else None
-        whole = ranking is not None and ranking.in_set is None
+        whole = ranking is not None and ranking.whole
         if whole:
             graph, authors = ranking.graph, ranking.authors
         else:
@@ -398,4 +398,5 @@ class LoadedModel:
         )
         # The recommender's fp32 CPU copy is the same matrix: no second one in a worker's memory.
         vectors = recommender.book_vectors if shared else self.folder.book_vectors()
-        return SimilarIndex(vectors, graph, authors, settings)
+        withdrawn = self.catalog.withdrawn_mask() if len(self.catalog.withdrawn) else None
+        return SimilarIndex(vectors, graph, authors, settings, withdrawn)

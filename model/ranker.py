@@ -154,11 +154,12 @@ class RankingStage:
         self.position = np.full(n_catalog, -1, np.int64)
         inside = self.catalog_rows >= 0
         self.position[self.catalog_rows[inside]] = np.flatnonzero(inside)
-        whole = len(self.catalog_rows) == n_catalog and bool((self.catalog_rows == np.arange(n_catalog)).all())
+        # the whole catalog in order (the sources' catalog rows are the set's positions)
+        self.whole = len(self.catalog_rows) == n_catalog and bool((self.catalog_rows == np.arange(n_catalog)).all())
         keep = self.position >= 0
         if self.withdrawn is not None:
             keep &= ~self.withdrawn
-        self.in_set = None if whole and self.withdrawn is None else keep
+        self.in_set = None if self.whole and self.withdrawn is None else keep
 
     def subset(self, rows: np.ndarray) -> RankingStage:
         """The same stage over the book-set positions ``rows`` only."""
