@@ -3,7 +3,9 @@
 The networks are the source's (rating MLP, towers, ranker); what changes is the catalog they score:
 
 - new books (appended at the end, so every trained row keeps its place) and changed books (new
-  metadata, same row) are embedded with the version's own encoder through the embedding cache;
+  metadata, same row) are embedded with the version's own encoder in the form the worker embeds
+  with (``load_serving_encoder``: the scripted trace, no transformers import), through the
+  embedding cache;
 - new users join the catalog, changed users get their new text embedded;
 - new ratings join their readers' histories (``catalog/history.parquet``; a pair already there takes
   the new rating, an implicit 0 never replaces an explicit one), so the history features, the
@@ -12,6 +14,10 @@ The networks are the source's (rating MLP, towers, ranker); what changes is the 
 - the towers' id, history-bag, author and publisher tables grow to the new catalog with the rows a
   book nobody read in training has (zero, no id), author and publisher rows moved to the codes the
   new catalog gives them; every book vector is re-embedded by the towers (``book_vectors.npy``);
+- the book index (``model/book_index.py``), where the source has one, is rebuilt over the new
+  vectors with the source's settings (every vector changed, so adding the new ones to the old
+  graph would leave it pointing at stale vectors); a source without one gets one when the new
+  catalog reaches the config's threshold;
 - the item graph is rebuilt from the new history when ratings arrived (seconds at the shared
   catalog), else padded to the new catalog; the author source is computed from the catalog at load;
 - withdrawn books are listed in ``catalog/withdrawn.json``: the recommender never offers them (the
@@ -45,10 +51,11 @@ import yaml
 
 from model import layout
 from model.artifacts import ModelFolder
+from model.book_index import BookIndex, IndexSettings
 from model.candidates import ItemGraph
 from model.catalog import Catalog, embedding_matrix, write_catalog
 from model.checkpoint import load_scripted
-from model.encoder import load_saved_encoder
+from model.encoder import load_serving_encoder
 from model.manifest import file_sha256
 from model.recommend import embed_book_set
 from model.text import book_texts, user_texts
@@ -172,6 +179,8 @@ def _build(src: Source, update_dir: Path, dest: Path, version: str, cache_dir: P
     vectors = embed_book_set(towers, catalog, catalog.book_feats, torch.arange(len(catalog.books)))
     np.save(dest / layout.BOOK_VECTORS, vectors.numpy())
     towers_at = time.perf_counter()
+    index = _book_index(src, vectors, dest)
+    index_at = time.perf_counter()
     graph = _item_graph(src, catalog, dest, rebuild=len(inputs.ratings) > 0)
     graph_at = time.perf_counter()
     return {
@@ -190,11 +199,13 @@ def _build(src: Source, update_dir: Path, dest: Path, version: str, cache_dir: P
         "ingest": inputs.report.to_dict(),
         "embedded_texts": embedded,
         "item_graph": graph,
+        "book_index": index,
         "seconds": {
             "read": round(read - start, 2),
             "catalog": round(embedded_at - read, 2),
             "towers": round(towers_at - embedded_at, 2),
-            "graph": round(graph_at - towers_at, 2),
+            "index": round(index_at - towers_at, 2),
+            "graph": round(graph_at - index_at, 2),
         },
     }
 
@@ -216,7 +227,7 @@ def _write_catalog(
     user_table = pq.read_table(folder / layout.USERS_FILE)
     books, book_emb = book_table.drop(["embedding"]).to_pandas(), embedding_matrix(book_table["embedding"])
     users, user_emb = user_table.drop(["embedding"]).to_pandas(), embedding_matrix(user_table["embedding"])
-    encoder = load_saved_encoder(src.folder / layout.ENCODER_DIR)
+    encoder = load_serving_encoder(src.folder / layout.ENCODER_DIR)
     embed = EmbeddingCache(cache)
     batch = src.config.encoder.batch_size
 
@@ -325,6 +336,21 @@ def _grow_towers(folder: ModelFolder, old: Catalog, new: Catalog, dest: Path) ->
     model.eval()
     torch.jit.script(model).save(str(dest / layout.RETRIEVAL_FILE))
     return load_scripted(dest / layout.RETRIEVAL_FILE)
+
+
+def _book_index(src: Source, vectors: torch.Tensor, dest: Path) -> dict[str, Any] | None:
+    """The book index over the new vectors (None: the version searches exhaustively)."""
+    if src.folder.has_index():
+        settings = IndexSettings.load(src.folder / layout.BOOK_INDEX_SETTINGS)
+    elif len(vectors) >= src.config.retrieval.index.threshold:
+        settings = IndexSettings(**src.config.retrieval.index.model_dump())
+    else:
+        return None
+    start = time.perf_counter()
+    BookIndex.build(vectors.numpy(), settings).save(dest / layout.BOOK_INDEX, dest / layout.BOOK_INDEX_SETTINGS)
+    seconds = time.perf_counter() - start
+    log.info("update: %s index of %d books rebuilt in %.2f s", settings.kind, len(vectors), seconds)
+    return {"kind": settings.kind, "books": len(vectors), "rebuilt_from_source": src.folder.has_index()}
 
 
 def _item_graph(src: Source, catalog: Catalog, dest: Path, rebuild: bool) -> dict[str, Any] | None:
