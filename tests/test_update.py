@@ -194,3 +194,20 @@ def test_a_known_readers_new_ratings_count_as_an_update_would_count_them(tiny_ru
     [(status, answer)] = engine.run([{"action": "recommend", "user": {"user_id": user, "ratings": ratings}, "k": 50}])
     assert status == 200 and answer["user"] == {"user_id": user, "known": True, "ratings_used": 3}
     assert not set(isbns) & {item["isbn"] for item in answer["recommendations"]}
+
+
+def test_new_books_are_embedded_as_the_worker_embeds_them(updated: dict) -> None:
+    """The update embeds with the serving form of the encoder (``load_serving_encoder``, what a
+    worker embeds a new book's text with), which gives training's vectors within float rounding."""
+    from model.encoder import has_scripted, load_saved_encoder, load_serving_encoder
+    from model.text import book_texts
+
+    folder = ModelFolder(updated["out"])
+    encoder_dir = folder / layout.ENCODER_DIR
+    assert has_scripted(encoder_dir)
+    catalog = folder.load_catalog()
+    rows = [catalog.book_index[isbn] for isbn in (*NEW_BOOKS, updated["changed"])]
+    texts = book_texts(catalog.books.iloc[rows])
+    stored = catalog.book_emb[rows].numpy()
+    np.testing.assert_allclose(stored, load_serving_encoder(encoder_dir).embed(texts), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(stored, load_saved_encoder(encoder_dir).embed(texts), atol=1e-5, rtol=0)
