@@ -9,7 +9,7 @@ RUN ?= $(call run_of,$(CONFIG))
 MODEL_STORE ?= model-store
 BATCH_OUT ?= $(RUN)/batch-scores
 
-.PHONY: help install minilm distill data train evaluate archive image image-check serve stop batch sweep drift repro demo test test-fast lint format clean
+.PHONY: help install minilm distill data train evaluate archive update swap rollback image image-check serve stop batch sweep drift repro demo test test-fast lint format clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -48,6 +48,17 @@ evaluate: $(STAMP) ## print and write the evaluation table of the run
 
 archive: $(STAMP) ## pack the run into $(MODEL_STORE)/bookrec.mar
 	$(PYTHON) -m serving.archive --run-dir $(RUN) --out $(MODEL_STORE)
+
+update: $(STAMP) ## new version of MODEL (run folder or .mar; default RUN) from INPUT (CSVs, withdrawn.txt) into OUT, archived as $(MODEL_STORE)/bookrec-VERSION.mar
+	@test -n "$(INPUT)" -a -n "$(OUT)" -a -n "$(VERSION)" || { echo "usage: make update INPUT=DIR OUT=DIR VERSION=2.0 [MODEL=RUN_OR_MAR]"; exit 2; }
+	$(PYTHON) -m train update --model $(or $(MODEL),$(RUN)) --input $(INPUT) --out $(OUT) --version $(VERSION)
+	$(PYTHON) -m serving.archive --run-dir $(OUT) --out $(MODEL_STORE) --version $(VERSION) --name bookrec-$(VERSION)
+
+swap: $(STAMP) ## serve $(MODEL_STORE)/ARCHIVE in the running TorchServe (register, default, retire the old version)
+	$(PYTHON) -m serving.swap $(ARCHIVE) --store $(MODEL_STORE)
+
+rollback: $(STAMP) ## swap back to the archive the last swap replaced
+	$(PYTHON) -m serving.swap --rollback --store $(MODEL_STORE)
 
 image: ## build the serving image from model-store/bookrec.mar (docker, else buildah; IMAGE_ARGS="--wheels ...")
 	PIP="$(PYTHON) -m pip" serving/build_image.sh $(IMAGE_ARGS)

@@ -189,6 +189,14 @@ class BookrecEngine:
         known = [j for j, u in enumerate(users) if u.known]
         if known:
             feats[known] = self.catalog.user_feats[self.catalog.user_rows([users[j].user_id for j in known])]
+        fresh = [j for j in known if users[j].ratings]  # known readers' ratings since the version was built
+        if fresh:
+            feats[fresh] = self.catalog.known_user_features(
+                [self.catalog.user_index[users[j].user_id] for j in fresh],
+                torch.tensor([n for n, j in enumerate(fresh) for _ in users[j].ratings], dtype=torch.long),
+                [r.isbn for j in fresh for r in users[j].ratings],
+                torch.tensor([r.rating for j in fresh for r in users[j].ratings], dtype=torch.float32),
+            )
         new = [j for j, u in enumerate(users) if not u.known]
         if new:
             hist_user = [n for n, j in enumerate(new) for _ in users[j].ratings]
@@ -249,15 +257,18 @@ class BookrecEngine:
         return [self._similar_answer(r, *f) for r, f in zip(requests, found, strict=True)]
 
     def _rated_rows(self, user: User) -> np.ndarray:
-        """Catalog rows the user already read: training history, or the request's own ratings."""
+        """Catalog rows the user already read: the catalog's history and the request's own ratings."""
+        rows = self.catalog.book_rows([r.isbn for r in user.ratings]).numpy().astype(np.int64)
         if user.known:
-            return self.catalog.rated_by(self.catalog.user_index[user.user_id])
-        return self.catalog.book_rows([r.isbn for r in user.ratings]).numpy().astype(np.int64)
+            read = self.catalog.rated_by(self.catalog.user_index[user.user_id])
+            return np.concatenate([read, rows[~np.isin(rows, read)]]) if len(rows) else read
+        return rows
 
     # --------------------------------------------------------------------------------- formatting
     def _user_echo(self, user: User) -> dict[str, Any]:
         if user.known:
-            return {"user_id": user.user_id, "known": True}
+            echo = {"user_id": user.user_id, "known": True}
+            return {**echo, "ratings_used": len(user.ratings)} if user.ratings else echo
         return {"user_id": None, "known": False, "ratings_used": len(user.ratings)}
 
     def _rate_answer(self, request: RateBody, ratings: list[float]) -> dict[str, Any]:

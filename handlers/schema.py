@@ -197,20 +197,22 @@ class _Body(BaseModel):
         return data
 
 
+class RatedBook(_Body):
+    """A catalog book a user rated (a new user, or a known one since the model was built)."""
+
+    isbn: Isbn
+    rating: Annotated[float, Field(ge=RATING_MIN, le=RATING_MAX)]
+
+
 class KnownUser(_Body):
-    """A user of the training data."""
+    """A user of the model's catalog, with the catalog books they rated since the model was built
+    (optional: used with their catalog history, as a new user's ratings are)."""
 
     # Which kind the engine scores (users and books alike); a class constant, not a JSON field.
     known: ClassVar[bool] = True
 
     user_id: Annotated[int, AfterValidator(_catalog_user)]
-
-
-class RatedBook(_Body):
-    """A catalog book the new user rated."""
-
-    isbn: Isbn
-    rating: Annotated[float, Field(ge=RATING_MIN, le=RATING_MAX)]
+    ratings: Annotated[list[RatedBook], Field(min_length=1), Limited("max_ratings")] = []
 
 
 class NewUser(_Body):

@@ -148,6 +148,9 @@ class ModelFolder:
         if serving:
             needed += [name for name in listed if name.startswith(f"{layout.ENCODER_DIR}/")]
             needed += [name for name in layout.SERVING_FILES if name not in needed]
+        withdrawn = layout.catalog_path(layout.WITHDRAWN_FILE)
+        if withdrawn in listed or (self.path / withdrawn).is_file():
+            needed.append(withdrawn)  # a withdrawn book must never come back by a lost file
         ranking = bool(record.get("stages", {}).get("ranking"))
         if ranking or self.has_ranking():
             needed += layout.RANKING_FILES
@@ -290,7 +293,7 @@ class ModelFolder:
             per_author=settings.per_author,
         )
         years = catalog.books["year"].fillna(0).to_numpy(np.float32)
-        return RankingStage(graph, authors, years, settings, ranker, book_rows)
+        return RankingStage(graph, authors, years, settings, ranker, book_rows, catalog.withdrawn_mask())
 
     def read_json(self, name: str) -> Any:
         """A JSON file of the folder, None when absent."""
@@ -344,9 +347,14 @@ class ModelFolder:
         if self.ranks():
             rows = None if book_rows is None else book_rows.numpy().astype(np.int64)
             ranking = self.ranking_stage(catalog, rows, scorer.device)
+        withdrawn = None
+        if len(catalog.withdrawn):  # the book set's positions of withdrawn catalog books
+            mask = catalog.withdrawn_mask()
+            rows = None if book_rows is None else book_rows.numpy().astype(np.int64)
+            withdrawn = mask if rows is None else np.where(rows >= 0, mask[np.maximum(rows, 0)], False)
         whole = book_rows is None or torch.equal(book_rows, torch.arange(len(catalog.books)))
         index = self.book_index() if whole and not from_features else None
-        return Recommender(towers, vectors, scorer, self.retrieval_settings(), ranking, index)
+        return Recommender(towers, vectors, scorer, self.retrieval_settings(), ranking, index, withdrawn)
 
 
 @dataclass
@@ -371,9 +379,9 @@ class LoadedModel:
     def similar_index(self, settings: SimilarSettings | None = None) -> SimilarIndex:
         """The "similar books" sources of this model: the catalog's book vectors, the item graph (where
         the model has a ranking stage) and the author index, shared with the recommender's ranking
-        stage when it covers the whole catalog."""
+        stage when it covers the whole catalog; the catalog's withdrawn books are never offered."""
         ranking = self.recommender.ranking if self.recommender is not None else None
-        whole = ranking is not None and ranking.in_set is None
+        whole = ranking is not None and ranking.whole
         if whole:
             graph, authors = ranking.graph, ranking.authors
         else:
@@ -390,4 +398,5 @@ class LoadedModel:
         )
         # The recommender's fp32 CPU copy is the same matrix: no second one in a worker's memory.
         vectors = recommender.book_vectors if shared else self.folder.book_vectors()
-        return SimilarIndex(vectors, graph, authors, settings)
+        withdrawn = self.catalog.withdrawn_mask() if len(self.catalog.withdrawn) else None
+        return SimilarIndex(vectors, graph, authors, settings, withdrawn)

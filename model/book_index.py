@@ -103,14 +103,24 @@ class BookIndex:
     def dim(self) -> int:
         return int(self.index.d)
 
-    def search(self, users: torch.Tensor | np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, users: torch.Tensor | np.ndarray, n: int, skip: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Approximate top-``n`` (inner products [U, n] float32, rows [U, n] int64, -1 where fewer
-        were found) of each user vector; efSearch is raised to ``n`` when ``n`` exceeds it."""
+        were found) of each user vector, never one of the rows ``skip`` (withdrawn books); efSearch
+        is raised to ``n`` when ``n`` exceeds it."""
         faiss = _faiss()
         x = users.detach().float().cpu().numpy() if isinstance(users, torch.Tensor) else users
         x = np.ascontiguousarray(x, dtype=np.float32)
         # OpenMP's thread count is per calling thread; follow torch's in this one.
         faiss.omp_set_num_threads(torch.get_num_threads())
         params = faiss.SearchParametersHNSW(efSearch=max(self.settings.ef_search, n))
+        if skip is not None and len(skip):
+            # The graph is still walked through skipped nodes, so the rest is found as before. faiss
+            # keeps raw pointers: ids, batch and selector stay referenced here until the search returns.
+            ids = np.ascontiguousarray(skip, dtype=np.int64)
+            batch = faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))
+            selector = faiss.IDSelectorNot(batch)
+            params.sel = selector
         scores, rows = self.index.search(x, n, params=params)
         return scores, rows

@@ -7,7 +7,8 @@ the training split only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,10 @@ class Catalog:
     # books each user read in training (rated or implicit): catalog rows grouped by user row, and bounds
     rated_books: np.ndarray
     rated_bounds: np.ndarray
+    # catalog rows of books withdrawn by a catalog update: known, never recommended
+    withdrawn: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    # the rating of each ``rated_books`` entry (0: implicit)
+    rated_values: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
 
     @classmethod
     def load(cls, run_dir: Path) -> Catalog:
@@ -105,12 +110,22 @@ class Catalog:
         folder = Path(run_dir) / layout.CATALOG_DIR
         # ParquetFile, not pq.read_table: the same table, without importing pyarrow.dataset (1–2 s
         # of a worker's start on 2 loaded cores).
-        return cls.from_tables(
+        catalog = cls.from_tables(
             FeatureSpec.load(folder / layout.SPEC_FILE),
             pq.ParquetFile(folder / layout.BOOKS_FILE).read(),
             pq.ParquetFile(folder / layout.USERS_FILE).read(),
             pq.ParquetFile(folder / layout.HISTORY_FILE).read(),
         )
+        withdrawn = folder / layout.WITHDRAWN_FILE
+        if withdrawn.is_file():
+            catalog.withdrawn = catalog.book_rows(json.loads(withdrawn.read_text())).numpy().astype(np.int64)
+        return catalog
+
+    def withdrawn_mask(self) -> np.ndarray:
+        """[B] True at the catalog rows of withdrawn books."""
+        mask = np.zeros(len(self.books), bool)
+        mask[self.withdrawn] = True
+        return mask
 
     @classmethod
     def from_tables(cls, spec: FeatureSpec, book_table: pa.Table, user_table: pa.Table, history: pa.Table) -> Catalog:
@@ -148,7 +163,7 @@ class Catalog:
             book_index=book_index,
             user_index=user_index,
             groups=groups,
-            **_rated_index(all_u, all_b, len(users)),
+            **_rated_index(all_u, all_b, len(users), rating),
         )
 
     def book_rows(self, isbns: list[str]) -> torch.Tensor:
@@ -188,6 +203,32 @@ class Catalog:
             self.spec,
         )
 
+    def known_user_features(
+        self, user_rows: list[int], hist_user: torch.Tensor, hist_isbns: list[str], hist_rating: torch.Tensor
+    ) -> torch.Tensor:
+        """Feature vectors of known users (catalog rows ``user_rows``) with ratings made since the
+        catalog was built (flat, ``hist_user`` indexing ``user_rows``): their catalog ratings and these
+        together, as a catalog update that joined these ratings would compute them (a book rated
+        again counts with its new rating)."""
+        extra_books = self.book_rows(hist_isbns).numpy()
+        extra_user, extra_rating = hist_user.numpy(), hist_rating.numpy().astype(np.float32)
+        users, books, values = [extra_user], [extra_books], [extra_rating]
+        for n, row in enumerate(user_rows):
+            span = slice(self.rated_bounds[row], self.rated_bounds[row + 1])
+            old_books, old_values = self.rated_books[span], self.rated_values[span]
+            keep = (old_values > 0) & ~np.isin(old_books, extra_books[extra_user == n])
+            users.append(np.full(int(keep.sum()), n, np.int64))
+            books.append(old_books[keep])
+            values.append(old_values[keep])
+        flat_books = torch.from_numpy(np.concatenate(books).astype(np.int64))
+        return user_features(
+            self.user_emb[torch.tensor(user_rows, dtype=torch.long)],
+            torch.from_numpy(np.concatenate(users).astype(np.int64)),
+            self.book_emb[flat_books],
+            torch.from_numpy(np.concatenate(values).astype(np.float32)),
+            self.spec,
+        )
+
     def rated_by(self, user_row: int) -> np.ndarray:
         """Catalog rows of the books a known user read in training, rated or implicit (training order)."""
         return self.rated_books[self.rated_bounds[user_row] : self.rated_bounds[user_row + 1]]
@@ -212,8 +253,11 @@ class Catalog:
 _NO_ROWS = np.zeros(0, np.int64)
 
 
-def _rated_index(user_rows: np.ndarray, book_rows: np.ndarray, n_users: int) -> dict[str, np.ndarray]:
-    """Book rows grouped by user row (stable, so training order is kept) with per-user bounds."""
+def _rated_index(
+    user_rows: np.ndarray, book_rows: np.ndarray, n_users: int, rating: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Book rows (and their ratings) grouped by user row (stable, so training order is kept) with
+    per-user bounds."""
     order = np.argsort(user_rows, kind="stable")
     bounds = np.searchsorted(user_rows[order], np.arange(n_users + 1))
-    return {"rated_books": book_rows[order], "rated_bounds": bounds}
+    return {"rated_books": book_rows[order], "rated_bounds": bounds, "rated_values": rating[order]}

@@ -159,6 +159,18 @@ class ScriptedTextEncoder:
             model = torch.jit.load(str(folder / layout.ENCODER_SCRIPTED), map_location="cpu").eval()
         return cls(tokenizer, model, int(info["dim"]), info["pooling"], int(info["max_length"]), info["source"])
 
+    def fingerprint(self) -> str:
+        """Hash of everything that changes an embedding (trace weights, tokenizer, pooling, length),
+        marked as the scripted form: its vectors match ``TextEncoder``'s within float rounding, not
+        bit for bit, so the two never share an embedding-cache key."""
+        h = hashlib.sha256()
+        h.update(f"scripted|{self.pooling}|{self.max_length}|".encode())
+        h.update(self.tokenizer.to_str().encode())
+        for name, tensor in sorted(self.model.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """Pooled embeddings of one batch of texts."""
         batch = self.tokenizer.encode_batch(list(texts))

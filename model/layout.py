@@ -52,6 +52,8 @@ USERS_FILE = "users.parquet"
 HISTORY_FILE = "history.parquet"
 SPEC_FILE = "feature_spec.json"
 CATALOG_FILES = (BOOKS_FILE, USERS_FILE, HISTORY_FILE, SPEC_FILE)
+# Optional: the ISBNs of catalog books withdrawn by a catalog update (out of print), never recommended.
+WITHDRAWN_FILE = "withdrawn.json"
 
 # Every file the model needs with its size and SHA-256, and the stages it has (``model/manifest.py``):
 # written by training, copied into the archive, verified before a model is served or scored.
@@ -87,6 +89,9 @@ DATA_USERS = "users.parquet"
 DATA_BOOKS = "books.parquet"
 DATA_RATINGS = "ratings.parquet"
 INGEST_REPORT = "ingest_report.json"
+
+# Version folder only: what a catalog update (``python -m train update``) was built from and did.
+UPDATE_RECORD = "update.json"
 
 # Archive only: what ``serving/archive.py`` adds (the .mar's own manifest is TorchServe's).
 METADATA_FILE = "metadata.json"

@@ -34,8 +34,10 @@ def needed_files(root: Path) -> list[str]:
     encoder = root / layout.ENCODER_DIR
     encoder_files = sorted(str(p.relative_to(root)) for p in encoder.rglob("*") if p.is_file())
     ranking = [name for name in layout.RANKING_FILES if (root / name).is_file()]
+    withdrawn = layout.catalog_path(layout.WITHDRAWN_FILE)
+    optional = [withdrawn] if (root / withdrawn).is_file() else []
     index = [name for name in layout.INDEX_FILES if (root / name).is_file()]
-    return [*variants, *layout.SCORING_FILES, *encoder_files, *ranking, *index]
+    return [*variants, *layout.SCORING_FILES, *encoder_files, *ranking, *index, *optional]
 
 
 def build(root: Path, files: list[str] | None = None) -> dict[str, Any]:

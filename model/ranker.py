@@ -143,21 +143,30 @@ class RankingStage:
         settings: RankingSettings,
         ranker: torch.nn.Module | None,
         catalog_rows: np.ndarray | None = None,
+        withdrawn: np.ndarray | None = None,
     ):
+        """``withdrawn``: a bool per catalog row, True for a book no source may offer."""
         self.graph, self.authors, self.settings, self.ranker = graph, authors, settings, ranker
+        self.withdrawn = withdrawn if withdrawn is not None and withdrawn.any() else None
         self.years = years
         n_catalog = graph.n_books
         self.catalog_rows = np.arange(n_catalog) if catalog_rows is None else np.asarray(catalog_rows, np.int64)
         self.position = np.full(n_catalog, -1, np.int64)
         inside = self.catalog_rows >= 0
         self.position[self.catalog_rows[inside]] = np.flatnonzero(inside)
-        whole = len(self.catalog_rows) == n_catalog and bool((self.catalog_rows == np.arange(n_catalog)).all())
-        self.in_set = None if whole else self.position >= 0
+        # the whole catalog in order (the sources' catalog rows are the set's positions)
+        self.whole = len(self.catalog_rows) == n_catalog and bool((self.catalog_rows == np.arange(n_catalog)).all())
+        keep = self.position >= 0
+        if self.withdrawn is not None:
+            keep &= ~self.withdrawn
+        self.in_set = None if self.whole and self.withdrawn is None else keep
 
     def subset(self, rows: np.ndarray) -> RankingStage:
         """The same stage over the book-set positions ``rows`` only."""
         rows = np.asarray(rows, np.int64)
-        return RankingStage(self.graph, self.authors, self.years, self.settings, self.ranker, self.catalog_rows[rows])
+        return RankingStage(
+            self.graph, self.authors, self.years, self.settings, self.ranker, self.catalog_rows[rows], self.withdrawn
+        )
 
     def sources(self, history: list[np.ndarray], exclude: list[np.ndarray] | None) -> SourceScores:
         n_catalog = self.graph.n_books

@@ -126,7 +126,10 @@ class Recommender:
         settings: RetrievalSettings,
         ranking: RankingStage | None = None,
         index: BookIndex | None = None,
+        withdrawn: np.ndarray | None = None,
     ):
+        """``index``: the book set's ``BookIndex`` (None: exhaustive search). ``withdrawn``: a bool per
+        book of the set, True for a book never to recommend (out of print), on either search path."""
         if ranking is not None and len(ranking.catalog_rows) != book_vectors.shape[0]:
             raise ValueError(f"a ranking stage of {len(ranking.catalog_rows)} books for {book_vectors.shape[0]}")
         if book_vectors.shape[0] != scorer.n_books:
@@ -144,6 +147,9 @@ class Recommender:
         self.settings = settings
         self.ranking = ranking
         self.index = index
+        self.withdrawn = None if withdrawn is None else np.asarray(withdrawn, bool)
+        blocked = np.flatnonzero(self.withdrawn) if self.withdrawn is not None else np.zeros(0, np.int64)
+        self.blocked = torch.from_numpy(blocked).to(self.device) if len(blocked) else None
         self.last_timings: dict[str, float] = {}
 
     def subset(self, rows: np.ndarray) -> Recommender:
@@ -151,7 +157,15 @@ class Recommender:
         index covers the whole book set)."""
         index = torch.as_tensor(rows, dtype=torch.long, device=self.device)
         ranking = self.ranking.subset(rows) if self.ranking is not None else None
-        return Recommender(self.towers, self.book_vectors[index], self.scorer.subset(index), self.settings, ranking)
+        withdrawn = self.withdrawn[np.asarray(rows, np.int64)] if self.withdrawn is not None else None
+        return Recommender(
+            self.towers,
+            self.book_vectors[index],
+            self.scorer.subset(index),
+            self.settings,
+            ranking,
+            withdrawn=withdrawn,
+        )
 
     @property
     def n_books(self) -> int:
@@ -210,25 +224,29 @@ class Recommender:
     def _top_n_indexed(
         self, users: torch.Tensor, exclude: list[np.ndarray] | None, n: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-``n`` through the book index: ``n + margin`` candidates per user, read books dropped,
-        the rest rescored exactly (``_rescore``), so the order among the found books is exact. Users
-        left with fewer than ``n`` (they read more of their candidates than the margin holds) are
-        searched exhaustively."""
+        """Top-``n`` through the book index: ``n + margin`` candidates per user (withdrawn books
+        skipped by the search itself), read books dropped, the rest rescored exactly (``_rescore``),
+        so the order among the found books is exact. Users left with fewer than ``n`` (they read
+        more of their candidates than the margin holds) are searched exhaustively."""
         assert self.index is not None
         n_users, n_books = users.shape[0], self.n_books
         search = min(n_books, n + self.index.settings.margin)
-        _, found = self.index.search(users, search)
+        blocked = self.blocked.cpu().numpy() if self.blocked is not None else None
+        _, found = self.index.search(users, search, blocked)
         rows = torch.from_numpy(found).to(self.device)
         dropped = rows < 0
-        n_read = torch.zeros(n_users, dtype=torch.long, device=self.device)
+        if self.blocked is not None:  # the index skips them already; a withdrawn book must never pass
+            dropped |= torch.isin(rows, self.blocked)
+        n_open = torch.full((n_users,), n_books - (len(blocked) if blocked is not None else 0), device=self.device)
         if exclude is not None and any(len(e) for e in exclude):
             ex_user, ex_book = exclusion_coords(exclude, self.device)
             user = torch.arange(n_users, device=self.device).unsqueeze(1)
             dropped |= torch.isin(user * n_books + rows, ex_user * n_books + ex_book)
-            n_read = torch.bincount(ex_user, minlength=n_users)
+            open_read = ~torch.isin(ex_book, self.blocked) if self.blocked is not None else None
+            n_open -= torch.bincount(ex_user if open_read is None else ex_user[open_read], minlength=n_users)
         top = torch.zeros(rows.shape, device=self.device).masked_fill(dropped, -math.inf)
         top, rows = self._rescore(users, top, rows.clamp_min(0), n)
-        short = ((~torch.isinf(top)).sum(1) < torch.clamp(n_books - n_read, max=n)).nonzero().squeeze(1)
+        short = ((~torch.isinf(top)).sum(1) < torch.clamp(n_open, max=n)).nonzero().squeeze(1)
         if len(short):
             sub_exclude = [exclude[i] for i in short.tolist()] if exclude is not None else None
             keep = n if self.dtype == torch.float32 else min(n_books, n + max(n, RESCORE_MARGIN))
@@ -275,6 +293,9 @@ class Recommender:
             if ex_book is not None:
                 inside = (ex_book >= begin) & (ex_book < end)
                 logits[ex_user[inside], ex_book[inside] - begin] = -math.inf
+            if self.blocked is not None:  # withdrawn books: for every user
+                inside = self.blocked[(self.blocked >= begin) & (self.blocked < end)]
+                logits[:, inside - begin] = -math.inf
             part_top, part_rows = torch.topk(logits, min(n, end - begin), dim=1)
             if top is None:
                 top, rows = part_top, part_rows + begin

@@ -17,7 +17,8 @@ not list the book adds nothing), so the three scales (RP3beta weights, cosines, 
 have to be compared. Each source offers its ``depth`` best. The weights are ``SimilarSettings``;
 the defaults were chosen on validation (EVALUATION.md, "similar books"). The query book is never its
 own answer. Everything runs on a block of query books at once: one matmul for the vectors, sparse row
-gathers for the graph and the authors, one sparse sum for the fusion.
+gathers for the graph and the authors, one sparse sum for the fusion. A withdrawn book (a catalog
+update's, ``Catalog.withdrawn``) is offered by no source, so it is never an answer.
 """
 
 from __future__ import annotations
@@ -67,8 +68,9 @@ class SimilarBooks:
 
 
 class SimilarIndex:
-    """The three sources over one catalog: book vectors [B, dim] (unit, catalog order), the item graph
-    (None: a model without a ranking stage) and the author index."""
+    """The sources over one catalog: book vectors [B, dim] (unit, catalog order), the item graph
+    (None: a model without a ranking stage), the author index, and the withdrawn books (a bool per
+    catalog row; None: none) that no source offers."""
 
     def __init__(
         self,
@@ -76,6 +78,7 @@ class SimilarIndex:
         graph: ItemGraph | None,
         authors: AuthorIndex,
         settings: SimilarSettings | None = None,
+        withdrawn: np.ndarray | None = None,
     ):
         if graph is not None and graph.n_books != book_vectors.shape[0]:
             raise ValueError(f"an item graph of {graph.n_books} books for {book_vectors.shape[0]} book vectors")
@@ -85,6 +88,10 @@ class SimilarIndex:
         self.graph = graph.weights.tocsr() if graph is not None else None
         self.authors = authors
         self.settings = settings or SimilarSettings()
+        self.withdrawn = withdrawn if withdrawn is not None and withdrawn.any() else None
+        if self.withdrawn is not None and len(self.withdrawn) != book_vectors.shape[0]:
+            raise ValueError(f"a withdrawn mask of {len(self.withdrawn)} books for {book_vectors.shape[0]} vectors")
+        self._blocked = torch.from_numpy(np.flatnonzero(self.withdrawn)) if self.withdrawn is not None else None
 
     @property
     def n_books(self) -> int:
@@ -113,6 +120,8 @@ class SimilarIndex:
                 own = torch.from_numpy(exclude[s : s + step])
                 inside = torch.nonzero(own >= 0).squeeze(1)
                 cos[inside, own[inside]] = -torch.inf
+                if self._blocked is not None:
+                    cos[:, self._blocked] = -torch.inf
                 top, idx = torch.topk(cos, depth, dim=1)
                 cols[s : s + step] = idx.masked_fill(torch.isinf(top), -1).numpy()
         return _ranked(cols, self.n_books)
@@ -121,7 +130,10 @@ class SimilarIndex:
         """The ``depth`` most read books of the catalog for every query, the query's own row left out."""
         depth = min(self.settings.depth + 1, self.n_books)
         if not hasattr(self, "_most_read"):  # the same list for every query: sorted once
-            self._most_read = np.argsort(-self.authors.popularity, kind="stable")[:depth].astype(np.int64)
+            order = np.argsort(-self.authors.popularity, kind="stable").astype(np.int64)
+            if self.withdrawn is not None:
+                order = order[~self.withdrawn[order]]
+            self._most_read = order[:depth]
         top = self._most_read[: self.settings.depth + 1]
         cols = np.where(top[None, :] == exclude[:, None], -1, top[None, :])
         # The query dropped, the rest shift up: ranks stay contiguous.
@@ -134,7 +146,7 @@ class SimilarIndex:
         if self.graph is None:
             return RankedRows.of(sp.csr_matrix((len(rows), self.n_books), dtype=np.float32))
         picked = self.graph[np.maximum(rows, 0)].multiply((rows >= 0)[:, None]).tocsr()
-        return RankedRows.of(picked).head(self.settings.depth)
+        return RankedRows.of(self._open(picked)).head(self.settings.depth)
 
     def author_rows(self, author_codes: np.ndarray, exclude: np.ndarray) -> RankedRows:
         """The most read books of each query's author, the query itself left out, cut to ``depth``."""
@@ -147,7 +159,13 @@ class SimilarIndex:
                 shape=picked.shape,
             )
             picked = (picked - picked.multiply(own)).tocsr()
-        return RankedRows.of(picked).head(self.settings.depth)
+        return RankedRows.of(self._open(picked)).head(self.settings.depth)
+
+    def _open(self, picked: sp.csr_matrix) -> sp.csr_matrix:
+        """``picked`` [Q, B] without the withdrawn books' columns (``RankedRows.of`` drops the zeros)."""
+        if self.withdrawn is None:
+            return picked
+        return picked.multiply((~self.withdrawn)[None, :].astype(np.float32)).tocsr()
 
     # ------------------------------------------------------------------------------------- fusion
     def _fuse(

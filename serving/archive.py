@@ -78,6 +78,7 @@ RUN_INFO = {
     "compression": layout.COMPRESSION_REPORT,
     "train": layout.TRAIN_REPORT,
     "features": layout.FEATURES_REPORT,
+    "update": layout.UPDATE_RECORD,  # a version made by a catalog update: what it was built from
 }
 
 
@@ -217,8 +218,13 @@ def build_archive(
     archive_format: str = "default",
     profile: bool = True,
     allow_code_change: bool = False,
+    file_name: str = MODEL_NAME,
 ) -> Path:
-    """Write ``out/bookrec.mar`` (or ``out/bookrec/`` with ``archive_format='no-archive'``)."""
+    """Write ``out/bookrec.mar`` (or ``out/bookrec/`` with ``archive_format='no-archive'``);
+    ``file_name`` names another file of the store (``bookrec-2.0.mar``: a second version of the
+    model ``bookrec``, registered beside the first for a swap)."""
+    if not file_name or Path(file_name).name != file_name or file_name.startswith("."):
+        raise ArchiveError(f"archive file name {file_name!r}: a plain name of the model store is needed")
     run_dir, out = Path(run_dir).resolve(), Path(out).resolve()
     folder = ModelFolder(run_dir)
     folder.verify(serving=True, shown=f"{run_dir} (run folder)")
@@ -227,7 +233,7 @@ def build_archive(
     code = code_record(folder, allow_code_change)
     out.mkdir(parents=True, exist_ok=True)
     limits = limits or Limits()
-    name = MODEL_NAME if archive_format == "no-archive" else f"{MODEL_NAME}.mar"
+    name = file_name if archive_format == "no-archive" else f"{file_name}.mar"
     # The new archive is written beside the old one and replaces it only once it verifies.
     staged = Path(tempfile.mkdtemp(dir=out, prefix=f".{MODEL_NAME}-building-"))
     try:
@@ -246,6 +252,9 @@ def build_archive(
                 max_batch_delay,
                 response_timeout,
             )
+        produced = MODEL_NAME if archive_format == "no-archive" else f"{MODEL_NAME}.mar"
+        if produced != name:  # the archiver names its output after the model
+            os.replace(staged / produced, staged / name)
         _check_archive(staged / name)
         _replace(staged / name, out / name)
     finally:
@@ -384,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="a traceback with an error")
     parser.add_argument("--out", default=Path("model-store"), type=Path, help="model store folder")
     parser.add_argument("--version", default="1.0", help="model version shown by the management API")
+    parser.add_argument(
+        "--name", default=MODEL_NAME, help="archive file name without .mar (a second version: bookrec-2.0)"
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="TorchServe batchSize")
     parser.add_argument(
         "--max-batch-delay", type=int, default=1, help="TorchServe maxBatchDelay (ms); a lone request waits this long"
@@ -430,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
             limits=limits,
             profile=args.profile,
             allow_code_change=args.allow_code_change,
+            file_name=args.name,
         )
     except (ModelFolderError, CodeChanged, ArchiveError) as err:
         if args.verbose:

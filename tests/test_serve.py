@@ -98,11 +98,13 @@ def test_config_binds_loopback_and_locks_the_model_api() -> None:
     assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
     assert props["metrics_mode"] == "prometheus"
     assert props["model_store"] == "model-store" and props["load_models"] == "bookrec.mar"
-    assert props["enable_model_api"] == "false" and props["disable_token_authorization"] == "false"
+    # The model API is on for the version swap (serving/swap.py): a bare archive name of the store only.
+    assert props["enable_model_api"] == "true" and props["disable_token_authorization"] == "false"
     assert props["install_py_dep_per_model"] == "false"
     assert int(props["max_request_size"]) == 1048576
     assert re.fullmatch(props["allowed_urls"], "file:///srv/model-store/bookrec.mar")
     assert not re.fullmatch(props["allowed_urls"], "https://example.com/model-store/bookrec.mar")
+    assert not re.fullmatch(props["allowed_urls"], "s3://bucket/model-store/bookrec.mar")
 
 
 def test_token_authorization_is_on(server: LocalServer) -> None:
@@ -317,11 +319,19 @@ def test_management_api_describes_the_model(server: LocalServer) -> None:
     assert "MLP TorchScript (shipped)" in meta["metrics"]
 
 
-def test_model_registration_api_is_disabled(server: LocalServer) -> None:
+def test_the_model_api_registers_only_archives_of_the_store(server: LocalServer, tiny_store: Path) -> None:
+    """The model API is on for the version swap (serving/swap.py): no download, no path out of the
+    store, and only with the management key."""
     headers = server.headers("management")
-    url = f"{server.management_url}/models?url=https://example.com/evil.mar"
-    assert requests.post(url, headers=headers, timeout=10).status_code == 405
-    assert requests.delete(f"{server.management_url}/models/bookrec", headers=headers, timeout=10).status_code == 405
+    before = sorted(p.name for p in tiny_store.iterdir())
+    for url in ("https://example.com/evil.mar", "../model-store/bookrec.mar", "file:///etc/evil.mar"):
+        resp = requests.post(f"{server.management_url}/models", params={"url": url}, headers=headers, timeout=30)
+        assert 400 <= resp.status_code < 500, (url, resp.status_code, resp.text)
+    no_key = requests.post(f"{server.management_url}/models", params={"url": "bookrec.mar"}, timeout=10)
+    assert no_key.status_code == 400 and "Token Authorization failed" in no_key.text  # TorchServe's 400
+    wrong_key = requests.delete(f"{server.management_url}/models/bookrec", headers=server.headers(), timeout=10)
+    assert wrong_key.status_code == 400 and "Token Authorization failed" in wrong_key.text
+    assert sorted(p.name for p in tiny_store.iterdir()) == before
     assert post(server, {"action": "recommend", "user": {"country": "usa"}, "k": 1}).status_code == 200
 
 

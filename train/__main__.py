@@ -2,10 +2,11 @@
 compress, retrieval, ranking, evaluate.
 
 Commands with their own flags: ``python -m train sweep --config FILE --trials N``
-(hyper-parameter sweep, ``train/experiments/sweep.py``) and ``python -m train export-encoder RUN``
-(the encoder's TorchScript serving form for a run saved before it existed,
-``train/features/scripted.py``). The drift check of served traffic against the training data is
-``python -m serving.drift``.
+(hyper-parameter sweep, ``train/experiments/sweep.py``), ``python -m train update --model SRC
+--input DIR --out DIR`` (a catalog update without retraining, ``train/update/``) and
+``python -m train export-encoder RUN`` (the encoder's TorchScript serving form for a run saved
+before it existed, ``train/features/scripted.py``). The drift check of served traffic against the
+training data is ``python -m serving.drift``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from train.data.ingest import DataError
 from train.features.encoders import EncoderUnavailable
 from train.run_record import ConfigDiffers
 
-TOOLS = ("sweep", "export-encoder")
+TOOLS = ("sweep", "update", "export-encoder")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +79,9 @@ def _tool(name: str, argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    if name == "export-encoder":
+    if name == "update":
+        from train.update.cli import main as tool
+    elif name == "export-encoder":
         from train.features.scripted import main as tool
     else:
         from train.experiments.sweep import main as tool

@@ -141,6 +141,15 @@ class IngestReport:
 
 
 @dataclass
+class RowTrace:
+    """Where ``_read_rows`` is: the line of the row it yielded last, and the rows it skipped as
+    (line, reason), so a caller can name each bad row (a catalog update does)."""
+
+    line: int = 0
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+
+
+@dataclass
 class RawTables:
     """Cleaned Book-Crossing tables (see model.schemas USERS, BOOKS, RATINGS)."""
 
@@ -291,7 +300,9 @@ def _lines(f: Iterable[str], last: list[str]) -> Iterator[str]:
         yield line
 
 
-def _read_rows(path: Path, layout: str, table: str, counts: Counter[str], progress: bool) -> Iterator[list[str]]:
+def _read_rows(
+    path: Path, layout: str, table: str, counts: Counter[str], progress: bool, trace: RowTrace | None = None
+) -> Iterator[list[str]]:
     """Yield each data row as the logical columns of ``table``, counting bad ones.
 
     Rows with the wrong number of fields or that the csv module rejects are
@@ -330,6 +341,8 @@ def _read_rows(path: Path, layout: str, table: str, counts: Counter[str], progre
                 except csv.Error:
                     n_rows += 1
                     n_csv_error += 1
+                    if trace is not None:
+                        trace.skipped.append((reader.line_num, "csv_error"))
                     continue
                 if not row:  # blank line, not a record
                     n_blank += 1
@@ -345,6 +358,8 @@ def _read_rows(path: Path, layout: str, table: str, counts: Counter[str], progre
                         reader.line_num,
                         last[0],
                     )
+                    if trace is not None:
+                        trace.skipped.append((reader.line_num, "unterminated_last_line"))
                     continue
                 if checked and _undecodable(row):
                     n_undecodable += 1
@@ -353,7 +368,11 @@ def _read_rows(path: Path, layout: str, table: str, counts: Counter[str], progre
                     row = [v.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for v in row]
                 if len(row) != width:
                     n_wrong += 1
+                    if trace is not None:
+                        trace.skipped.append((reader.line_num, f"wrong_field_count ({len(row)}, not {width})"))
                     continue
+                if trace is not None:
+                    trace.line = reader.line_num
                 yield row if identity else [row[i] for i in indexes]
         finally:
             bar.update(n_rows % 4096)

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model.catalog import embedding_column, embedding_matrix
-from model.encoder import TextEncoder
+from model.encoder import ScriptedTextEncoder, TextEncoder
 
 log = logging.getLogger("bookrec.embed")
 
@@ -38,7 +38,7 @@ class EmbeddingCache:
 
     def embed(
         self,
-        encoder: TextEncoder,
+        encoder: TextEncoder | ScriptedTextEncoder,
         texts: list[str],
         batch_size: int = 256,
         progress: bool = True,
