@@ -114,6 +114,7 @@ def run_all(cfg: Config, progress: bool = True, run: RunContext | None = None) -
     where the caller holds one); returns each step's summary and its wall time. Each step's part of
     the record is written once it succeeded (as ``run_step`` does), the manifest once the last model
     step did."""
+    tracking.require_tracking(cfg)  # before any work, as the tracker itself starts after the data step
     run = run or RunContext(cfg, Path(cfg.run_dir))
     run_dir = run.dir
     with removed_if_failed(run_dir):  # a run folder this run made goes if its data step fails

@@ -77,6 +77,12 @@ def start_run(
     return run
 
 
+def require_tracking(cfg: Config) -> None:
+    """Stop before any work when ``train.wandb`` is on and wandb cannot be imported."""
+    if cfg.train.wandb:
+        _wandb()
+
+
 def start_training_run(cfg: Config, run_dir: Path) -> Any:
     """The run of a whole training job, or None when ``train.wandb`` is off."""
     if not cfg.train.wandb:
