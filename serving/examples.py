@@ -61,6 +61,8 @@ def examples(run_dir: Path) -> list[tuple[str, dict]]:
             {"action": "recommend", "user": {"user_id": user_id}, "k": 5, "exclude_rated": True},
         ),
         ("recommend: top 3 for a new user with one rating", {"action": "recommend", "user": new_user, "k": 3}),
+        ("similar: 5 books readers of the most read book also read", {"action": "similar", "book": isbns[0], "k": 5}),
+        ("similar: 3 books like a new book, from its text", {"action": "similar", "book": new_book, "k": 3}),
         (
             "a bad request: k out of range (expect a 4xx naming the field)",
             {"action": "recommend", "user": {"user_id": user_id}, "k": 0},
