@@ -33,13 +33,14 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SCENARIOS = ("rate_1", "rate_100", "rate_100_new", "recommend_10", "recommend_new_user")
+SCENARIOS = ("rate_1", "rate_100", "rate_100_new", "recommend_10", "recommend_new_user", "similar")
 LABELS = {
     "rate_1": "rate (1 pair)",
     "rate_100": "rate (100 pairs)",
     "rate_100_new": "rate (100 new books)",
     "recommend_10": "recommend (k=10)",
     "recommend_new_user": "recommend (k=10, new user)",
+    "similar": "similar (k=10, a catalog book)",
 }
 
 
@@ -71,6 +72,8 @@ def make_bodies(catalog: Any, scenario: str, n: int, seed: int) -> list[bytes]:
             body = {"action": "rate", "user": user, "books": rng.sample(isbns, 100)}
         elif scenario == "rate_100_new":
             body = {"action": "rate", "user": user, "books": new_books(catalog.books, rng, 100)}
+        elif scenario == "similar":
+            body = {"action": "similar", "book": rng.choice(isbns), "k": 10}
         elif scenario == "recommend_new_user":
             ratings = [{"isbn": isbn, "rating": rng.randint(1, 10)} for isbn in rng.sample(isbns, 5)]
             new_user = {"city": "lisbon", "country": "portugal", "age": rng.randint(18, 80), "ratings": ratings}
