@@ -11,10 +11,13 @@ section in code is checked alike.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if TYPE_CHECKING:
+    from model.book_index import IndexSettings
 
 DEFAULT_URL = "https://www2.informatik.uni-freiburg.de/~cziegler/BX/BX-CSV-Dump.zip"
 
@@ -308,6 +311,12 @@ class IndexConfig(Section):
         _positive(self, "threshold", "m", "ef_construction", "ef_search")
         _non_negative(self, "margin")
         return self
+
+    def settings(self) -> IndexSettings:
+        """The settings ``model/book_index.py`` builds and searches with, from these values."""
+        from model.book_index import IndexSettings  # torch: not for every config read (the Makefile's)
+
+        return IndexSettings(**self.model_dump())
 
 
 class RetrievalConfig(Section):

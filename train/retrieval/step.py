@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from model import layout
 from model.artifacts import resolve_device
-from model.book_index import BookIndex, IndexSettings
+from model.book_index import BookIndex
 from model.catalog import Catalog
 from model.checkpoint import load_scripted
 from model.features import book_own_stats
@@ -338,17 +338,10 @@ def save_book_index(run_dir: Path, vectors: torch.Tensor, cfg: IndexConfig) -> t
             (run_dir / name).unlink(missing_ok=True)
         return None, 0.0
     start = time.perf_counter()
-    settings = IndexSettings(
-        threshold=cfg.threshold,
-        m=cfg.m,
-        ef_construction=cfg.ef_construction,
-        ef_search=cfg.ef_search,
-        margin=cfg.margin,
-    )
-    index = BookIndex.build(vectors.numpy(), settings)
+    index = BookIndex.build(vectors.numpy(), cfg.settings())
     index.save(run_dir / layout.BOOK_INDEX, run_dir / layout.BOOK_INDEX_SETTINGS)
     seconds = time.perf_counter() - start
-    log.info("retrieval: %s index of %d books built in %.1f s", settings.kind, len(vectors), seconds)
+    log.info("retrieval: %s index of %d books built in %.1f s", index.settings.kind, len(vectors), seconds)
     return index, seconds
 
 

@@ -343,7 +343,7 @@ def _book_index(src: Source, vectors: torch.Tensor, dest: Path) -> dict[str, Any
     if src.folder.has_index():
         settings = IndexSettings.load(src.folder / layout.BOOK_INDEX_SETTINGS)
     elif len(vectors) >= src.config.retrieval.index.threshold:
-        settings = IndexSettings(**src.config.retrieval.index.model_dump())
+        settings = src.config.retrieval.index.settings()
     else:
         return None
     start = time.perf_counter()
