@@ -68,6 +68,20 @@ def swap_cli(server: LocalServer, store: Path, state: Path, *args: str) -> subpr
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
+def swap_under_traffic(server: LocalServer, body: dict[str, Any], store: Path, state: Path, *args: str) -> list[int]:
+    """Run ``python -m serving.swap ARGS`` while the client sends ``body``; asserts it succeeded and
+    that requests were in flight during it; returns every answer's status, before, during and after."""
+    with Traffic(server, body) as traffic:
+        time.sleep(2)
+        start = time.monotonic()
+        proc = swap_cli(server, store, state, *args)
+        end = time.monotonic()
+        time.sleep(2)
+    assert proc.returncode == 0, proc.stderr + server.log_tail()
+    assert traffic.between(start, end), "no request was answered during the swap"
+    return [s for _, s in traffic.answers]
+
+
 def rate_new_book(server: LocalServer) -> int:
     body = {"action": "rate", "user": {"country": "france"}, "books": [NEW_BOOKS[0]]}
     with BookrecClient(server.inference_url, server.keys()["inference"]) as client:
@@ -89,15 +103,8 @@ def test_swap_and_rollback_with_requests_in_flight(tiny_run: Path, tiny_store: P
         api = Management(server.management_url, server.keys()["management"])
         assert rate_new_book(server) == 404  # version 1.0 does not know the new book
 
-        with Traffic(server, body) as traffic:
-            time.sleep(2)
-            start = time.monotonic()
-            proc = swap_cli(server, store, state, "bookrec-2.0.mar")
-            end = time.monotonic()
-            time.sleep(2)
-        assert proc.returncode == 0, proc.stderr + server.log_tail()
-        statuses = [s for _, s in traffic.answers]
-        assert traffic.between(start, end) and set(statuses) == {200}, statuses
+        statuses = swap_under_traffic(server, body, store, state, "bookrec-2.0.mar")
+        assert set(statuses) == {200}, statuses
         assert [v["modelVersion"] for v in api.versions("bookrec")] == ["2.0"]
         assert rate_new_book(server) == 200
         assert json.loads(state.read_text())["previous"]["archive"] == "bookrec.mar"
@@ -125,15 +132,8 @@ def test_swap_and_rollback_with_requests_in_flight(tiny_run: Path, tiny_store: P
         assert {p.name: file_sha256(p) for p in store.iterdir()} == before
         assert api.default("bookrec")["modelVersion"] == "2.0" and not (tmp_path / "v3").exists()
 
-        with Traffic(server, body) as traffic:
-            time.sleep(2)
-            start = time.monotonic()
-            proc = swap_cli(server, store, state, "--rollback")
-            end = time.monotonic()
-            time.sleep(2)
-        assert proc.returncode == 0, proc.stderr + server.log_tail()
-        statuses = [s for _, s in traffic.answers]
-        assert traffic.between(start, end) and set(statuses) == {200}, statuses
+        statuses = swap_under_traffic(server, body, store, state, "--rollback")
+        assert set(statuses) == {200}, statuses
         assert [v["modelVersion"] for v in api.versions("bookrec")] == ["1.0"]
         assert rate_new_book(server) == 404
 
