@@ -82,10 +82,14 @@ class BookIndex:
         """The index of unit vectors [B, dim] (row i gets id i)."""
         faiss = _faiss()
         x = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
-        index = faiss.IndexHNSWFlat(x.shape[1], settings.m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = settings.ef_construction
-        index.add(x)
-        return cls(index, settings)
+        built = cls(faiss.IndexHNSWFlat(x.shape[1], settings.m, faiss.METRIC_INNER_PRODUCT), settings)
+        built.add(x)
+        return built
+
+    def add(self, vectors: np.ndarray | torch.Tensor) -> None:
+        """Append unit vectors [n, dim]; they get the ids after the last (catalog rows appended)."""
+        self.index.hnsw.efConstruction = self.settings.ef_construction
+        self.index.add(np.ascontiguousarray(np.asarray(vectors, dtype=np.float32)))
 
     def save(self, index_path: Path, settings_path: Path) -> None:
         _faiss().write_index(self.index, str(index_path))

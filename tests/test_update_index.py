@@ -96,3 +96,26 @@ def test_similar_never_offers_a_withdrawn_book(indexed_update: dict) -> None:
     assert np.isin(rows[rows != withdrawn], answer.rows).all()  # every other book still answers
     open_index = SimilarIndex(index.vectors, None, index.authors, index.settings)
     assert np.isin(withdrawn, open_index.of_books(rows, 10).rows)  # without the mask it would come back
+
+
+def test_new_books_alone_grow_the_source_index_instead_of_rebuilding_it(indexed_update: dict, tmp_path: Path) -> None:
+    """No rating, no changed book: every old vector stays as it was, so the version's index is the
+    source's with the new books added, and still serves the exhaustive lists."""
+    run = Path(indexed_update["record"]["source"]["path"])
+    books = [["ISBN", "Book-Title", "Book-Author", "Year-Of-Publication", "Publisher"]]
+    books += [[isbn, f"Only New {i}", "Zed Newauthor", "2004", "New House Press"] for i, isbn in enumerate(NEW_BOOKS)]
+    (tmp_path / "input").mkdir()
+    (tmp_path / "input" / "Books.csv").write_text("\n".join(",".join(row) for row in books) + "\n")
+    record = build_version(run, tmp_path / "input", tmp_path / "v2")
+    assert record["book_index"]["added_to_source"] and not record["book_index"]["rebuilt_from_source"]
+    folder = ModelFolder(tmp_path / "v2")
+    vectors = folder.book_vectors()
+    np.testing.assert_array_equal(vectors[: -len(NEW_BOOKS)], ModelFolder(run).book_vectors())
+    _, found = folder.book_index().search(vectors, 1)
+    np.testing.assert_array_equal(found[:, 0], np.arange(len(vectors)))
+    loaded = folder.load()
+    rec = loaded.recommender
+    k = rec.n_books - 1
+    through_index = lists(loaded, towers_fp32(rec, index=True), k)
+    assert np.isin(np.arange(rec.n_books - len(NEW_BOOKS), rec.n_books), through_index).all()
+    np.testing.assert_array_equal(through_index, lists(loaded, towers_fp32(rec, index=False), k))

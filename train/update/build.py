@@ -14,10 +14,12 @@ The networks are the source's (rating MLP, towers, ranker); what changes is the 
 - the towers' id, history-bag, author and publisher tables grow to the new catalog with the rows a
   book nobody read in training has (zero, no id), author and publisher rows moved to the codes the
   new catalog gives them; every book vector is re-embedded by the towers (``book_vectors.npy``);
-- the book index (``model/book_index.py``), where the source has one, is rebuilt over the new
-  vectors with the source's settings (every vector changed, so adding the new ones to the old
-  graph would leave it pointing at stale vectors); a source without one gets one when the new
-  catalog reaches the config's threshold;
+- the book index (``model/book_index.py``), where the source has one, takes the new books: when
+  every old book's vector is bit-for-bit the source's (new books alone: no ratings, no changed
+  book, no author code moved) the new vectors are added to the source's graph, in time that grows
+  with the new books and not the catalog; otherwise it is rebuilt with the source's settings, as
+  a graph over stale vectors would propose the wrong candidates. A source without one gets one
+  when the new catalog reaches the config's threshold;
 - the item graph is rebuilt from the new history when ratings arrived (seconds at the shared
   catalog), else padded to the new catalog; the author source is computed from the catalog at load;
 - withdrawn books are listed in ``catalog/withdrawn.json``: the recommender never offers them (the
@@ -339,7 +341,8 @@ def _grow_towers(folder: ModelFolder, old: Catalog, new: Catalog, dest: Path) ->
 
 
 def _book_index(src: Source, vectors: torch.Tensor, dest: Path) -> dict[str, Any] | None:
-    """The book index over the new vectors (None: the version searches exhaustively)."""
+    """The book index over the new vectors (None: the version searches exhaustively): the source's
+    with the new books added where no old vector changed, else built anew."""
     if src.folder.has_index():
         settings = IndexSettings.load(src.folder / layout.BOOK_INDEX_SETTINGS)
     elif len(vectors) >= src.config.retrieval.index.threshold:
@@ -347,10 +350,33 @@ def _book_index(src: Source, vectors: torch.Tensor, dest: Path) -> dict[str, Any
     else:
         return None
     start = time.perf_counter()
-    BookIndex.build(vectors.numpy(), settings).save(dest / layout.BOOK_INDEX, dest / layout.BOOK_INDEX_SETTINGS)
+    index, added = _grown_index(src.folder, vectors), True
+    if index is None:
+        index, added = BookIndex.build(vectors.numpy(), settings), False
+    index.save(dest / layout.BOOK_INDEX, dest / layout.BOOK_INDEX_SETTINGS)
     seconds = time.perf_counter() - start
-    log.info("update: %s index of %d books rebuilt in %.2f s", settings.kind, len(vectors), seconds)
-    return {"kind": settings.kind, "books": len(vectors), "rebuilt_from_source": src.folder.has_index()}
+    how = "grew by the new books" if added else "rebuilt"
+    log.info("update: %s index of %d books %s in %.2f s", settings.kind, len(vectors), how, seconds)
+    return {
+        "kind": settings.kind,
+        "books": len(vectors),
+        "rebuilt_from_source": src.folder.has_index() and not added,
+        "added_to_source": added,
+    }
+
+
+def _grown_index(folder: ModelFolder, vectors: torch.Tensor) -> BookIndex | None:
+    """The source's index with the rows past its end added, or None when it has none or any old
+    book's vector differs from the one it was built over."""
+    if not folder.has_index():
+        return None
+    old = folder.book_vectors()
+    if len(old) > len(vectors) or not torch.equal(old, vectors[: len(old)].to(old.dtype)):
+        return None
+    index = folder.book_index()
+    assert index is not None and index.n_books == len(old)
+    index.add(vectors[len(old) :].numpy())
+    return index
 
 
 def _item_graph(src: Source, catalog: Catalog, dest: Path, rebuild: bool) -> dict[str, Any] | None:
