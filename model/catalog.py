@@ -72,7 +72,10 @@ def write_catalog(
 
 def group_codes(values: pd.Series) -> tuple[torch.Tensor, dict[str, int]]:
     """Code per row of the normalised author/publisher name (-1 when missing) and the vocabulary."""
-    keys = [group_key(v) for v in values.tolist()]
+    # Normalised once per distinct name, not per book: a large catalog repeats its names.
+    rows, names = pd.factorize(values)  # missing -> -1
+    name_keys = [group_key(v) for v in names]
+    keys = [name_keys[r] if r >= 0 else None for r in rows.tolist()]
     vocab: dict[str, int] = {}
     for key in keys:
         if key is not None and key not in vocab:

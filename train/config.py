@@ -178,6 +178,9 @@ class SplitConfig(Section):
     cold_user_frac: float = 0.05
     # Rating-derived features of training rows come from the other folds (out-of-fold).
     folds: int = 5
+    # The update protocol (EVALUATION.md, "Catalog updates"): the cold-test books are left out of
+    # the catalog and every step after the data step, so that an update can add them afterwards.
+    hold_out_cold_books: bool = False
 
     @model_validator(mode="after")
     def _check_ranges(self) -> Self:

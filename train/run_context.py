@@ -30,7 +30,7 @@ from model.catalog import Catalog
 from model.ranker import RankingSettings
 from model.recommend import RetrievalSettings
 from train.config import Config
-from train.data.tables import load_tables
+from train.data.tables import catalog_ratings, load_tables
 from train.rating.dataset import TrainingData, build_training_data
 from train.run_folder import write_json
 
@@ -151,6 +151,11 @@ class RunContext:
         """(users, books, ratings with their split), as the data step wrote them."""
         return self.folder.piece("tables", partial(load_tables, self.dir))
 
+    def ratings(self) -> pd.DataFrame:
+        """The split ratings of the catalog's books (``catalog_ratings``): what the steps after
+        ``features`` train and evaluate on."""
+        return catalog_ratings(self.tables()[2], self.cfg.split)
+
     def catalog(self) -> Catalog:
         return self.folder.load_catalog()
 
@@ -158,7 +163,7 @@ class RunContext:
         """The training tensors of the catalog and the split ratings (``train/rating/dataset.py``)."""
         return self.folder.piece(
             "training_data",
-            lambda: build_training_data(self.catalog(), self.tables()[2], self.cfg.split.folds, self.cfg.split.seed),
+            lambda: build_training_data(self.catalog(), self.ratings(), self.cfg.split.folds, self.cfg.split.seed),
         )
 
     def keep(self, name: str, value: Any) -> None:

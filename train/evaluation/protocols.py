@@ -146,7 +146,11 @@ def sample_task(task: RankingTask, max_users: int, seed: int) -> RankingTask:
     """``task`` restricted to a seeded sample of ``max_users`` users (itself when it has no more)."""
     if len(task) <= max_users:
         return task
-    keep = np.sort(np.random.default_rng(seed).choice(len(task), max_users, replace=False))
+    return restrict_task(task, np.sort(np.random.default_rng(seed).choice(len(task), max_users, replace=False)))
+
+
+def restrict_task(task: RankingTask, keep: np.ndarray) -> RankingTask:
+    """``task`` for its users at positions ``keep`` only."""
     return RankingTask(
         name=task.name,
         users=task.users[keep],

@@ -46,6 +46,11 @@ def score_split(data: TrainingData, split: str, pred: np.ndarray, k: int) -> dic
     return out
 
 
+def scored_splits(data: TrainingData) -> list[str]:
+    """The test splits with ratings (a run with ``split.hold_out_cold_books`` has no cold-book one)."""
+    return [s for s in TEST_SPLITS if len(data.splits[s])]
+
+
 def _triple(data: TrainingData, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rows = data.splits[split]
     return rows.user_id, rows.isbn.astype(object), rows.rating.numpy()
@@ -68,7 +73,7 @@ def evaluate_baselines(data: TrainingData, cfg: Config) -> dict[str, dict]:
     for name, model in models.items():
         model.fit(*train)
         out[name] = {
-            s: score_split(data, s, model.predict(*_triple(data, s)[:2]), cfg.eval.ndcg_k) for s in TEST_SPLITS
+            s: score_split(data, s, model.predict(*_triple(data, s)[:2]), cfg.eval.ndcg_k) for s in scored_splits(data)
         }
     return out
 
@@ -105,8 +110,9 @@ def plot_results(results: dict[str, dict], path: Path) -> None:
 
     names = list(results)
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    width = 0.8 / len(TEST_SPLITS)
-    for i, split in enumerate(TEST_SPLITS):
+    splits = [s for s in TEST_SPLITS if all(s in results[n] for n in names)]
+    width = 0.8 / len(splits)
+    for i, split in enumerate(splits):
         values = [results[n][split]["rmse"] for n in names]
         ax.bar(
             [x + i * width for x in range(len(names))],
@@ -114,7 +120,7 @@ def plot_results(results: dict[str, dict], path: Path) -> None:
             width,
             label={"test": "warm test"}.get(split, split.replace("_", "-")),
         )
-    low = min(results[n][s]["rmse"] for n in names for s in TEST_SPLITS)
+    low = min(results[n][s]["rmse"] for n in names for s in splits)
     ax.set_ylim(low - 0.1, None)
     ax.set_xticks([x + width for x in range(len(names))], [n.split(" (")[0] for n in names], rotation=25, ha="right")
     ax.set_ylabel("RMSE (lower is better)")
@@ -140,7 +146,7 @@ def step_evaluate(run: RunContext, progress: bool = True) -> dict:
     cfg, run_dir = run.cfg, run.dir
     start = time.perf_counter()
     loaded = run.folder.load()
-    catalog, ratings, data = loaded.catalog, run.tables()[2], run.training_data()
+    catalog, ratings, data = loaded.catalog, run.ratings(), run.training_data()
     results = evaluate_baselines(data, cfg)
     for name, model in load_variants(run.folder).items():
         results[name] = {
@@ -150,7 +156,7 @@ def step_evaluate(run: RunContext, progress: bool = True) -> dict:
                 predict(model, data.user_table, data.book_table, data.splits[s]),
                 cfg.eval.ndcg_k,
             )
-            for s in TEST_SPLITS
+            for s in scored_splits(data)
         }
     features = run.report(layout.FEATURES_REPORT)
     meta = {

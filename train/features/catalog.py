@@ -14,6 +14,7 @@ from model.catalog import Catalog, write_catalog
 from model.encoder import TextEncoder
 from model.features import FeatureSpec
 from model.text import book_texts, user_texts
+from train.data.tables import cold_test_books
 from train.features.distill.step import configured_encoder
 from train.features.embed import EmbeddingCache
 from train.features.scripted import save_scripted
@@ -41,6 +42,8 @@ def embed_catalog(run: RunContext, encoder: TextEncoder | None = None, progress:
     # Every book of the books file is in the catalog, rated or not: a new arrival is recommendable
     # from its text and metadata. Users are those who read anything.
     users = users[users["user_id"].isin(ratings["user_id"])].reset_index(drop=True)
+    if cfg.split.hold_out_cold_books:  # users stay: the same catalog rows as a run that keeps the books
+        books = books[~books["isbn"].isin(cold_test_books(ratings))].reset_index(drop=True)
     btexts, utexts = book_texts(books), user_texts(users)
 
     if encoder is None:

@@ -65,7 +65,7 @@ def step_ranking(run: RunContext, progress: bool = True) -> dict:
     run.keep("ranker", None)
     folder = run.folder
     catalog = run.catalog()
-    ratings = run.tables()[2]
+    ratings = run.ratings()
     graph = rp3beta_graph(training_history(catalog), rc.graph_alpha, rc.graph_beta, rc.graph_neighbours)
     graph.save(run_dir / layout.ITEM_GRAPH)
     run.keep("item_graph", ItemGraph.load(run_dir / layout.ITEM_GRAPH))  # as served: float32 weights

@@ -18,7 +18,7 @@ from model.catalog import Catalog
 from model.features import book_feature_table, user_features
 from train.config import Config
 from train.data.split import assign_folds
-from train.data.tables import load_tables
+from train.data.tables import catalog_ratings, load_tables
 
 EVAL_SPLITS = ("val", "test", "cold_book", "cold_user")
 
@@ -107,5 +107,5 @@ def load_training_data(
     """The run's catalog (loaded unless given), its split ratings and the training tensors built
     from them: what every step after ``features`` starts from."""
     catalog = catalog if catalog is not None else Catalog.load(run_dir)
-    ratings = load_tables(run_dir)[2]
+    ratings = catalog_ratings(load_tables(run_dir)[2], cfg.split)
     return catalog, ratings, build_training_data(catalog, ratings, cfg.split.folds, cfg.split.seed)

@@ -351,7 +351,7 @@ def step_retrieval(run: RunContext, progress: bool = True) -> dict:
     the report to ``retrieval.json``."""
     cfg, run_dir = run.cfg, run.dir
     torch.manual_seed(cfg.retrieval.seed)
-    catalog, ratings, data = run.catalog(), run.tables()[2], run.training_data()
+    catalog, ratings, data = run.catalog(), run.ratings(), run.training_data()
     device = resolve_device(cfg.train.device)
     model = new_retrieval_model(catalog, cfg.retrieval).to(device)
     result = fit_retrieval(model, catalog, data, cfg.retrieval, progress)
