@@ -5,7 +5,8 @@
     python bench/bench_update_quality.py --trained-in runs/in --held-out runs/out --out bench/update_quality.json
 
 Held-out books: the cold-test books are added to ``--held-out`` by an update and ranked by the same
-readers as in ``--trained-in`` (cold-book and new-author recall@10). Fresh reads: ``--trained-in``'s
+readers as in ``--trained-in`` (cold-book and new-author recall@10); as a control, the same rows go
+through an update of ``--trained-in`` itself. Fresh reads: ``--trained-in``'s
 warm-test readers with validation reads, before and after an update that adds those reads.
 Versions are written under ``--work`` (a temporary folder unless given).
 """
@@ -48,16 +49,22 @@ def held_out_books(trained_in: Path, held_out: Path, work: Path, seed: int) -> d
     seconds = time.perf_counter() - start
     before = cold_books(ModelFolder(trained_in).load(), ratings, seed)
     after = cold_books(ModelFolder(work / "held-out-updated").load(), ratings, seed)
+    # Control: the same rows given to the trained-in run re-embed its cold books through the update's
+    # path with its own networks; a difference here is the update's, the rest the other training's.
+    build_version(trained_in, work / "books-input", work / "trained-in-updated")
+    control = cold_books(ModelFolder(work / "trained-in-updated").load(), ratings, seed)
     out = {"books_added": n, "update_seconds": round(seconds, 1), "update_counts": record["counts"]}
     for protocol in before:
         a, b = before[protocol], after[protocol]
-        if not a or not b:
+        if not a or not b or not control[protocol]:
             out[protocol] = {"note": "no reader of these books in the split", "trained_in": a, "added_by_update": b}
             continue
         out[protocol] = {
             "trained_in": a[MODEL_NAME],
             "added_by_update": b[MODEL_NAME],
             "difference": round(b[MODEL_NAME]["recall@10"] - a[MODEL_NAME]["recall@10"], 5),
+            "trained_in_updated_with_the_same_rows": control[protocol][MODEL_NAME],
+            "control_difference": round(control[protocol][MODEL_NAME]["recall@10"] - a[MODEL_NAME]["recall@10"], 5),
             CONTENT_NAME: a[CONTENT_NAME],
             "random": a["random"],
         }

@@ -66,6 +66,10 @@ def test_the_protocols_add_the_books_and_the_reads_back(tiny_run: Path, held_out
     assert cold["difference"] == pytest.approx(
         cold["added_by_update"]["recall@10"] - cold["trained_in"]["recall@10"], abs=1e-5
     )
+    # the control: the same rows through an update of the trained-in run rank exactly as training's
+    # own catalog rows did, so a difference above is the other training's, not the update's
+    assert cold["control_difference"] == 0
+    assert cold["trained_in_updated_with_the_same_rows"]["users"] == cold["trained_in"]["users"]
     updated = ModelFolder(tmp_path / "held-out-updated").load_catalog()
     assert set(cold_test_books(ratings)) <= set(updated.book_index)
 
