@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from model.catalog import Catalog
+from train.data.tables import cold_test_books
 
 LIKED = 8.0
 
@@ -105,7 +106,7 @@ def cold_book_task(
     ``new_authors_only``: only the cold books whose author has no book in the training history
     (or no author at all), so only their text, publisher and year can place them; readers with
     none of those among their cold-book reads are left out."""
-    cold_books = ratings.loc[ratings["split"].isin(["cold_book", "cold_both"]), "isbn"].unique()
+    cold_books = cold_test_books(ratings)
     candidates = np.sort(pd.Series(cold_books).map(catalog.book_index).to_numpy(np.int64))
     if new_authors_only:
         candidates = candidates[new_author_books(catalog)[candidates]]

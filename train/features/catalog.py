@@ -28,7 +28,7 @@ def training_history(ratings: pd.DataFrame) -> pd.DataFrame:
     cold-test users and books, whose whole history stays unseen."""
     cold = ratings["split"].isin(["cold_book", "cold_user", "cold_both"])
     cold_users = ratings.loc[ratings["split"].isin(["cold_user", "cold_both"]), "user_id"].unique()
-    cold_books = ratings.loc[ratings["split"].isin(["cold_book", "cold_both"]), "isbn"].unique()
+    cold_books = cold_test_books(ratings)
     implicit = (ratings["split"] == "implicit") & ~cold
     implicit &= ~ratings["user_id"].isin(cold_users) & ~ratings["isbn"].isin(cold_books)
     return ratings[(ratings["split"] == "train") | implicit]

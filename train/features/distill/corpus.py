@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 
 from model.text import book_text, user_text
+from train.data.tables import cold_test_books
 
-COLD_BOOK_SPLITS = ("cold_book", "cold_both")
 COLD_USER_SPLITS = ("cold_user", "cold_both")
 
 
@@ -67,7 +67,7 @@ def build_corpus(
     on texts it never saw, as new arrivals are; so is a seeded ``holdout_frac`` of the other texts.
     """
     rng = np.random.default_rng(seed)
-    cold_books = ratings.loc[ratings["split"].isin(COLD_BOOK_SPLITS), "isbn"].unique()
+    cold_books = cold_test_books(ratings)
     cold_users = ratings.loc[ratings["split"].isin(COLD_USER_SPLITS), "user_id"].unique()
     readers = users[users["user_id"].isin(ratings["user_id"])]
     book_cols, user_cols = ["title", "author", "year", "publisher"], ["city", "region", "country", "age"]
