@@ -234,7 +234,7 @@ def write_sample(
         books = [_with_images(row) for row in books]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    write = _write_kaggle if kaggle else _write_original
+    write = write_kaggle if kaggle else _write_original
     for name, header, rows, table in zip(
         FILES[layout],
         (USERS_HEADER, books_header, RATINGS_HEADER),
@@ -566,7 +566,8 @@ def _with_images(row: Row) -> Row:
     return [*row, f"{base}.THUMBZZZ.jpg", f"{base}.MZZZZZZZ.jpg", f"{base}.LZZZZZZZ.jpg"]
 
 
-def _write_kaggle(path: Path, header: list[str], rows: list[Row]) -> None:
+def write_kaggle(path: Path, header: list[str], rows: list[Row]) -> None:
+    """One Book-Crossing table in the Kaggle layout (comma-separated, standard quoting; None empty)."""
     with open(path, "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)  # standard quoting, CRLF like the Kaggle files
         writer.writerow(header)

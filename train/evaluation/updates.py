@@ -13,7 +13,6 @@ what training would have given it? Both use the evaluate step's own protocols an
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from model.artifacts import LoadedModel
-from train.data.sample import BOOKS_HEADER, RATINGS_HEADER
+from train.data.sample import BOOKS_HEADER, RATINGS_HEADER, write_kaggle
 from train.data.tables import cold_test_books
 from train.evaluation.protocols import clean, restrict_task, warm_task
 from train.evaluation.topk import cold_book_results, model_top_k, training_matrix
@@ -40,14 +39,17 @@ def write_books_update(books: pd.DataFrame, ratings: pd.DataFrame, folder: Path)
             index=False
         )
     ]
-    _write(folder / "Books.csv", BOOKS_HEADER, rows)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_kaggle(folder / "Books.csv", BOOKS_HEADER, rows)
     return len(rows)
 
 
 def write_reads_update(ratings: pd.DataFrame, split: str, folder: Path) -> int:
     """``folder/Ratings.csv`` (Kaggle layout) with the ratings of ``split``; returns how many."""
     part = ratings[ratings["split"] == split]
-    _write(folder / "Ratings.csv", RATINGS_HEADER, part[["user_id", "isbn", "rating"]].astype(str).values.tolist())
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = part[["user_id", "isbn", "rating"]].astype(str).values.tolist()
+    write_kaggle(folder / "Ratings.csv", RATINGS_HEADER, rows)
     return len(part)
 
 
@@ -80,11 +82,3 @@ def warm_recall(loaded: LoadedModel, ratings: pd.DataFrame, user_ids: np.ndarray
 
 def _text(value: Any) -> str:
     return "" if pd.isna(value) else str(value)
-
-
-def _write(path: Path, header: list[str], rows: list[list]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(rows)
