@@ -350,9 +350,9 @@ def _book_index(src: Source, vectors: torch.Tensor, dest: Path) -> dict[str, Any
     else:
         return None
     start = time.perf_counter()
-    index, added = _grown_index(src.folder, vectors), True
-    if index is None:
-        index, added = BookIndex.build(vectors.numpy(), settings), False
+    grown = _grown_index(src.folder, vectors)
+    added = grown is not None
+    index = grown if grown is not None else BookIndex.build(vectors.numpy(), settings)
     index.save(dest / layout.BOOK_INDEX, dest / layout.BOOK_INDEX_SETTINGS)
     seconds = time.perf_counter() - start
     how = "grew by the new books" if added else "rebuilt"
