@@ -31,7 +31,7 @@ from model.artifacts import ModelFolder  # noqa: E402
 from model.book_index import BookIndex, IndexSettings  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.data.tables import load_tables  # noqa: E402
-from train.evaluation.protocols import clean, cold_user_task, warm_task  # noqa: E402
+from train.evaluation.protocols import RankingTask, clean, cold_user_task, warm_task  # noqa: E402
 from train.evaluation.topk import model_top_k, training_matrix  # noqa: E402
 from train.metrics import topk_report  # noqa: E402
 
@@ -76,26 +76,28 @@ def main() -> None:
         warm_task(catalog, ratings, "test"),
         cold_user_task(catalog, ratings, cfg.eval.cold_user_reveal, cfg.split.seed),
     )
+
+    def timed_lists(task: RankingTask, through: BookIndex | None) -> tuple[np.ndarray, float, dict]:
+        """The product's top-K lists of ``task`` searched through ``through`` (None: exhaustively),
+        the seconds they took and their report."""
+        rec.index = through
+        start = time.perf_counter()
+        top = model_top_k(rec, task)
+        seconds = time.perf_counter() - start
+        return top, seconds, topk_report(top, clean(task.relevant), clean(task.liked), popularity, len(catalog.books))
+
     rows = []
     for task in tasks:
-        rec.index = None
-        start = time.perf_counter()
-        reference = model_top_k(rec, task)
-        seconds = time.perf_counter() - start
+        reference, seconds, base = timed_lists(task, None)
         exact_cands, _ = candidate_recall(rec, task, None)
-        base = topk_report(reference, clean(task.relevant), clean(task.liked), popularity, len(catalog.books))
         row = {"protocol": task.name, "users": len(task), "method": "exhaustive", "recall@10": base["recall@10"],
                "ndcg@10": base["ndcg@10"], "seconds": round(seconds, 1)}  # fmt: skip
         print(json.dumps(row), flush=True)
         rows.append(row)
         for ef in args.ef_search:
             index.settings = dataclasses.replace(index.settings, ef_search=ef)
-            rec.index = index
-            start = time.perf_counter()
-            top = model_top_k(rec, task)
-            seconds = time.perf_counter() - start
+            top, seconds, got = timed_lists(task, index)
             _, cand_recall = candidate_recall(rec, task, exact_cands)
-            got = topk_report(top, clean(task.relevant), clean(task.liked), popularity, len(catalog.books))
             row = {
                 "protocol": task.name,
                 "users": len(task),
