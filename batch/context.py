@@ -175,6 +175,10 @@ class ScoringContext:
             catalog_rows = torch.tensor([catalog.book_index.get(i, -1) for i in isbns], dtype=torch.long)
             external = books.source != "catalog"
             recommender = folder.recommender_for(self.scorer, catalog, catalog_rows, from_features=external)
+        elif spec.mode == "similar":
+            # The answers come from the whole catalog through the recommender's own search, as the
+            # handler's do (its index at large catalogs), so both give the same lists.
+            recommender = folder.recommender_for(Scorer(model, catalog.book_feats, self.device), catalog)
         self.model = LoadedModel(folder, catalog, self.scorer, recommender)
         self.catalog_isbns = pa.array(catalog.books["isbn"].tolist(), pa.string())
         self.similar: SimilarIndex | None = None

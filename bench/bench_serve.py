@@ -154,9 +154,13 @@ def bench_in_process(handler: Any, context: Any, bodies: list[bytes], concurrenc
 
 
 # ---------------------------------------------------------------------------------- TorchServe
-def bench_server(port: int, token: str, bodies: list[bytes], concurrency: int, requests: int) -> dict:
+def bench_server(
+    port: int, token: str, bodies: list[bytes], concurrency: int, requests: int, warm_up_s: float = 0.0
+) -> dict:
     """``concurrency`` threads, each with its own keep-alive connection, share ``requests`` requests
-    after a few unmeasured warm-up requests each."""
+    after unmeasured warm-up requests: at least 5 each, and more until ``warm_up_s`` seconds have
+    passed (TorchServe's frontend is a JVM: its JIT compiles the request path during the first
+    thousand or so requests, so a server that has been running answers faster than a fresh one)."""
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
     counter = iter(range(requests))
     lock = threading.Lock()
@@ -177,8 +181,11 @@ def bench_server(port: int, token: str, bodies: list[bytes], concurrency: int, r
 
     def client(k: int) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        for j in range(5):
+        warm_until = time.perf_counter() + warm_up_s
+        j = 0
+        while j < 5 or time.perf_counter() < warm_until:
             send(conn, bodies[(k * 5 + j) % len(bodies)])
+            j += 1
         barrier.wait()
         while True:
             with lock:
@@ -236,6 +243,9 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (BOOKREC_TORCH_THREADS)")
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
+    parser.add_argument(
+        "--warm-up", type=float, default=10.0, help="seconds of unmeasured requests before each TorchServe measurement"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument(
         "--allow-code-change", action="store_true", help="archive a run trained with other model/ code (timing only)"
@@ -278,7 +288,7 @@ def main() -> None:
             for s in args.scenarios:
                 for c in args.concurrency:
                     results[s][c]["torchserve"] = bench_server(
-                        server.ports["inference"], token, bodies[s], c, counts[s]
+                        server.ports["inference"], token, bodies[s], c, counts[s], args.warm_up
                     )
                     print(f"torchserve {s} c={c}: {results[s][c]['torchserve']}", flush=True)
             config = json.loads(json.dumps(__import__("yaml").safe_load((model_dir / "model-config.yaml").read_text())))
@@ -290,6 +300,7 @@ def main() -> None:
         "machine": machine(),
         "load_average_after": [round(x, 2) for x in load],
         "torch_threads_per_worker": threads,
+        "torchserve_warm_up_s": args.warm_up,
         "model_config": config,
         "worker_rss_mb_after": worker_rss_mb,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),

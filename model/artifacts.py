@@ -378,25 +378,18 @@ class LoadedModel:
 
     def similar_index(self, settings: SimilarSettings | None = None) -> SimilarIndex:
         """The "similar books" sources of this model: the catalog's book vectors, the item graph (where
-        the model has a ranking stage) and the author index, shared with the recommender's ranking
-        stage when it covers the whole catalog; the catalog's withdrawn books are never offered."""
-        ranking = self.recommender.ranking if self.recommender is not None else None
-        whole = ranking is not None and ranking.whole
-        if whole:
-            graph, authors = ranking.graph, ranking.authors
-        else:
-            has = self.folder.has_ranking()
-            graph = self.folder.item_graph() if has else None
-            per_author = self.folder.ranking_settings().per_author if has else 50
-            authors = author_index(self.catalog, per_author)
+        the model has a ranking stage) and the author index, shared with the recommender when its
+        ranking stage covers the whole catalog; then the towers source is the recommender's own
+        search (its book index at large catalogs) over its vectors, with no second copy in a worker's
+        memory. The catalog's withdrawn books are never offered."""
         recommender = self.recommender
-        shared = (
-            whole
-            and recommender is not None
-            and recommender.book_vectors.dtype == torch.float32
-            and recommender.device.type == "cpu"
-        )
-        # The recommender's fp32 CPU copy is the same matrix: no second one in a worker's memory.
-        vectors = recommender.book_vectors if shared else self.folder.book_vectors()
+        ranking = recommender.ranking if recommender is not None else None
         withdrawn = self.catalog.withdrawn_mask() if len(self.catalog.withdrawn) else None
-        return SimilarIndex(vectors, graph, authors, settings, withdrawn)
+        if recommender is not None and ranking is not None and ranking.whole:
+            return SimilarIndex(
+                recommender.book_vectors, ranking.graph, ranking.authors, settings, withdrawn, recommender.nearest_books
+            )
+        has = self.folder.has_ranking()
+        graph = self.folder.item_graph() if has else None
+        authors = author_index(self.catalog, self.folder.ranking_settings().per_author if has else 50)
+        return SimilarIndex(self.folder.book_vectors(), graph, authors, settings, withdrawn)

@@ -212,7 +212,21 @@ class Recommender:
         the running one, so memory stays bounded whatever the catalog size and the user block.
         In bf16 a margin of extra candidates is kept and rescored in fp32 (``_rescore``). With a
         book index, its candidates instead (``_top_n_indexed``)."""
-        users = users / self.temperature
+        return self._search(users / self.temperature, exclude, n)
+
+    @torch.inference_mode()
+    def nearest_books(self, vectors: torch.Tensor, exclude: list[np.ndarray] | None, n: int) -> np.ndarray:
+        """Book-set positions [Q, n] of the ``n`` largest inner products with each query vector
+        [Q, dim], best first (-1 where fewer remain): the retrieval's own search (the index or the
+        exhaustive pass, rescored in fp32) for queries that are not readers, e.g. a book's vector
+        for its similar books. ``exclude[i]``: positions never returned for query i."""
+        n = min(n, self.n_books)
+        top, rows = self._search(vectors.to(self.device).float(), exclude, n)
+        return rows.masked_fill(torch.isinf(top), -1).cpu().numpy()
+
+    def _search(
+        self, users: torch.Tensor, exclude: list[np.ndarray] | None, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.index is not None and 0 < n < self.n_books:
             return self._top_n_indexed(users, exclude, n)
         keep = n if self.dtype == torch.float32 else min(self.n_books, n + max(n, RESCORE_MARGIN))

@@ -16,20 +16,23 @@ The lists are merged by weighted reciprocal-rank fusion: a book's score is
 not list the book adds nothing), so the three scales (RP3beta weights, cosines, read counts) never
 have to be compared. Each source offers its ``depth`` best. The weights are ``SimilarSettings``;
 the defaults were chosen on validation (EVALUATION.md, "similar books"). The query book is never its
-own answer. Everything runs on a block of query books at once: one matmul for the vectors, sparse row
-gathers for the graph and the authors, one sparse sum for the fusion. A withdrawn book (a catalog
-update's, ``Catalog.withdrawn``) is offered by no source, so it is never an answer.
+own answer. Everything runs on a block of query books at once: the recommender's own search for the
+vectors (its book index at large catalogs, else one pass), row gathers for the graph and the
+authors, and a fusion over the listed (query, book) pairs alone, so no step of a query passes over
+the whole catalog where the model has an index. A withdrawn book (a catalog update's,
+``Catalog.withdrawn``) is offered by no source, so it is never an answer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
-from model.candidates import AuthorIndex, ItemGraph, RankedRows, sparse_lookup
+from model.candidates import AuthorIndex, ItemGraph
 from model.catalog import Catalog
 from model.text import group_key
 
@@ -67,10 +70,17 @@ class SimilarBooks:
         return [name for name, on in zip(SOURCES, self.sources[q, n], strict=True) if on]
 
 
+# The towers source through the recommender's search: (query vectors [Q, dim], excluded catalog
+# rows per query, n) -> catalog rows [Q, n], best first, -1 padding (``Recommender.nearest_books``).
+Nearest = Callable[[torch.Tensor, list[np.ndarray], int], np.ndarray]
+
+
 class SimilarIndex:
     """The sources over one catalog: book vectors [B, dim] (unit, catalog order), the item graph
     (None: a model without a ranking stage), the author index, and the withdrawn books (a bool per
-    catalog row; None: none) that no source offers."""
+    catalog row; None: none) that no source offers. ``nearest``: the recommender's search over the
+    same vectors (its book index at large catalogs, so a query costs no pass over every book);
+    None: an exact fp32 pass here."""
 
     def __init__(
         self,
@@ -79,12 +89,15 @@ class SimilarIndex:
         authors: AuthorIndex,
         settings: SimilarSettings | None = None,
         withdrawn: np.ndarray | None = None,
+        nearest: Nearest | None = None,
     ):
         if graph is not None and graph.n_books != book_vectors.shape[0]:
             raise ValueError(f"an item graph of {graph.n_books} books for {book_vectors.shape[0]} book vectors")
         if len(authors.author) != book_vectors.shape[0]:
             raise ValueError(f"an author index of {len(authors.author)} books for {book_vectors.shape[0]} vectors")
-        self.vectors = book_vectors.float().contiguous()
+        # With ``nearest`` the vectors are the recommender's own (bf16 where it searches in bf16): no copy.
+        self.vectors = book_vectors if nearest is not None else book_vectors.float().contiguous()
+        self.nearest = nearest
         self.graph = graph.weights.tocsr() if graph is not None else None
         self.authors = authors
         self.settings = settings or SimilarSettings()
@@ -100,7 +113,8 @@ class SimilarIndex:
     def of_books(self, rows: np.ndarray, k: int) -> SimilarBooks:
         """Top-``k`` similar books of catalog books ``rows`` [Q]."""
         rows = np.asarray(rows, np.int64)
-        return self._fuse(self.vectors[torch.from_numpy(rows)], rows, self.authors.author[rows], rows, k)
+        vectors = self.vectors[torch.from_numpy(rows)].float()
+        return self._fuse(vectors, rows, self.authors.author[rows], rows, k)
 
     def of_new_books(self, vectors: torch.Tensor, author_codes: np.ndarray, k: int) -> SimilarBooks:
         """Top-``k`` similar catalog books of books outside the catalog: their tower vectors [Q, dim]
@@ -109,9 +123,15 @@ class SimilarIndex:
         return self._fuse(vectors.float(), none, np.asarray(author_codes, np.int64), none, k)
 
     # ------------------------------------------------------------------------------------ sources
-    def towers_rows(self, vectors: torch.Tensor, exclude: np.ndarray) -> RankedRows:
-        """The ``depth`` nearest book vectors per query (cosine), the query's own row left out."""
-        n_q, depth = vectors.shape[0], min(self.settings.depth, self.n_books)
+    # Each source answers [Q, depth] catalog rows per query, best first, -1 padding at the end.
+    def towers_rows(self, vectors: torch.Tensor, exclude: np.ndarray) -> np.ndarray:
+        """The ``depth`` nearest book vectors per query (inner product of unit vectors: cosine), the
+        query's own row left out."""
+        depth = min(self.settings.depth, self.n_books)
+        if self.nearest is not None:
+            own = [np.array([r] if r >= 0 else [], np.int64) for r in exclude.tolist()]
+            return self.nearest(vectors, own, depth)
+        n_q = vectors.shape[0]
         cols = np.full((n_q, depth), -1, np.int64)
         step = max(1, COSINE_BLOCK // max(self.n_books, 1))
         with torch.inference_mode():
@@ -124,9 +144,9 @@ class SimilarIndex:
                     cos[:, self._blocked] = -torch.inf
                 top, idx = torch.topk(cos, depth, dim=1)
                 cols[s : s + step] = idx.masked_fill(torch.isinf(top), -1).numpy()
-        return _ranked(cols, self.n_books)
+        return cols
 
-    def popular_rows(self, exclude: np.ndarray) -> RankedRows:
+    def popular_rows(self, exclude: np.ndarray) -> np.ndarray:
         """The ``depth`` most read books of the catalog for every query, the query's own row left out."""
         depth = min(self.settings.depth + 1, self.n_books)
         if not hasattr(self, "_most_read"):  # the same list for every query: sorted once
@@ -138,34 +158,28 @@ class SimilarIndex:
         cols = np.where(top[None, :] == exclude[:, None], -1, top[None, :])
         # The query dropped, the rest shift up: ranks stay contiguous.
         order = np.argsort(cols < 0, axis=1, kind="stable")
-        cols = np.take_along_axis(cols, order, axis=1)[:, : self.settings.depth]
-        return _ranked(cols, self.n_books)
+        return np.take_along_axis(cols, order, axis=1)[:, : self.settings.depth]
 
-    def graph_rows(self, rows: np.ndarray) -> RankedRows:
-        """The item graph's rows of the queries (empty for new books), cut to ``depth``."""
+    def graph_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The item graph's rows of the queries (empty for new books), largest weight first."""
         if self.graph is None:
-            return RankedRows.of(sp.csr_matrix((len(rows), self.n_books), dtype=np.float32))
-        picked = self.graph[np.maximum(rows, 0)].multiply((rows >= 0)[:, None]).tocsr()
-        return RankedRows.of(self._open(picked)).head(self.settings.depth)
+            return np.full((len(rows), 0), -1, np.int64)
+        picked = self.graph[np.maximum(rows, 0)]
+        return self._best(picked, np.repeat(rows >= 0, np.diff(picked.indptr)), np.full(len(rows), -1))
 
-    def author_rows(self, author_codes: np.ndarray, exclude: np.ndarray) -> RankedRows:
-        """The most read books of each query's author, the query itself left out, cut to ``depth``."""
-        a = self.authors
-        known = author_codes >= 0
-        picked = a.author_books[np.maximum(author_codes, 0)].multiply(known[:, None]).tocsr()
-        if (exclude >= 0).any():
-            own = sp.csr_matrix(
-                (np.ones(int((exclude >= 0).sum()), np.float32), (np.flatnonzero(exclude >= 0), exclude[exclude >= 0])),
-                shape=picked.shape,
-            )
-            picked = (picked - picked.multiply(own)).tocsr()
-        return RankedRows.of(self._open(picked)).head(self.settings.depth)
+    def author_rows(self, author_codes: np.ndarray, exclude: np.ndarray) -> np.ndarray:
+        """The most read books of each query's author, the query itself left out."""
+        picked = self.authors.author_books[np.maximum(author_codes, 0)]
+        return self._best(picked, np.repeat(author_codes >= 0, np.diff(picked.indptr)), exclude)
 
-    def _open(self, picked: sp.csr_matrix) -> sp.csr_matrix:
-        """``picked`` [Q, B] without the withdrawn books' columns (``RankedRows.of`` drops the zeros)."""
-        if self.withdrawn is None:
-            return picked
-        return picked.multiply((~self.withdrawn)[None, :].astype(np.float32)).tocsr()
+    def _best(self, picked: sp.csr_matrix, keep: np.ndarray, exclude: np.ndarray) -> np.ndarray:
+        """[Q, depth] columns of each row of ``picked`` by value (ties: lower column first), only
+        entries where ``keep``, never the row's ``exclude`` column nor a withdrawn book."""
+        query = np.repeat(np.arange(picked.shape[0]), np.diff(picked.indptr))
+        keep = keep & (picked.data != 0) & (picked.indices != exclude[query])
+        if self.withdrawn is not None:
+            keep &= ~self.withdrawn[picked.indices]
+        return best_first(query[keep], picked.indices[keep], picked.data[keep], picked.shape[0], self.settings.depth)
 
     # ------------------------------------------------------------------------------------- fusion
     def _fuse(
@@ -175,11 +189,11 @@ class SimilarIndex:
 
     def sources(
         self, vectors: torch.Tensor, rows: np.ndarray, author_codes: np.ndarray, exclude: np.ndarray
-    ) -> tuple[RankedRows, ...]:
-        """Each source's ranked rows for a block of queries, in ``SOURCES`` order (a source of weight
-        0 is left empty)."""
+    ) -> tuple[np.ndarray, ...]:
+        """Each source's [Q, depth] rows for a block of queries, in ``SOURCES`` order (a source of
+        weight 0 is left empty)."""
         s = self.settings
-        empty = RankedRows.of(sp.csr_matrix((len(rows), self.n_books), dtype=np.float32))
+        empty = np.full((len(rows), 0), -1, np.int64)
         return (
             self.towers_rows(vectors, exclude) if s.towers > 0 else empty,
             self.graph_rows(rows) if s.graph > 0 else empty,
@@ -188,38 +202,52 @@ class SimilarIndex:
         )
 
 
-def fuse(parts: tuple[RankedRows, ...], settings: SimilarSettings, k: int) -> SimilarBooks:
-    """Weighted reciprocal-rank fusion of the sources' ranked rows (``SOURCES`` order), top ``k``."""
+def best_first(query: np.ndarray, col: np.ndarray, value: np.ndarray, n_q: int, n: int) -> np.ndarray:
+    """[n_q, n] columns of each query's ``n`` largest values (ties: lower column first), -1 padding."""
+    order = np.lexsort((col, -value, query))
+    query, col = query[order], col[order]
+    rank = np.arange(len(query)) - np.searchsorted(query, query)  # position within the query's entries
+    out = np.full((n_q, n), -1, np.int64)
+    top = rank < n
+    out[query[top], rank[top]] = col[top]
+    return out
+
+
+def fuse(parts: tuple[np.ndarray, ...], settings: SimilarSettings, k: int) -> SimilarBooks:
+    """Weighted reciprocal-rank fusion of the sources' lists (``SOURCES`` order), top ``k``. Works on
+    the listed (query, book) pairs alone: no pass over the catalog, whatever its size."""
     weights = settings.weights()
-    n_q, n_books = parts[0].matrix.shape
-    score = sp.csr_matrix((n_q, n_books), dtype=np.float32)
-    member = sp.csr_matrix((n_q, n_books), dtype=np.float32)
-    for s, part in enumerate(parts):
-        if weights[s] <= 0:
-            continue
-        m = part.matrix
-        contribution = weights[s] / (settings.offset + 1.0 + part.rank.astype(np.float32))
-        score = score + sp.csr_matrix((contribution.astype(np.float32), m.indices, m.indptr), shape=m.shape)
-        member = member + sp.csr_matrix((np.full(m.nnz, 2.0**s, np.float32), m.indices, m.indptr), shape=m.shape)
-    ranked = RankedRows.of(score.tocsr())
-    cols = ranked.top(k)
-    q = np.repeat(np.arange(n_q), k)
-    flat = cols.reshape(-1)
-    value, _ = sparse_lookup(ranked.matrix, q, flat)
-    member = member.tocsr()
-    bits, _ = sparse_lookup(member, q, flat)
-    flags = (bits.astype(np.int64)[:, None] >> np.arange(len(SOURCES))) & 1
-    return SimilarBooks(cols, value.reshape(n_q, k), flags.astype(bool).reshape(n_q, k, len(SOURCES)))
-
-
-def _ranked(cols: np.ndarray, n_books: int) -> RankedRows:
-    """RankedRows of [Q, n] columns listed best first (-1 padding), ranked by their position."""
-    n_q, n = cols.shape
-    keep = cols >= 0
-    q = np.repeat(np.arange(n_q), n)[keep.reshape(-1)]
-    score = np.tile(np.arange(n, 0, -1, dtype=np.float32), n_q)[keep.reshape(-1)]
-    m = sp.csr_matrix((score, (q, cols[keep])), shape=(n_q, n_books))
-    return RankedRows.of(m)
+    n_q = parts[0].shape[0]
+    listed = [(s, cols) for s, cols in enumerate(parts) if weights[s] > 0 and cols.size]
+    n_cols = int(max((cols.max() for _, cols in listed), default=-1)) + 1
+    keys, ranks = [], []
+    for _, cols in listed:
+        valid = cols >= 0
+        query = np.nonzero(valid)[0]
+        keys.append(query * n_cols + cols[valid])
+        ranks.append((np.cumsum(valid, axis=1) - 1)[valid])  # 0 = the source's best for the query
+    pairs, inverse = np.unique(np.concatenate([np.zeros(0, np.int64), *keys]), return_inverse=True)
+    score = np.zeros(len(pairs), np.float32)
+    bits = np.zeros(len(pairs), np.int64)
+    at = 0
+    for (s, _), rank in zip(listed, ranks, strict=True):
+        own = inverse[at : at + len(rank)]
+        at += len(rank)
+        # float32, added in source order: the documented sum, bit for bit on every path.
+        score[own] += weights[s] / (settings.offset + 1.0 + rank.astype(np.float32))
+        bits[own] += 1 << s
+    query, col = (pairs // n_cols, pairs % n_cols) if n_cols else (pairs, pairs)
+    order = np.lexsort((col, -score, query))
+    rank = np.arange(len(order)) - np.searchsorted(query[order], query[order])
+    top = order[rank < k]
+    at_q, at_rank = query[top], rank[rank < k]
+    rows = np.full((n_q, k), -1, np.int64)
+    value = np.zeros((n_q, k), np.float32)
+    flags = np.zeros((n_q, k, len(SOURCES)), bool)
+    rows[at_q, at_rank] = col[top]
+    value[at_q, at_rank] = score[top]
+    flags[at_q, at_rank] = (bits[top, None] >> np.arange(len(SOURCES))) & 1
+    return SimilarBooks(rows, value, flags)
 
 
 def author_index(catalog: Catalog, per_author: int = 50) -> AuthorIndex:

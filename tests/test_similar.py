@@ -16,7 +16,7 @@ from model import layout
 from model.artifacts import ModelFolder
 from model.ranker import SOURCES
 from model.similar import SOURCES as SIMILAR_SOURCES
-from model.similar import SimilarSettings, new_book_vectors
+from model.similar import SimilarIndex, SimilarSettings, fuse, new_book_vectors
 from model.text import book_text
 from tests.conftest import NEW_BOOK
 
@@ -61,18 +61,46 @@ def test_similar_scores_are_the_documented_rank_fusion(engine: BookrecEngine) ->
     rows = np.array([engine.catalog.book_index[_most_read(engine)]])
     index = engine.similar
     found = index.of_books(rows, 5)
-    vectors = index.vectors[rows]
+    vectors = index.vectors[rows].float()
     parts = index.sources(vectors, rows, index.authors.author[rows], rows)
     s = index.settings
     for n, col in enumerate(found.rows[0].tolist()):
         expected = 0.0
         for weight, part, listed in zip(s.weights(), parts, found.sources[0, n], strict=True):
-            m = part.matrix
-            at = np.flatnonzero(m.indices[m.indptr[0] : m.indptr[1]] == col)
+            at = np.flatnonzero(part[0] == col)
             assert listed == (len(at) == 1)
             if len(at):
-                expected += weight / (s.offset + 1 + part.rank[m.indptr[0] + at[0]])
+                expected += weight / (s.offset + 1 + at[0])
         assert found.score[0, n] == pytest.approx(expected, rel=1e-5)
+
+
+def test_fusion_ranks_ties_by_row_and_pads_short_lists() -> None:
+    """Equal fused scores go to the lower catalog row; a query with fewer listed books than k is
+    padded with row -1, score 0 and no source; a book listed by two sources sums both."""
+    settings = SimilarSettings(towers=1.0, graph=1.0, author=0.0, popular=0.0, offset=0.0)
+    towers = np.array([[5, 3, -1], [7, -1, -1]])
+    graph = np.array([[3, 9, -1], [-1, -1, -1]])
+    found = fuse((towers, graph, np.full((2, 0), -1), np.full((2, 0), -1)), settings, 4)
+    # query 0: 3 = 1/2 + 1/1, 5 = 1/1, 9 = 1/2; query 1: 7 alone, then padding
+    assert found.rows.tolist() == [[3, 5, 9, -1], [7, -1, -1, -1]]
+    assert found.score[0].tolist() == pytest.approx([1.5, 1.0, 0.5, 0.0])
+    assert found.sources[0, 0, :2].tolist() == [True, True] and not found.sources[1, 1:].any()
+    tied = fuse((np.array([[8], [2]]), np.array([[4], [-1]]), np.full((2, 0), -1), np.full((2, 0), -1)), settings, 2)
+    assert tied.rows.tolist() == [[4, 8], [2, -1]]  # 4 and 8 both score 1/1: the lower row first
+
+
+def test_similar_towers_source_is_the_recommenders_search(engine: BookrecEngine) -> None:
+    """The catalog's similar books take their nearest vectors from the recommender's own search (its
+    index where it has one) rather than a second pass over every book; the lists equal an exact
+    pass over the same vectors, the query itself left out."""
+    index = engine.similar
+    assert index.nearest is not None and index.vectors is engine.recommender.book_vectors
+    rows = np.arange(min(40, index.n_books))
+    vectors = index.vectors[rows].float()
+    shipped = index.towers_rows(vectors, rows)
+    exact = SimilarIndex(index.vectors.float(), None, index.authors, index.settings).towers_rows(vectors, rows)
+    assert (shipped[:, :10] == exact[:, :10]).all()
+    assert not (shipped == rows[:, None]).any()
 
 
 def test_similar_new_book_is_answered_from_its_text(engine: BookrecEngine, tiny_run: Path) -> None:
@@ -101,7 +129,7 @@ def test_similar_new_book_is_answered_from_its_text(engine: BookrecEngine, tiny_
     emb = torch.from_numpy(engine.encoder.embed([book_text(*new.values())]))
     feats = engine.catalog.new_book_features(emb, [new["author"]], [new["publisher"]])
     vector = new_book_vectors(engine.recommender.towers, engine.catalog, feats, [new["author"]], [new["publisher"]])
-    nearest = engine.similar.towers_rows(vector, np.array([-1])).top(1)[0, 0]
+    nearest = engine.similar.towers_rows(vector, np.array([-1]))[0, 0]
     assert nearest == engine.catalog.book_index[NEW_BOOK]
 
 

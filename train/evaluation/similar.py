@@ -27,7 +27,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from model.candidates import RankedRows, history_matrix
+from model.candidates import history_matrix
 from model.catalog import Catalog
 from model.similar import SimilarIndex, SimilarSettings, fuse
 from train.config import TopKTuning
@@ -96,9 +96,9 @@ def similar_lists(index: SimilarIndex, queries: np.ndarray, settings: list[Simil
     return out
 
 
-def _sources(index: SimilarIndex, rows: np.ndarray) -> tuple[RankedRows, ...]:
-    """Every source's ranked rows of catalog queries, whatever the index's own weights."""
-    vectors = index.vectors[torch.from_numpy(rows)]
+def _sources(index: SimilarIndex, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Every source's lists of catalog queries, whatever the index's own weights."""
+    vectors = index.vectors[torch.from_numpy(rows)].float()
     return (
         index.towers_rows(vectors, rows),
         index.graph_rows(rows),
