@@ -117,6 +117,18 @@ def sparse_lookup(
     return value, other
 
 
+def best_first(query: np.ndarray, col: np.ndarray, value: np.ndarray, n_q: int, n: int) -> np.ndarray:
+    """[n_q, n] columns of each query's ``n`` largest values (ties: lower column first), -1 padding:
+    ``RankedRows`` order for entries given as (query, column, value) triples."""
+    order = np.lexsort((col, -value, query))
+    query, col = query[order], col[order]
+    rank = np.arange(len(query)) - np.searchsorted(query, query)  # position within the query's entries
+    out = np.full((n_q, n), -1, np.int64)
+    top = rank < n
+    out[query[top], rank[top]] = col[top]
+    return out
+
+
 def drop_columns(m: sp.csr_matrix, exclude: sp.csr_matrix | None, keep: np.ndarray | None) -> sp.csr_matrix:
     """``m`` without the entries of ``exclude`` (same shape, binary) and, with ``keep`` (a bool per
     column), without the columns outside it."""

@@ -32,7 +32,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from model.candidates import AuthorIndex, ItemGraph
+from model.candidates import AuthorIndex, ItemGraph, best_first
 from model.catalog import Catalog
 from model.text import group_key
 
@@ -200,17 +200,6 @@ class SimilarIndex:
             self.author_rows(author_codes, exclude) if s.author > 0 else empty,
             self.popular_rows(exclude) if s.popular > 0 else empty,
         )
-
-
-def best_first(query: np.ndarray, col: np.ndarray, value: np.ndarray, n_q: int, n: int) -> np.ndarray:
-    """[n_q, n] columns of each query's ``n`` largest values (ties: lower column first), -1 padding."""
-    order = np.lexsort((col, -value, query))
-    query, col = query[order], col[order]
-    rank = np.arange(len(query)) - np.searchsorted(query, query)  # position within the query's entries
-    out = np.full((n_q, n), -1, np.int64)
-    top = rank < n
-    out[query[top], rank[top]] = col[top]
-    return out
 
 
 def fuse(parts: tuple[np.ndarray, ...], settings: SimilarSettings, k: int) -> SimilarBooks:
