@@ -36,22 +36,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from model.book_index import BookIndex, IndexSettings, set_threads  # noqa: E402
+from train.run_folder import cpu_isa  # noqa: E402
 
 N = 200  # the recommender's candidates
 BLOCK = 256
-
-
-def isa() -> str:
-    """The widest vector units /proc/cpuinfo names: AMX, AVX-512 (with BF16), AVX2."""
-    try:
-        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
-    except (OSError, StopIteration):
-        return "unknown"
-    if "amx_tile" in flags:
-        return "AMX"
-    if "avx512f" in flags:
-        return "AVX-512" + ("+BF16" if "avx512_bf16" in flags else "")
-    return "AVX2" if "avx2" in flags else "pre-AVX2"
 
 
 def queries(vectors: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -111,7 +99,7 @@ def bench_catalog(name: str, vecs: np.ndarray, args: argparse.Namespace, rng: np
     exact = exact_top(tv, q[: args.queries], N)
     keep = N + IndexSettings().margin
     rows: list[dict[str, Any]] = []
-    where = {"catalog": name, "books": len(vecs), "isa": isa(), "threads": torch.get_num_threads()}
+    where = {"catalog": name, "books": len(vecs), "isa": cpu_isa(), "threads": torch.get_num_threads()}
 
     def report(row: dict[str, Any]) -> None:
         row = {**where, **row}
@@ -217,7 +205,7 @@ def main() -> None:
         args.m = args.full_m
         rows += bench_catalog("synthetic full size", synthetic(real, args.full, rng), args, rng)
     if args.out:
-        args.out.write_text(json.dumps({"cpu_isa": isa(), "cores": os.cpu_count(), "rows": rows}, indent=2) + "\n")
+        args.out.write_text(json.dumps({"cpu_isa": cpu_isa(), "cores": os.cpu_count(), "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -36,25 +36,12 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train.run_folder import cpu_isa
+
 FULL_BOOKS = 271_386
 DIM = 128
 TOP = 200
-
-
-def cpu_isa() -> str:
-    """The widest vector units the CPU reports: AMX, AVX-512 or AVX2."""
-    flags = set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    if {"amx_tile", "amx_bf16"} <= flags:
-        return "AMX"
-    if "avx512f" in flags:
-        return "AVX-512" + ("+BF16" if "avx512_bf16" in flags else "")
-    return "AVX2" if "avx2" in flags else "no AVX2"
 
 
 def cpu_name() -> str:

@@ -293,11 +293,12 @@ def main() -> None:
                     print(f"torchserve {s} c={c}: {results[s][c]['torchserve']}", flush=True)
             config = json.loads(json.dumps(__import__("yaml").safe_load((model_dir / "model-config.yaml").read_text())))
             worker_rss_mb = [round(psutil.Process(w["pid"]).memory_info().rss / 2**20) for w in server.workers()]
-    from train.run_folder import machine
+    from train.run_folder import cpu_isa, machine
 
     load = os.getloadavg()
     report = {
         "machine": machine(),
+        "isa": cpu_isa(),
         "load_average_after": [round(x, 2) for x in load],
         "torch_threads_per_worker": threads,
         "torchserve_warm_up_s": args.warm_up,
@@ -307,7 +308,7 @@ def main() -> None:
         "results": results,
     }
     print()
-    print(f"machine: {report['machine']}; load average after the run: {report['load_average_after']}")
+    print(f"machine: {report['machine']} ({report['isa']}); load average after the run: {report['load_average_after']}")
     print(f"model-config: {config}; torch threads per worker: {threads}")
     print(markdown(results))
     if args.out:

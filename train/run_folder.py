@@ -73,6 +73,23 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {gpu}, {platform.system()} {platform.machine()}"
 
 
+def cpu_isa() -> str:
+    """The widest vector units ``/proc/cpuinfo`` names: AMX, AVX-512 (with BF16), AVX2; with the
+    ISA torch's kernels are held to where ``ATEN_CPU_CAPABILITY`` / ``ONEDNN_MAX_CPU_ISA`` say."""
+    try:
+        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return "unknown"
+    if "amx_tile" in flags:
+        widest = "AMX"
+    elif "avx512f" in flags:
+        widest = "AVX-512" + ("+BF16" if "avx512_bf16" in flags else "")
+    else:
+        widest = "AVX2" if "avx2" in flags else "pre-AVX2"
+    held = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if os.environ.get(k)]
+    return f"{widest}, held to {' '.join(held)}" if held else widest
+
+
 def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
