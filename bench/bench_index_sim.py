@@ -20,6 +20,10 @@ For each scale, in one process:
    bytes, process RSS; then for each ``nprobe``: recall of the exact top-200, single-query p50/p99
    on one thread, and throughput of 256-query batches on every thread.
 
+With ``--kind hnsw`` step 2 is instead the product's own index (``model/book_index.py``: faiss
+``HNSW{m},Flat``, inner product, the shipped ``IndexSettings``), filled block by block, and the
+figures are per ``--ef-search`` (the shipped value is 400).
+
 Every figure names the CPU's instruction set. Results go to ``--out`` (JSON) and print as a table.
 """
 
@@ -150,11 +154,12 @@ def quantizer_ef(index, ef: int) -> None:
     faiss.downcast_index(faiss.extract_index_ivf(index).quantizer).hnsw.efSearch = ef
 
 
-def search_figures(index, q: np.ndarray, truth: np.ndarray, nprobe: int, threads: int) -> dict:
+def search_figures(index, q: np.ndarray, truth: np.ndarray, nprobe: int | None, threads: int) -> dict:
     import faiss
 
-    index.nprobe = nprobe
-    quantizer_ef(index, max(128, 2 * nprobe))
+    if nprobe is not None:  # an IVF index
+        index.nprobe = nprobe
+        quantizer_ef(index, max(128, 2 * nprobe))
     faiss.omp_set_num_threads(threads)
     _, found = index.search(q, TOP)
     recall = float(np.mean([len(np.intersect1d(f, t)) / TOP for f, t in zip(found, truth, strict=True)]))
@@ -176,6 +181,28 @@ def search_figures(index, q: np.ndarray, truth: np.ndarray, nprobe: int, threads
     }
 
 
+def build_hnsw(data: Synthetic, block: int, threads: int):
+    """The product's book index (``BookIndex``, shipped ``IndexSettings``) filled block by block."""
+    import faiss
+
+    from model.book_index import BookIndex, IndexSettings
+
+    faiss.omp_set_num_threads(threads)
+    settings = IndexSettings()
+    index = BookIndex(faiss.IndexHNSWFlat(DIM, settings.m, faiss.METRIC_INNER_PRODUCT), settings)
+    t = time.perf_counter()
+    for begin in tqdm(range(0, data.n, block), desc=f"add HNSW{settings.m}", unit="block"):
+        index.add(data.block(begin, min(begin + block, data.n)))
+    return index.index, {"add_s": time.perf_counter() - t, "m": settings.m, "ef_construction": settings.ef_construction}
+
+
+def hnsw_figures(index, q: np.ndarray, truth: np.ndarray, ef_search: int, threads: int) -> dict:
+    index.hnsw.efSearch = max(ef_search, TOP)
+    row = search_figures(index, q, truth, None, threads)
+    row.pop("nprobe")
+    return {"ef_search": index.hnsw.efSearch, **row}
+
+
 def run_scale(scale: int, args: argparse.Namespace) -> dict:
     import faiss
 
@@ -184,6 +211,21 @@ def run_scale(scale: int, args: argparse.Namespace) -> dict:
     q = queries(data.block(0, min(args.block, n)), args.queries, args.seed)
     exact = exhaustive(data, q, args.block, args.threads)
     truth = exact.pop("truth")
+    if args.kind == "hnsw":
+        start = time.perf_counter()
+        index, build = build_hnsw(data, args.block, args.threads)
+        build["build_s"] = time.perf_counter() - start
+        build["index_gb"] = faiss.serialize_index(index).nbytes / 1e9
+        build["process_max_rss_gb"] = rss_gb()
+        rows = [hnsw_figures(index, q, truth, ef, args.threads) for ef in args.ef_search]
+        return {
+            "scale": scale,
+            "books": n,
+            "index": f"HNSW{build['m']},Flat",
+            "exhaustive": exact,
+            "build": build,
+            "search": rows,
+        }
     storage = "Flat" if scale <= 10 else "SQ8"
     nlist = args.nlist or (4096 if scale <= 10 else 16384)
     start = time.perf_counter()
@@ -211,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block", type=int, default=10 * FULL_BOOKS, help="books generated and scanned at a time")
     ap.add_argument("--nlist", type=int, default=0, help="IVF lists (0: 4096 at 10x, 16384 above)")
     ap.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 64, 128])
+    ap.add_argument("--kind", choices=("ivf", "hnsw"), default="ivf", help="the index simulated (hnsw: the product's)")
+    ap.add_argument("--ef-search", type=int, nargs="+", default=[200, 400, 800], help="--kind hnsw: efSearch values")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("bench/index_sim.json"))
@@ -238,8 +282,9 @@ def print_table(results: dict) -> None:
             f"max RSS {b['process_max_rss_gb']:.1f} GB"
         )
         for r in s["search"]:
+            knob = f"nprobe {r['nprobe']:>4}" if "nprobe" in r else f"efSearch {r['ef_search']:>4}"
             print(
-                f"  nprobe {r['nprobe']:>4}: recall@200 {r['recall_at_200']:.3f}, "
+                f"  {knob}: recall@200 {r['recall_at_200']:.3f}, "
                 f"p50 {r['single_query_p50_ms']:.2f} ms, "
                 f"p99 {r['single_query_p99_ms']:.2f} ms, {r['queries_per_s']:.0f} q/s batched"
             )
