@@ -120,6 +120,19 @@ def test_the_index_lists_equal_the_exhaustive_lists(indexed_run: Path) -> None:
     )
 
 
+def test_similar_books_through_the_index_equal_the_exhaustive_ones(indexed_run: Path) -> None:
+    """The ``similar`` action's towers source searches the recommender's index: every catalog book's
+    similar books (the book itself never among them) equal an exact pass over the same vectors."""
+    folder = ModelFolder(indexed_run)
+    rec, exhaustive = in_fp32(folder, index=True), in_fp32(folder, index=False)
+    rows = np.arange(rec.n_books)
+    own = [np.array([r]) for r in rows]
+    vectors = rec.book_vectors[torch.from_numpy(rows)]
+    through_index = rec.nearest_books(vectors, own, 20)
+    assert rec.index is not None and not (through_index == rows[:, None]).any()
+    np.testing.assert_array_equal(through_index, exhaustive.nearest_books(vectors, own, 20))
+
+
 def test_read_books_never_come_back_even_past_the_margin(indexed_run: Path) -> None:
     """Readers who read the towers' whole top 60 (more than the margin of 16 holds) get the
     exhaustive search for their block: none of their read books, and the exhaustive lists."""
