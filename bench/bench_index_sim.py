@@ -211,37 +211,23 @@ def run_scale(scale: int, args: argparse.Namespace) -> dict:
     q = queries(data.block(0, min(args.block, n)), args.queries, args.seed)
     exact = exhaustive(data, q, args.block, args.threads)
     truth = exact.pop("truth")
-    if args.kind == "hnsw":
-        start = time.perf_counter()
-        index, build = build_hnsw(data, args.block, args.threads)
-        build["build_s"] = time.perf_counter() - start
-        build["index_gb"] = faiss.serialize_index(index).nbytes / 1e9
-        build["process_max_rss_gb"] = rss_gb()
-        rows = [hnsw_figures(index, q, truth, ef, args.threads) for ef in args.ef_search]
-        return {
-            "scale": scale,
-            "books": n,
-            "index": f"HNSW{build['m']},Flat",
-            "exhaustive": exact,
-            "build": build,
-            "search": rows,
-        }
-    storage = "Flat" if scale <= 10 else "SQ8"
-    nlist = args.nlist or (4096 if scale <= 10 else 16384)
     start = time.perf_counter()
-    index, build = build_index(data, nlist, storage, args.block, args.threads, args.seed)
+    if args.kind == "hnsw":
+        index, build = build_hnsw(data, args.block, args.threads)
+        name = f"HNSW{build['m']},Flat"
+    else:
+        storage = "Flat" if scale <= 10 else "SQ8"
+        nlist = args.nlist or (4096 if scale <= 10 else 16384)
+        index, build = build_index(data, nlist, storage, args.block, args.threads, args.seed)
+        name = f"IVF{nlist}_HNSW32,{storage}"
     build["build_s"] = time.perf_counter() - start
     build["index_gb"] = faiss.serialize_index(index).nbytes / 1e9
     build["process_max_rss_gb"] = rss_gb()
-    rows = [search_figures(index, q, truth, p, args.threads) for p in args.nprobe]
-    return {
-        "scale": scale,
-        "books": n,
-        "index": f"IVF{nlist}_HNSW32,{storage}",
-        "exhaustive": exact,
-        "build": build,
-        "search": rows,
-    }
+    if args.kind == "hnsw":
+        rows = [hnsw_figures(index, q, truth, ef, args.threads) for ef in args.ef_search]
+    else:
+        rows = [search_figures(index, q, truth, p, args.threads) for p in args.nprobe]
+    return {"scale": scale, "books": n, "index": name, "exhaustive": exact, "build": build, "search": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
