@@ -117,15 +117,21 @@ def sparse_lookup(
     return value, other
 
 
-def best_first(query: np.ndarray, col: np.ndarray, value: np.ndarray, n_q: int, n: int) -> np.ndarray:
-    """[n_q, n] columns of each query's ``n`` largest values (ties: lower column first), -1 padding:
-    ``RankedRows`` order for entries given as (query, column, value) triples."""
+def rank_entries(query: np.ndarray, col: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(order, rank) of (query, column, value) triples in ``RankedRows`` order: ``order`` sorts them
+    by query, then value descending, then column; ``rank[i]`` is the i-th sorted entry's position
+    within its query (0 = best)."""
     order = np.lexsort((col, -value, query))
-    query, col = query[order], col[order]
-    rank = np.arange(len(query)) - np.searchsorted(query, query)  # position within the query's entries
+    sorted_query = query[order]
+    return order, np.arange(len(order)) - np.searchsorted(sorted_query, sorted_query)
+
+
+def best_first(query: np.ndarray, col: np.ndarray, value: np.ndarray, n_q: int, n: int) -> np.ndarray:
+    """[n_q, n] columns of each query's ``n`` largest values (ties: lower column first), -1 padding."""
+    order, rank = rank_entries(query, col, value)
+    top = order[rank < n]
     out = np.full((n_q, n), -1, np.int64)
-    top = rank < n
-    out[query[top], rank[top]] = col[top]
+    out[query[top], rank[rank < n]] = col[top]
     return out
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from model.candidates import AuthorIndex, ItemGraph, best_first
+from model.candidates import AuthorIndex, ItemGraph, best_first, rank_entries
 from model.catalog import Catalog
 from model.text import group_key
 
@@ -226,8 +226,7 @@ def fuse(parts: tuple[np.ndarray, ...], settings: SimilarSettings, k: int) -> Si
         score[own] += weights[s] / (settings.offset + 1.0 + rank.astype(np.float32))
         bits[own] += 1 << s
     query, col = (pairs // n_cols, pairs % n_cols) if n_cols else (pairs, pairs)
-    order = np.lexsort((col, -score, query))
-    rank = np.arange(len(order)) - np.searchsorted(query[order], query[order])
+    order, rank = rank_entries(query, col, score)
     top = order[rank < k]
     at_q, at_rank = query[top], rank[rank < k]
     rows = np.full((n_q, k), -1, np.int64)
