@@ -177,8 +177,11 @@ class ScoringContext:
             recommender = folder.recommender_for(self.scorer, catalog, catalog_rows, from_features=external)
         elif spec.mode == "similar":
             # The answers come from the whole catalog through the recommender's own search, as the
-            # handler's do (its index at large catalogs), so both give the same lists.
-            recommender = folder.recommender_for(Scorer(model, catalog.book_feats, self.device), catalog)
+            # handler's do (its index at large catalogs), so both give the same lists. The job's
+            # scorer serves when its book set is the catalog in order (no --books filter).
+            whole = rows == list(range(len(catalog.books)))
+            scorer = self.scorer if whole else Scorer(model, catalog.book_feats, self.device)
+            recommender = folder.recommender_for(scorer, catalog)
         self.model = LoadedModel(folder, catalog, self.scorer, recommender)
         self.catalog_isbns = pa.array(catalog.books["isbn"].tolist(), pa.string())
         self.similar: SimilarIndex | None = None
