@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -33,6 +34,20 @@ def embedding_column(matrix: np.ndarray) -> pa.FixedSizeListArray:
     """A [N, D] float32 matrix as an Arrow fixed-size-list column (zero-copy back to numpy)."""
     flat = pa.array(np.ascontiguousarray(matrix, dtype=np.float32).reshape(-1))
     return pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1])
+
+
+def write_table(table: pa.Table, path: Path) -> None:
+    """Write ``table`` as Parquet, its ``embedding`` column (if any) plain: float vectors gain
+    nothing from dictionary or Snappy encoding (0.7% smaller here) and decode several times slower
+    with them (a full-size catalog's books: 2-4 s against 0.3 s), which a worker pays at every start."""
+    plain = "embedding"
+    names = table.column_names
+    pq.write_table(
+        table,
+        path,
+        use_dictionary=[n for n in names if n != plain],
+        compression={n: "none" if n == plain else "snappy" for n in names},
+    )
 
 
 def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -60,10 +75,10 @@ def write_catalog(
     folder.mkdir(parents=True, exist_ok=True)
     book_table = pa.Table.from_pandas(books[schemas.BOOKS.names], schema=schemas.BOOKS, preserve_index=False)
     book_table = book_table.append_column("embedding", embedding_column(book_emb))
-    pq.write_table(book_table, folder / layout.BOOKS_FILE)
+    write_table(book_table, folder / layout.BOOKS_FILE)
     user_table = pa.Table.from_pandas(users[schemas.USERS.names], schema=schemas.USERS, preserve_index=False)
     user_table = user_table.append_column("embedding", embedding_column(user_emb))
-    pq.write_table(user_table, folder / layout.USERS_FILE)
+    write_table(user_table, folder / layout.USERS_FILE)
     hist = pa.Table.from_pandas(history[schemas.RATINGS.names], schema=schemas.RATINGS, preserve_index=False)
     pq.write_table(hist, folder / layout.HISTORY_FILE)
     spec.save(folder / layout.SPEC_FILE)
@@ -139,11 +154,11 @@ class Catalog:
         # One copy out of Arrow's read-only buffer (the tables are dropped after loading).
         book_emb = torch.tensor(embedding_matrix(book_table["embedding"]))
         user_emb = torch.tensor(embedding_matrix(user_table["embedding"]))
+        all_b = _rows_in(history["isbn"], book_table["isbn"], "book")
+        all_u = _rows_in(history["user_id"], user_table["user_id"], "user")
         history = history.to_pandas()
         book_index = {isbn: i for i, isbn in enumerate(books["isbn"].tolist())}
         user_index = {int(u): i for i, u in enumerate(users["user_id"].tolist())}
-        all_b = history["isbn"].map(book_index).to_numpy(np.int64)
-        all_u = history["user_id"].map(user_index).to_numpy(np.int64)
         rating = history["rating"].to_numpy(np.float32)
         # Implicit reads (rating 0) say what a reader read, not how they liked it: they join the
         # reading history (retrieval, rated-book exclusion) but no rating statistic.
@@ -254,6 +269,17 @@ class Catalog:
 
 
 _NO_ROWS = np.zeros(0, np.int64)
+
+
+def _rows_in(values: pa.ChunkedArray, keys: pa.ChunkedArray, what: str) -> np.ndarray:
+    """Row in ``keys`` (unique) of each of ``values``, int64; ``ValueError`` naming the first value
+    outside them. Arrow's hash lookup: a full-size history's 969k ISBNs in 0.2 s, 1.5 s through a
+    pandas ``map`` of a dict, at every worker start."""
+    rows = pc.index_in(values, value_set=keys)
+    if rows.null_count:
+        missing = values.filter(pc.is_null(rows))[0].as_py()
+        raise ValueError(f"the training history names {what} {missing!r}, which is not in the catalog")
+    return rows.to_numpy().astype(np.int64)
 
 
 def _rated_index(

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
+from model import layout
 from model.catalog import Catalog
 from model.encoder import load_saved_encoder
+from model.features import FeatureSpec
 from model.text import book_text, book_texts, group_key, user_text, user_texts
 from train.data.tables import load_tables
 from train.rating.dataset import build_training_data
@@ -106,3 +110,24 @@ def test_text_functions_handle_missing_parts():
     assert user_text(None, "", None, 34) == "reader from unknown, age 34"
     assert group_key("  J. R. R. Tolkien ") == group_key("j r r tolkien") == "j r r tolkien"
     assert group_key(None) is None and group_key("...") is None
+
+
+def test_catalog_embeddings_are_stored_plain(tiny_run):
+    """The catalog's float vectors are written without dictionary or compression: those save
+    nothing on them and make a worker's start decode them several times slower."""
+    for name in (layout.BOOKS_FILE, layout.USERS_FILE):
+        group = pq.ParquetFile(tiny_run / layout.catalog_path(name)).metadata.row_group(0)
+        chunks = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
+        vectors = chunks["embedding.list.element"]
+        assert vectors.compression == "UNCOMPRESSED" and not vectors.has_dictionary_page, (name, vectors)
+        assert chunks["isbn" if name == layout.BOOKS_FILE else "city"].compression == "SNAPPY"
+
+
+def test_a_history_row_outside_the_catalog_is_named(tiny_run):
+    folder = tiny_run / layout.CATALOG_DIR
+    names = (layout.BOOKS_FILE, layout.USERS_FILE, layout.HISTORY_FILE)
+    books, users, history = (pq.read_table(folder / name) for name in names)
+    stray = history.slice(0, 1).set_column(1, history.schema.field("isbn"), pa.array(["0000000000"], pa.string()))
+    spec = FeatureSpec.load(folder / layout.SPEC_FILE)
+    with pytest.raises(ValueError, match="names book '0000000000', which is not in the catalog"):
+        Catalog.from_tables(spec, books, users, pa.concat_tables([history, stray]))

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from model.catalog import embedding_column, embedding_matrix
+from model.catalog import embedding_column, embedding_matrix, write_table
 from model.encoder import ScriptedTextEncoder, TextEncoder
 
 log = logging.getLogger("bookrec.embed")
@@ -68,7 +68,7 @@ class EmbeddingCache:
     def _write(self, keys: list[str], matrix: np.ndarray) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         table = pa.table({"key": pa.array(keys, pa.string()), "embedding": embedding_column(matrix)})
-        pq.write_table(
+        write_table(
             table,
             self.folder / f"part-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet",
         )
