@@ -61,14 +61,15 @@ class BookrecHandler(BaseHandler):
         threads = _torch_threads(settings, config)
         set_threads(threads)  # torch's and the book index's (faiss) OpenMP pools alike
         model_dir = Path(context.system_properties["model_dir"])
-        # Before BaseHandler loads the serialized file: a changed or corrupt file is refused by name.
-        ModelFolder(model_dir).verify(serving=True)
-        super().initialize(context)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)  # the current device, for @timed's CUDA events
-        self.engine = BookrecEngine(
-            model_dir, self.device, Limits.from_config(settings), rating_model=self.model, verified=True
-        )
+        # A missing or truncated file is refused by name before anything loads; the hashes are
+        # checked while it loads, and a changed file is refused by name before the first request.
+        with ModelFolder(model_dir).verifying(serving=True):
+            super().initialize(context)
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)  # the current device, for @timed's CUDA events
+            self.engine = BookrecEngine(
+                model_dir, self.device, Limits.from_config(settings), rating_model=self.model, verified=True
+            )
         self.engine.warm_up()
         self.drift = DriftSampler.from_env(self.engine.catalog.users)
         log.info("drift sample: %s", self.drift.path if self.drift else "off")

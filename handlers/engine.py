@@ -9,6 +9,7 @@ handler is a thin wrapper around this class; the benchmark calls the same handle
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +57,13 @@ class BookrecEngine:
         verified: bool = False,
     ):
         """``rating_model``: the folder's shipped model when the caller already loaded it;
-        ``verified``: the caller verified the folder against its manifest before loading that."""
+        ``verified``: the caller verifies the folder against its manifest (``ModelFolder.verifying``
+        around this); otherwise it is verified here while it loads."""
         self.model_dir = Path(model_dir)
         self.limits = limits or Limits()
         folder = ModelFolder(self.model_dir)
-        if not verified:
-            folder.verify(serving=True)
-        self.model = folder.load(device, rating_model=rating_model, encoder=True)
+        with nullcontext() if verified else folder.verifying(serving=True):
+            self.model = folder.load(device, rating_model=rating_model, encoder=True)
         self.device = self.model.device
         self.catalog, self.encoder = self.model.catalog, self.model.encoder
         self.scorer, self.recommender = self.model.scorer, self.model.recommender

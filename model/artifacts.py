@@ -14,6 +14,9 @@ import ctypes.util
 import hashlib
 import json
 import subprocess
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +58,20 @@ NO_MANIFEST_HINT = (
     f"no {layout.MANIFEST_FILE} (made before models had one): retrain it, or, for a run folder you trust, "
     "write one with `python -m serving.archive --write-manifest RUN` and archive it again"
 )
+
+
+def _hash_problems(files: list[tuple[str, Path, str]]) -> list[str]:
+    """A problem per (name, path, listed SHA-256) whose file hashes to something else."""
+    return [
+        f"{name}: SHA-256 differs from the manifest (file changed or corrupt)"
+        for name, path, sha256 in files
+        if manifest.file_sha256(path) != sha256
+    ]
+
+
+def _refuse(where: str | Path, problems: list[str]) -> None:
+    if problems:
+        raise CorruptModelFolder(f"{where}: {'; '.join(problems)}")
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -140,8 +157,32 @@ class ModelFolder:
         needs (with ``serving``, also the encoder's) is listed, present, and of the listed size and
         SHA-256, and a model listed with a ranking stage or a book index holds all of it. Raises
         ``IncompleteModelFolder`` / ``CorruptModelFolder`` naming each bad file."""
+        problems, hashed = self._listing_problems(variant, serving=serving, shown=shown)
+        _refuse(shown or self.path, problems + _hash_problems(hashed))
+
+    @contextmanager
+    def verifying(
+        self, variant: str = layout.SHIPPED_VARIANT, *, serving: bool = False, shown: str | None = None
+    ) -> Iterator[None]:
+        """``verify`` around a body that loads the folder: the listing and the sizes are checked
+        first, the SHA-256s on a second thread while the body loads (hashing a full-size model's
+        791 MB takes 1.5-2 s of a worker's start; the hash releases the GIL). On leaving, a file
+        whose hash differs is refused by name, also when the body failed because of it."""
+        problems, hashed = self._listing_problems(variant, serving=serving, shown=shown)
+        _refuse(shown or self.path, problems)
+        with ThreadPoolExecutor(1, thread_name_prefix="bookrec-verify") as pool:
+            hashes = pool.submit(_hash_problems, hashed)
+            try:
+                yield
+            finally:
+                _refuse(shown or self.path, hashes.result())
+
+    def _listing_problems(
+        self, variant: str, *, serving: bool, shown: str | None
+    ) -> tuple[list[str], list[tuple[str, Path, str]]]:
+        """``verify``'s problems short of the hashes, and the (name, path, listed SHA-256) of the
+        files still to hash: listed, present and of the listed size."""
         self.check(variant, serving=serving, shown=shown)
-        where = shown or self.path
         record = self.read_manifest(shown)
         listed: dict[str, dict[str, Any]] = record["files"]
         needed = [layout.MODEL_FILES[variant], *layout.SCORING_FILES]
@@ -157,7 +198,7 @@ class ModelFolder:
         indexed = bool(record.get("stages", {}).get("index"))
         if indexed or self.has_index():
             needed += layout.INDEX_FILES
-        problems = []
+        problems, hashed = [], []
         if ranking and not self.has_ranking():
             absent = [name for name in layout.RANKING_FILES if not (self.path / name).is_file()]
             problems.append(f"the model has a ranking stage but {', '.join(absent)} missing")
@@ -177,10 +218,9 @@ class ModelFolder:
                 problems.append(
                     f"{name}: {size} bytes, the manifest lists {entry['bytes']} (file changed or truncated)"
                 )
-            elif manifest.file_sha256(path) != entry["sha256"]:
-                problems.append(f"{name}: SHA-256 differs from the manifest (file changed or corrupt)")
-        if problems:
-            raise CorruptModelFolder(f"{where}: {'; '.join(problems)}")
+            else:
+                hashed.append((name, path, entry["sha256"]))
+        return problems, hashed
 
     def read_manifest(self, shown: str | None = None) -> dict[str, Any]:
         """The folder's manifest; ``CorruptModelFolder`` when it has none or it is unreadable."""
@@ -251,11 +291,12 @@ class ModelFolder:
         """Whether the folder holds a book index (the index file and its settings)."""
         return all((self.path / name).is_file() for name in layout.INDEX_FILES)
 
-    def book_index(self) -> BookIndex | None:
-        """The book index over the catalog's vectors; None where the folder has none (exhaustive)."""
+    def book_index(self, *, mapped: bool = True) -> BookIndex | None:
+        """The book index over the catalog's vectors; None where the folder has none (exhaustive).
+        ``mapped`` (searching): its vectors mapped from the file, read-only; ``mapped=False`` to add books."""
         if not self.has_index():
             return None
-        return BookIndex.load(self.path / layout.BOOK_INDEX, self.path / layout.BOOK_INDEX_SETTINGS)
+        return BookIndex.load(self.path / layout.BOOK_INDEX, self.path / layout.BOOK_INDEX_SETTINGS, mapped=mapped)
 
     def ranks(self) -> bool:
         """Whether top-k lists of this folder go through its ranking stage (held and enabled)."""

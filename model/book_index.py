@@ -14,6 +14,7 @@ to more threads than the process was given.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -72,9 +73,10 @@ def set_threads(n: int) -> None:
 class BookIndex:
     """A faiss HNSW inner-product index whose ids are book-set positions (catalog rows)."""
 
-    def __init__(self, index: Any, settings: IndexSettings):
+    def __init__(self, index: Any, settings: IndexSettings, *, mapped: bool = False):
         self.index = index
         self.settings = settings
+        self.mapped = mapped
         self.index.hnsw.efSearch = settings.ef_search
 
     @classmethod
@@ -88,16 +90,27 @@ class BookIndex:
 
     def add(self, vectors: np.ndarray | torch.Tensor) -> None:
         """Append unit vectors [n, dim]; they get the ids after the last (catalog rows appended)."""
+        if self.mapped:
+            # faiss aborts the process on a write to mapped storage; refuse it here, by name.
+            raise ValueError("a mapped book index is read-only: load it with mapped=False to add books")
         self.index.hnsw.efConstruction = self.settings.ef_construction
         self.index.add(np.ascontiguousarray(np.asarray(vectors, dtype=np.float32)))
 
     def save(self, index_path: Path, settings_path: Path) -> None:
-        _faiss().write_index(self.index, str(index_path))
+        """Write the index beside ``index_path`` and rename it into place: a process that maps the
+        old file keeps reading the old file, never a half-written one."""
+        partial = Path(index_path).with_name(f".{Path(index_path).name}.partial")
+        _faiss().write_index(self.index, str(partial))
+        os.replace(partial, index_path)
         self.settings.save(settings_path)
 
     @classmethod
-    def load(cls, index_path: Path, settings_path: Path) -> BookIndex:
-        return cls(_faiss().read_index(str(index_path)), IndexSettings.load(settings_path))
+    def load(cls, index_path: Path, settings_path: Path, *, mapped: bool = False) -> BookIndex:
+        """The saved index; ``mapped``: its vectors mapped from the file instead of read (read-only;
+        a worker starts without reading them, and the workers of one archive share their pages)."""
+        faiss = _faiss()
+        flags = faiss.IO_FLAG_MMAP_IFC if mapped else 0
+        return cls(faiss.read_index(str(index_path), flags), IndexSettings.load(settings_path), mapped=mapped)
 
     @property
     def n_books(self) -> int:

@@ -254,3 +254,21 @@ def test_the_batch_job_top_k_through_the_index_is_the_recommenders(indexed_run: 
     by_user = {u: g["isbn"].tolist() for u, g in frame.groupby("user_id")}
     for n, user in enumerate(catalog.users["user_id"].tolist()):
         assert by_user[user] == isbns[expected[n][expected[n] >= 0]].tolist()
+
+
+def test_a_mapped_index_searches_alike_and_refuses_to_grow(indexed_run: Path) -> None:
+    """The serving load maps the index's vectors (read-only; the workers of an archive share the
+    pages): its lists are those of the index read into memory, and adding books to it is a clear
+    error instead of faiss aborting the process."""
+    folder = ModelFolder(indexed_run)
+    mapped, read = folder.book_index(), folder.book_index(mapped=False)
+    assert mapped is not None and read is not None and mapped.mapped and not read.mapped
+    users = torch.randn(32, mapped.dim, generator=torch.Generator().manual_seed(0))
+    users = torch.nn.functional.normalize(users, dim=1)
+    for got, expected in zip(mapped.search(users, 20), read.search(users, 20), strict=True):
+        np.testing.assert_array_equal(got, expected)
+    with pytest.raises(ValueError, match="read-only"):
+        mapped.add(users[:2].numpy())
+    read.add(users[:2].numpy())
+    assert read.n_books == mapped.n_books + 2
+    assert folder.load().recommender.index.mapped

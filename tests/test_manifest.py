@@ -299,3 +299,30 @@ def test_torchserve_never_serves_an_archive_with_a_changed_model_file(
         assert ask("good").json() == good.json()
     finally:
         srv.stop()
+
+
+def test_verifying_hashes_while_the_body_loads_and_names_a_changed_file(tiny_run: Path, tmp_path: Path) -> None:
+    """``verifying`` (the handler's and the engine's): a truncated file is refused before the body
+    runs; a changed one after it, also in place of the error a body that failed on it raised; an
+    intact folder lets the body's own error through."""
+    changed = model_copy(tiny_run, tmp_path / "changed")
+    damage(changed / layout.BOOK_VECTORS, "random")
+    ran = []
+    with pytest.raises(CorruptModelFolder, match=f"{layout.BOOK_VECTORS}: SHA-256 differs"):
+        with ModelFolder(changed).verifying(serving=True):
+            ran.append("loaded")
+    assert ran == ["loaded"]
+    with pytest.raises(CorruptModelFolder, match=f"{layout.BOOK_VECTORS}: SHA-256 differs") as refused:
+        with ModelFolder(changed).verifying(serving=True):
+            raise RuntimeError("the load failed on the changed file")
+    assert isinstance(refused.value.__context__, RuntimeError)
+    with pytest.raises(RuntimeError, match="unrelated"), ModelFolder(tiny_run).verifying(serving=True):
+        raise RuntimeError("unrelated")
+
+    truncated = model_copy(tiny_run, tmp_path / "truncated")
+    damage(truncated / layout.BOOK_VECTORS, "truncated")
+    ran = []
+    with pytest.raises(CorruptModelFolder, match="file changed or truncated"):
+        with ModelFolder(truncated).verifying(serving=True):
+            ran.append("loaded")
+    assert ran == []

@@ -373,7 +373,7 @@ def _grown_index(folder: ModelFolder, vectors: torch.Tensor) -> BookIndex | None
     old = folder.book_vectors()
     if len(old) > len(vectors) or not torch.equal(old, vectors[: len(old)].to(old.dtype)):
         return None
-    index = folder.book_index()
+    index = folder.book_index(mapped=False)
     assert index is not None and index.n_books == len(old)
     index.add(vectors[len(old) :].numpy())
     return index
