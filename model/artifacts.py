@@ -192,6 +192,9 @@ class ModelFolder:
         withdrawn = layout.catalog_path(layout.WITHDRAWN_FILE)
         if withdrawn in listed or (self.path / withdrawn).is_file():
             needed.append(withdrawn)  # a withdrawn book must never come back by a lost file
+        features = layout.catalog_feature_paths()
+        if any(name in listed or (self.path / name).is_file() for name in features):
+            needed += features  # both or neither: one alone would be computed or mapped at random
         ranking = bool(record.get("stages", {}).get("ranking"))
         if ranking or self.has_ranking():
             needed += layout.RANKING_FILES

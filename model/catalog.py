@@ -67,10 +67,10 @@ def write_catalog(
     user_emb: np.ndarray,
     history: pd.DataFrame,
     spec: FeatureSpec,
-) -> tuple[pa.Table, pa.Table, pa.Table]:
-    """Write the catalog tables (metadata + text embeddings, training history, feature spec) into
-    the model folder ``folder``; returns the (books, users, history) tables written, which
-    ``Catalog.from_tables`` turns into the catalog ``Catalog.load`` would read back."""
+) -> Catalog:
+    """Write the catalog (metadata + text embeddings, training history, feature spec, and every
+    book's and user's feature vector) into the model folder ``folder``; returns the catalog
+    ``Catalog.load`` reads back."""
     folder = Path(folder) / layout.CATALOG_DIR
     folder.mkdir(parents=True, exist_ok=True)
     book_table = pa.Table.from_pandas(books[schemas.BOOKS.names], schema=schemas.BOOKS, preserve_index=False)
@@ -82,20 +82,25 @@ def write_catalog(
     hist = pa.Table.from_pandas(history[schemas.RATINGS.names], schema=schemas.RATINGS, preserve_index=False)
     pq.write_table(hist, folder / layout.HISTORY_FILE)
     spec.save(folder / layout.SPEC_FILE)
-    return book_table, user_table, hist
+    catalog = Catalog.from_tables(spec, book_table, user_table, hist)
+    for name, feats in zip(layout.FEATURE_FILES, (catalog.book_feats, catalog.user_feats), strict=True):
+        np.save(folder / name, feats.numpy())
+    return catalog
 
 
 def group_codes(values: pd.Series) -> tuple[torch.Tensor, dict[str, int]]:
-    """Code per row of the normalised author/publisher name (-1 when missing) and the vocabulary."""
-    # Normalised once per distinct name, not per book: a large catalog repeats its names.
+    """Code per row of the normalised author/publisher name (-1 when missing) and the vocabulary,
+    its codes in the order the keys first appear."""
+    # Normalised once per distinct name, not per book: a large catalog repeats its names. The
+    # names come in the order they first appear, so their keys' first appearances keep that order.
     rows, names = pd.factorize(values)  # missing -> -1
-    name_keys = [group_key(v) for v in names]
-    keys = [name_keys[r] if r >= 0 else None for r in rows.tolist()]
     vocab: dict[str, int] = {}
-    for key in keys:
-        if key is not None and key not in vocab:
-            vocab[key] = len(vocab)
-    return torch.tensor([vocab[k] if k is not None else -1 for k in keys], dtype=torch.long), vocab
+    name_codes = np.full(len(names) + 1, -1, np.int64)  # the last entry: a missing name
+    for n, name in enumerate(names):
+        key = group_key(name)
+        if key is not None:
+            name_codes[n] = vocab.setdefault(key, len(vocab))
+    return torch.from_numpy(name_codes[rows]), vocab
 
 
 @dataclass
@@ -124,15 +129,23 @@ class Catalog:
 
     @classmethod
     def load(cls, run_dir: Path) -> Catalog:
-        """Load the catalog of a model folder and compute every feature vector from the training history."""
+        """Load the catalog of a model folder: its feature vectors mapped from the folder's feature
+        files where it has them (copy-on-write: the workers of one archive share the pages), else
+        computed from the training history."""
         folder = Path(run_dir) / layout.CATALOG_DIR
+        features = None
+        if all((folder / name).is_file() for name in layout.FEATURE_FILES):
+            features = tuple(torch.from_numpy(np.load(folder / name, mmap_mode="c")) for name in layout.FEATURE_FILES)
         # ParquetFile, not pq.read_table: the same table, without importing pyarrow.dataset (1–2 s
-        # of a worker's start on 2 loaded cores).
+        # of a worker's start on 2 loaded cores). The text embeddings are the features' first columns.
+        columns = None if features is None else ["isbn", "title", "author", "year", "publisher"]
+        user_columns = None if features is None else ["user_id", "city", "region", "country", "age"]
         catalog = cls.from_tables(
             FeatureSpec.load(folder / layout.SPEC_FILE),
-            pq.ParquetFile(folder / layout.BOOKS_FILE).read(),
-            pq.ParquetFile(folder / layout.USERS_FILE).read(),
+            pq.ParquetFile(folder / layout.BOOKS_FILE).read(columns=columns),
+            pq.ParquetFile(folder / layout.USERS_FILE).read(columns=user_columns),
             pq.ParquetFile(folder / layout.HISTORY_FILE).read(),
+            features=features,
         )
         withdrawn = folder / layout.WITHDRAWN_FILE
         if withdrawn.is_file():
@@ -146,14 +159,28 @@ class Catalog:
         return mask
 
     @classmethod
-    def from_tables(cls, spec: FeatureSpec, book_table: pa.Table, user_table: pa.Table, history: pa.Table) -> Catalog:
+    def from_tables(
+        cls,
+        spec: FeatureSpec,
+        book_table: pa.Table,
+        user_table: pa.Table,
+        history: pa.Table,
+        *,
+        features: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> Catalog:
         """The catalog of the tables ``write_catalog`` writes (books and users with their embedding
-        column, the training history), every feature vector computed from the training history."""
-        books = book_table.drop(["embedding"]).to_pandas()
-        users = user_table.drop(["embedding"]).to_pandas()
-        # One copy out of Arrow's read-only buffer (the tables are dropped after loading).
-        book_emb = torch.tensor(embedding_matrix(book_table["embedding"]))
-        user_emb = torch.tensor(embedding_matrix(user_table["embedding"]))
+        column, the training history), every feature vector computed from the training history; or,
+        given ``features`` (the folder's saved book and user feature vectors), those, with the text
+        embeddings their first columns (the tables need no embedding column then)."""
+        books = book_table.drop_columns([c for c in ["embedding"] if c in book_table.column_names]).to_pandas()
+        users = user_table.drop_columns([c for c in ["embedding"] if c in user_table.column_names]).to_pandas()
+        if features is None:
+            # One copy out of Arrow's read-only buffer (the tables are dropped after loading).
+            book_emb = torch.tensor(embedding_matrix(book_table["embedding"]))
+            user_emb = torch.tensor(embedding_matrix(user_table["embedding"]))
+        else:
+            _check_features(features, len(books), len(users), spec)
+            book_emb, user_emb = (feats[:, : spec.emb_dim] for feats in features)
         all_b = _rows_in(history["isbn"], book_table["isbn"], "book")
         all_u = _rows_in(history["user_id"], user_table["user_id"], "user")
         history = history.to_pandas()
@@ -169,14 +196,17 @@ class Catalog:
         groups = {}
         for name, (code, vocab) in codes.items():
             groups[name] = (code, vocab, *group_totals(code, count, total, len(vocab)))
+        if features is None:
+            book_feats = book_feature_table(book_emb, codes["author"][0], codes["publisher"][0], b, r, spec)
+            features = (book_feats, user_features(user_emb, u, book_emb[b], r, spec))
         return cls(
             spec=spec,
             books=books,
             book_emb=book_emb,
-            book_feats=book_feature_table(book_emb, codes["author"][0], codes["publisher"][0], b, r, spec),
+            book_feats=features[0],
             users=users,
             user_emb=user_emb,
-            user_feats=user_features(user_emb, u, book_emb[b], r, spec),
+            user_feats=features[1],
             history=history,
             book_index=book_index,
             user_index=user_index,
@@ -269,6 +299,17 @@ class Catalog:
 
 
 _NO_ROWS = np.zeros(0, np.int64)
+
+
+def _check_features(features: tuple[torch.Tensor, torch.Tensor], n_books: int, n_users: int, spec: FeatureSpec) -> None:
+    """Saved feature vectors must be one float32 row per catalog book / user of the spec's widths."""
+    shapes = (("book", n_books, spec.book_dim), ("user", n_users, spec.user_dim))
+    for (what, rows, width), feats in zip(shapes, features, strict=True):
+        if feats.dtype != torch.float32 or tuple(feats.shape) != (rows, width):
+            raise ValueError(
+                f"the catalog's {what} features are {feats.dtype} {tuple(feats.shape)}; "
+                f"its {rows} {what}s and feature spec need float32 {(rows, width)}"
+            )
 
 
 def _rows_in(values: pa.ChunkedArray, keys: pa.ChunkedArray, what: str) -> np.ndarray:

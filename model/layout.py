@@ -54,6 +54,12 @@ SPEC_FILE = "feature_spec.json"
 CATALOG_FILES = (BOOKS_FILE, USERS_FILE, HISTORY_FILE, SPEC_FILE)
 # Optional: the ISBNs of catalog books withdrawn by a catalog update (out of print), never recommended.
 WITHDRAWN_FILE = "withdrawn.json"
+# Optional, both or neither (folders written before them have neither): every catalog book's and
+# user's feature vector, float32 in catalog row order, as ``Catalog.from_tables`` computes them.
+# A worker maps them instead of computing them from the training history at every start.
+BOOK_FEATURES_FILE = "book_features.npy"
+USER_FEATURES_FILE = "user_features.npy"
+FEATURE_FILES = (BOOK_FEATURES_FILE, USER_FEATURES_FILE)
 
 # Every file the model needs with its size and SHA-256, and the stages it has (``model/manifest.py``):
 # written by training, copied into the archive, verified before a model is served or scored.
@@ -101,6 +107,11 @@ MODEL_CONFIG = "model-config.yaml"
 def catalog_path(name: str) -> str:
     """A catalog file's path relative to the folder root."""
     return f"{CATALOG_DIR}/{name}"
+
+
+def catalog_feature_paths() -> tuple[str, ...]:
+    """The catalog's feature files, relative to the model folder."""
+    return tuple(catalog_path(name) for name in FEATURE_FILES)
 
 
 def encoder_path(name: str) -> str:

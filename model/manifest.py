@@ -35,7 +35,7 @@ def needed_files(root: Path) -> list[str]:
     encoder_files = sorted(str(p.relative_to(root)) for p in encoder.rglob("*") if p.is_file())
     ranking = [name for name in layout.RANKING_FILES if (root / name).is_file()]
     withdrawn = layout.catalog_path(layout.WITHDRAWN_FILE)
-    optional = [withdrawn] if (root / withdrawn).is_file() else []
+    optional = [name for name in (withdrawn, *layout.catalog_feature_paths()) if (root / name).is_file()]
     index = [name for name in layout.INDEX_FILES if (root / name).is_file()]
     return [*variants, *layout.SCORING_FILES, *encoder_files, *ranking, *index, *optional]
 

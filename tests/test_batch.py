@@ -29,7 +29,7 @@ from batch.plan import plan_job
 from batch.transforms import ScoreShards, UserBlocks, plan_blocks
 from model import layout
 from model.artifacts import ModelFolder
-from model.catalog import Catalog
+from model.catalog import Catalog, write_catalog
 from model.scoring import Scorer
 from train.config import load_config
 
@@ -364,17 +364,13 @@ def test_mar_archive_scores_like_the_run_folder(all_pairs, tiny_run: Path, tmp_p
 # ------------------------------------------------------------------------------------- dead letters
 def _corrupt_copy(tiny_run: Path, dest: Path, user_rows: list[int], book_rows: list[int]) -> Path:
     """A copy of the run whose catalog has NaN / inf text embeddings for some users and books (its
-    manifest rewritten: a model that really holds them)."""
+    catalog written again from them and its manifest rewritten: a model that really holds them)."""
     shutil.copytree(tiny_run, dest, ignore=shutil.ignore_patterns("data"))
-    for name, rows, value in (("users", user_rows, np.nan), ("books", book_rows, np.inf)):
-        path = dest / "catalog" / f"{name}.parquet"
-        table = pq.read_table(path)
-        emb = table["embedding"].combine_chunks()
-        dim = emb.type.list_size
-        flat = emb.flatten().to_numpy().copy().reshape(-1, dim)
-        flat[rows, 0] = value
-        column = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), dim)
-        pq.write_table(table.set_column(table.schema.get_field_index("embedding"), "embedding", column), path)
+    catalog = Catalog.load(dest)
+    book_emb, user_emb = catalog.book_emb.numpy().copy(), catalog.user_emb.numpy().copy()
+    user_emb[user_rows, 0] = np.nan
+    book_emb[book_rows, 0] = np.inf
+    write_catalog(dest, catalog.books, book_emb, catalog.users, user_emb, catalog.history, catalog.spec)
     ModelFolder(dest).write_manifest()
     return dest
 

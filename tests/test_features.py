@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -131,3 +133,30 @@ def test_a_history_row_outside_the_catalog_is_named(tiny_run):
     spec = FeatureSpec.load(folder / layout.SPEC_FILE)
     with pytest.raises(ValueError, match="names book '0000000000', which is not in the catalog"):
         Catalog.from_tables(spec, books, users, pa.concat_tables([history, stray]))
+
+
+def test_saved_features_are_the_computed_ones_and_mapped(tiny_run, tmp_path):
+    """A folder's feature files hold what the training history gives (a folder without them, as
+    written before they existed, computes the same); they are mapped, not read; a file that does
+    not fit the catalog is refused by name."""
+    saved = Catalog.load(tiny_run)
+    folder = tiny_run / layout.CATALOG_DIR
+    names = (layout.BOOKS_FILE, layout.USERS_FILE, layout.HISTORY_FILE)
+    spec = FeatureSpec.load(folder / layout.SPEC_FILE)
+    computed = Catalog.from_tables(spec, *(pq.read_table(folder / name) for name in names))
+    for got, expected in (
+        (saved.book_feats, computed.book_feats),
+        (saved.user_feats, computed.user_feats),
+        (saved.book_emb, computed.book_emb),
+        (saved.user_emb, computed.user_emb),
+    ):
+        assert torch.equal(got, expected)
+    assert isinstance(np.load(folder / layout.BOOK_FEATURES_FILE, mmap_mode="c"), np.memmap)
+    for name in ("rated_books", "rated_bounds", "rated_values"):
+        np.testing.assert_array_equal(getattr(saved, name), getattr(computed, name))
+
+    copy = tmp_path / "run"
+    shutil.copytree(folder, copy / layout.CATALOG_DIR)
+    np.save(copy / layout.catalog_path(layout.USER_FEATURES_FILE), computed.user_feats[:-1].numpy())
+    with pytest.raises(ValueError, match=r"user features are torch.float32 \(\d+, \d+\); its \d+ users"):
+        Catalog.load(copy)

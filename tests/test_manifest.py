@@ -26,7 +26,12 @@ from tests.conftest import REPO
 
 # The files of the tiny run's model the handler and the batch job load (the encoder's listed apart:
 # its file names are the encoder's own).
-LOADED = (layout.MODEL_FILES[layout.SHIPPED_VARIANT], *layout.SCORING_FILES, *layout.RANKING_FILES)
+LOADED = (
+    layout.MODEL_FILES[layout.SHIPPED_VARIANT],
+    *layout.SCORING_FILES,
+    *layout.catalog_feature_paths(),
+    *layout.RANKING_FILES,
+)
 DAMAGE = ("missing", "truncated", "empty", "random")
 
 

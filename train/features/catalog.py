@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from model import layout
-from model.catalog import Catalog, write_catalog
+from model.catalog import write_catalog
 from model.encoder import TextEncoder
 from model.features import FeatureSpec
 from model.text import book_texts, user_texts
@@ -60,8 +60,8 @@ def embed_catalog(run: RunContext, encoder: TextEncoder | None = None, progress:
         global_mean=float(train["rating"].mean()),
         shrinkage=cfg.model.shrinkage,
     )
-    tables = write_catalog(run.dir, books, book_emb, users, user_emb, training_history(ratings), spec)
-    run.keep_later("catalog", lambda: Catalog.from_tables(spec, *tables))
+    catalog = write_catalog(run.dir, books, book_emb, users, user_emb, training_history(ratings), spec)
+    run.keep_later("catalog", lambda: catalog)
     summary = {
         "encoder": encoder.source,
         "pooling": encoder.pooling,

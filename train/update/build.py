@@ -250,11 +250,10 @@ def _write_catalog(
         lambda f: embed.embed(encoder, user_texts(f), batch, False),
     )
     history, added, replaced = _join_history(old.history, inputs.ratings)
-    tables = write_catalog(dest, books, book_emb, users, user_emb, history, old.spec)
+    catalog = write_catalog(dest, books, book_emb, users, user_emb, history, old.spec)
     withdrawn = sorted(set(old.books["isbn"].iloc[old.withdrawn]) | set(inputs.withdrawn))
     if withdrawn:
         (dest / layout.catalog_path(layout.WITHDRAWN_FILE)).write_text(json.dumps(withdrawn, indent=1) + "\n")
-    catalog = Catalog.from_tables(old.spec, *tables)  # what Catalog.load reads back, without reading it
     catalog.withdrawn = catalog.book_rows(withdrawn).numpy().astype(np.int64)
     counts = {
         "books": len(books),
