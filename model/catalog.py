@@ -38,8 +38,8 @@ def embedding_column(matrix: np.ndarray) -> pa.FixedSizeListArray:
 
 def write_table(table: pa.Table, path: Path) -> None:
     """Write ``table`` as Parquet, its ``embedding`` column (if any) plain: float vectors gain
-    nothing from dictionary or Snappy encoding (0.7% smaller here) and decode several times slower
-    with them (a full-size catalog's books: 2-4 s against 0.3 s), which a worker pays at every start."""
+    nothing from dictionary or Snappy encoding (0.7% smaller on a full-size catalog's books) and
+    decode several times slower with them (those books: 2-4 s against 0.3 s)."""
     plain = "embedding"
     names = table.column_names
     pq.write_table(
@@ -68,21 +68,25 @@ def write_catalog(
     history: pd.DataFrame,
     spec: FeatureSpec,
 ) -> Catalog:
-    """Write the catalog (metadata + text embeddings, training history, feature spec, and every
-    book's and user's feature vector) into the model folder ``folder``; returns the catalog
+    """Write the catalog into the model folder ``folder``: the books' and users' metadata, the
+    training history, the feature spec, and every book's and user's feature vector, whose first
+    ``spec.emb_dim`` columns are the text embeddings (stored once, there). Returns the catalog
     ``Catalog.load`` reads back."""
     folder = Path(folder) / layout.CATALOG_DIR
     folder.mkdir(parents=True, exist_ok=True)
     book_table = pa.Table.from_pandas(books[schemas.BOOKS.names], schema=schemas.BOOKS, preserve_index=False)
-    book_table = book_table.append_column("embedding", embedding_column(book_emb))
-    write_table(book_table, folder / layout.BOOKS_FILE)
     user_table = pa.Table.from_pandas(users[schemas.USERS.names], schema=schemas.USERS, preserve_index=False)
-    user_table = user_table.append_column("embedding", embedding_column(user_emb))
-    write_table(user_table, folder / layout.USERS_FILE)
     hist = pa.Table.from_pandas(history[schemas.RATINGS.names], schema=schemas.RATINGS, preserve_index=False)
+    catalog = Catalog.from_tables(
+        spec,
+        book_table.append_column("embedding", embedding_column(book_emb)),
+        user_table.append_column("embedding", embedding_column(user_emb)),
+        hist,
+    )
+    pq.write_table(book_table, folder / layout.BOOKS_FILE)
+    pq.write_table(user_table, folder / layout.USERS_FILE)
     pq.write_table(hist, folder / layout.HISTORY_FILE)
     spec.save(folder / layout.SPEC_FILE)
-    catalog = Catalog.from_tables(spec, book_table, user_table, hist)
     for name, feats in zip(layout.FEATURE_FILES, (catalog.book_feats, catalog.user_feats), strict=True):
         np.save(folder / name, feats.numpy())
     return catalog
@@ -137,13 +141,12 @@ class Catalog:
         if all((folder / name).is_file() for name in layout.FEATURE_FILES):
             features = tuple(torch.from_numpy(np.load(folder / name, mmap_mode="c")) for name in layout.FEATURE_FILES)
         # ParquetFile, not pq.read_table: the same table, without importing pyarrow.dataset (1–2 s
-        # of a worker's start on 2 loaded cores). The text embeddings are the features' first columns.
-        columns = None if features is None else ["isbn", "title", "author", "year", "publisher"]
-        user_columns = None if features is None else ["user_id", "city", "region", "country", "age"]
+        # of a worker's start on 2 loaded cores). A folder written before the feature files holds the
+        # text embeddings in an ``embedding`` column of the tables.
         catalog = cls.from_tables(
             FeatureSpec.load(folder / layout.SPEC_FILE),
-            pq.ParquetFile(folder / layout.BOOKS_FILE).read(columns=columns),
-            pq.ParquetFile(folder / layout.USERS_FILE).read(columns=user_columns),
+            pq.ParquetFile(folder / layout.BOOKS_FILE).read(),
+            pq.ParquetFile(folder / layout.USERS_FILE).read(),
             pq.ParquetFile(folder / layout.HISTORY_FILE).read(),
             features=features,
         )
@@ -168,10 +171,10 @@ class Catalog:
         *,
         features: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> Catalog:
-        """The catalog of the tables ``write_catalog`` writes (books and users with their embedding
-        column, the training history), every feature vector computed from the training history; or,
-        given ``features`` (the folder's saved book and user feature vectors), those, with the text
-        embeddings their first columns (the tables need no embedding column then)."""
+        """The catalog of books and users with an ``embedding`` column (their text embeddings) and the
+        training history, every feature vector computed from the training history; or, given
+        ``features`` (a folder's saved book and user feature vectors), those, with the text
+        embeddings their first columns (an ``embedding`` column is ignored then)."""
         books = book_table.drop_columns([c for c in ["embedding"] if c in book_table.column_names]).to_pandas()
         users = user_table.drop_columns([c for c in ["embedding"] if c in user_table.column_names]).to_pandas()
         if features is None:

@@ -231,11 +231,8 @@ def embedding_results(
 ) -> list[FeatureResult]:
     """Book text embeddings of the traffic against the held-out books', along the reference's
     first principal components (new books' texts re-embedded with the run's encoder)."""
-    from model.catalog import embedding_matrix
-
-    books = pq.read_table(run_dir / layout.catalog_path(layout.BOOKS_FILE), columns=["isbn", "embedding"])
-    emb = embedding_matrix(books["embedding"])
-    index = {isbn: i for i, isbn in enumerate(books["isbn"].to_pylist())}
+    catalog = ModelFolder(run_dir).load_catalog()
+    emb, index = catalog.book_emb.numpy(), catalog.book_index
     ref = emb[[index[i] for i in held["isbn"] if i in index]]
     isbns = [i for row in traffic.get("isbns", pd.Series(dtype=object)).dropna() for i in row]
     texts = [t for row in traffic.get("new_book_texts", pd.Series(dtype=object)).dropna() for t in row]

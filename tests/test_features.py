@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from model import layout
-from model.catalog import Catalog
+from model.catalog import Catalog, embedding_column
 from model.encoder import load_saved_encoder
 from model.features import FeatureSpec
 from model.text import book_text, book_texts, group_key, user_text, user_texts
 from train.data.tables import load_tables
+from train.features.embed import EmbeddingCache
 from train.rating.dataset import build_training_data
 
 
@@ -114,15 +115,28 @@ def test_text_functions_handle_missing_parts():
     assert group_key(None) is None and group_key("...") is None
 
 
-def test_catalog_embeddings_are_stored_plain(tiny_run):
-    """The catalog's float vectors are written without dictionary or compression: those save
-    nothing on them and make a worker's start decode them several times slower."""
+def test_text_embeddings_are_stored_once_in_the_features(tiny_run):
+    """The catalog's tables carry no embedding column: the text embeddings are the first columns
+    of the saved feature vectors, and the catalog's embeddings are views of those."""
     for name in (layout.BOOKS_FILE, layout.USERS_FILE):
-        group = pq.ParquetFile(tiny_run / layout.catalog_path(name)).metadata.row_group(0)
-        chunks = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
-        vectors = chunks["embedding.list.element"]
-        assert vectors.compression == "UNCOMPRESSED" and not vectors.has_dictionary_page, (name, vectors)
-        assert chunks["isbn" if name == layout.BOOKS_FILE else "city"].compression == "SNAPPY"
+        assert "embedding" not in pq.ParquetFile(tiny_run / layout.catalog_path(name)).schema_arrow.names
+    catalog = Catalog.load(tiny_run)
+    dim = catalog.spec.emb_dim
+    for emb, feats in ((catalog.book_emb, catalog.book_feats), (catalog.user_emb, catalog.user_feats)):
+        assert emb.data_ptr() == feats.data_ptr() and torch.equal(emb, feats[:, :dim])
+
+
+def test_embedding_cache_shards_are_stored_plain(tmp_path):
+    """Float vectors are written without dictionary or compression: those save nothing on them and
+    make every read several times slower."""
+    EmbeddingCache(tmp_path)._write(["a", "b"], np.ones((2, 8), np.float32))
+    (shard,) = tmp_path.glob("*.parquet")
+    group = pq.ParquetFile(shard).metadata.row_group(0)
+    chunks = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
+    vectors = chunks["embedding.list.element"]
+    assert vectors.compression == "UNCOMPRESSED" and not vectors.has_dictionary_page, vectors
+    assert chunks["key"].compression == "SNAPPY"
+    assert EmbeddingCache(tmp_path)._store["b"].tolist() == [1.0] * 8
 
 
 def test_a_history_row_outside_the_catalog_is_named(tiny_run):
@@ -130,9 +144,10 @@ def test_a_history_row_outside_the_catalog_is_named(tiny_run):
     names = (layout.BOOKS_FILE, layout.USERS_FILE, layout.HISTORY_FILE)
     books, users, history = (pq.read_table(folder / name) for name in names)
     stray = history.slice(0, 1).set_column(1, history.schema.field("isbn"), pa.array(["0000000000"], pa.string()))
-    spec = FeatureSpec.load(folder / layout.SPEC_FILE)
+    spec, saved = FeatureSpec.load(folder / layout.SPEC_FILE), Catalog.load(tiny_run)
     with pytest.raises(ValueError, match="names book '0000000000', which is not in the catalog"):
-        Catalog.from_tables(spec, books, users, pa.concat_tables([history, stray]))
+        features = (saved.book_feats, saved.user_feats)
+        Catalog.from_tables(spec, books, users, pa.concat_tables([history, stray]), features=features)
 
 
 def test_saved_features_are_the_computed_ones_and_mapped(tiny_run, tmp_path):
@@ -142,8 +157,10 @@ def test_saved_features_are_the_computed_ones_and_mapped(tiny_run, tmp_path):
     saved = Catalog.load(tiny_run)
     folder = tiny_run / layout.CATALOG_DIR
     names = (layout.BOOKS_FILE, layout.USERS_FILE, layout.HISTORY_FILE)
-    spec = FeatureSpec.load(folder / layout.SPEC_FILE)
-    computed = Catalog.from_tables(spec, *(pq.read_table(folder / name) for name in names))
+    books, users, history = (pq.read_table(folder / name) for name in names)
+    books = books.append_column("embedding", embedding_column(saved.book_emb.numpy()))
+    users = users.append_column("embedding", embedding_column(saved.user_emb.numpy()))
+    computed = Catalog.from_tables(saved.spec, books, users, history)  # as a folder from before the feature files
     for got, expected in (
         (saved.book_feats, computed.book_feats),
         (saved.user_feats, computed.user_feats),

@@ -39,6 +39,7 @@ from handlers.schema import (
     main,
     request_schema,
 )
+from model import layout
 from model.artifacts import IncompleteModelFolder, code_identity
 from model.ranges import AGE_MAX, AGE_MIN, RATING_MAX, RATING_MIN, YEAR_MAX, YEAR_MIN
 from serving.archive import HANDLER_FILE, WORKER_FILES, CodeChanged, build_archive
@@ -161,9 +162,10 @@ def test_archive_holds_everything_the_worker_needs(tiny_store: Path, model_dir: 
     assert set(meta["steps"]) == {"data", *trained, "evaluate"}
     assert meta["code"]["same_feature_code"] is True
     assert meta["code"]["archived_with"]["git_commit"] == shipped_code["git_commit"]
-    # Book metadata and embeddings travel in the catalog.
+    # Book metadata and feature vectors (text embeddings first) travel in the catalog.
     books = pq.read_table(model_dir / "catalog" / "books.parquet")
-    assert {"isbn", "title", "author", "year", "publisher", "embedding"} <= set(books.column_names)
+    assert {"isbn", "title", "author", "year", "publisher"} <= set(books.column_names)
+    assert (model_dir / layout.catalog_path(layout.BOOK_FEATURES_FILE)).is_file()
 
 
 def test_archive_ships_the_allow_listed_worker_code_and_no_tools(tiny_store: Path) -> None:

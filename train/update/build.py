@@ -46,7 +46,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import scipy.sparse as sp
 import torch
 import yaml
@@ -55,7 +54,7 @@ from model import layout
 from model.artifacts import ModelFolder
 from model.book_index import BookIndex, IndexSettings
 from model.candidates import ItemGraph
-from model.catalog import Catalog, embedding_matrix, write_catalog
+from model.catalog import Catalog, write_catalog
 from model.checkpoint import load_scripted
 from model.encoder import load_serving_encoder
 from model.manifest import file_sha256
@@ -224,11 +223,9 @@ def _write_catalog(
     src: Source, old: Catalog, inputs: UpdateInputs, dest: Path, cache: Path
 ) -> tuple[Catalog, dict[str, int], dict[str, Any]]:
     """The new catalog tables in ``dest``: old rows in place (changed ones re-embedded), new ones last."""
-    folder = src.folder.path / layout.CATALOG_DIR
-    book_table = pq.read_table(folder / layout.BOOKS_FILE)
-    user_table = pq.read_table(folder / layout.USERS_FILE)
-    books, book_emb = book_table.drop(["embedding"]).to_pandas(), embedding_matrix(book_table["embedding"])
-    users, user_emb = user_table.drop(["embedding"]).to_pandas(), embedding_matrix(user_table["embedding"])
+    # Copies: changed rows are re-embedded in place, and ``old`` stays the source's catalog.
+    books, book_emb = old.books.copy(), old.book_emb.numpy().copy()
+    users, user_emb = old.users.copy(), old.user_emb.numpy().copy()
     encoder = load_serving_encoder(src.folder / layout.ENCODER_DIR)
     embed = EmbeddingCache(cache)
     batch = src.config.encoder.batch_size
