@@ -8,6 +8,7 @@ the training split only.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,17 @@ def write_table(table: pa.Table, path: Path) -> None:
     )
 
 
+def save_array(path: Path, array: np.ndarray) -> None:
+    """``np.save`` to a sibling file renamed over ``path``: the arrays of a model folder are mapped
+    (copy-on-write), and a mapping reads the file's current pages, so writing the old file in place
+    would change, or truncate under, the arrays of every process that maps it."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    with partial.open("wb") as fh:
+        np.save(fh, array)
+    os.replace(partial, path)
+
+
 def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """Inverse of ``embedding_column``: a read-only view of Arrow's buffer where the column is one
     float32 chunk without nulls (the catalog's), a copy otherwise."""
@@ -88,7 +100,7 @@ def write_catalog(
     pq.write_table(hist, folder / layout.HISTORY_FILE)
     spec.save(folder / layout.SPEC_FILE)
     for name, feats in zip(layout.FEATURE_FILES, (catalog.book_feats, catalog.user_feats), strict=True):
-        np.save(folder / name, feats.numpy())
+        save_array(folder / name, feats.numpy())
     return catalog
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from model import layout
-from model.catalog import Catalog, embedding_column
+from model.catalog import Catalog, embedding_column, write_catalog
 from model.encoder import load_saved_encoder
 from model.features import FeatureSpec
 from model.text import book_text, book_texts, group_key, user_text, user_texts
@@ -177,3 +177,17 @@ def test_saved_features_are_the_computed_ones_and_mapped(tiny_run, tmp_path):
     np.save(copy / layout.catalog_path(layout.USER_FEATURES_FILE), computed.user_feats[:-1].numpy())
     with pytest.raises(ValueError, match=r"user features are torch.float32 \(\d+, \d+\); its \d+ users"):
         Catalog.load(copy)
+
+
+def test_a_rewritten_catalog_leaves_a_loaded_one_as_it_was(tiny_run, tmp_path):
+    """Writing a catalog over a folder whose catalog a process holds (mapped) replaces the files: the
+    held arrays keep their values, never the new file's pages (or a truncated file's SIGBUS)."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run / layout.CATALOG_DIR, run / layout.CATALOG_DIR)
+    held = Catalog.load(run)
+    expected = held.book_feats.clone(), held.user_feats.clone()
+    books = held.books.iloc[:-1]  # one book fewer: the new files are shorter than the held mapping
+    history = held.history[held.history["isbn"].isin(books["isbn"])]
+    write_catalog(run, books, held.book_emb.numpy()[:-1] + 1, held.users, held.user_emb.numpy() + 1, history, held.spec)
+    assert torch.equal(held.book_feats, expected[0]) and torch.equal(held.user_feats, expected[1])
+    assert len(Catalog.load(run).books) == len(held.books) - 1

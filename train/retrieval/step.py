@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from model import layout
 from model.artifacts import resolve_device
 from model.book_index import BookIndex
-from model.catalog import Catalog
+from model.catalog import Catalog, save_array
 from model.checkpoint import load_scripted
 from model.features import book_own_stats
 from model.recommend import Recommender, RetrievalSettings, embed_book_set
@@ -362,7 +362,7 @@ def step_retrieval(run: RunContext, progress: bool = True) -> dict:
     # Scored from here on as served: the scripted file read back.
     towers = load_scripted(run_dir / layout.RETRIEVAL_FILE)
     vectors = catalog_book_vectors(towers, catalog)
-    np.save(run_dir / layout.BOOK_VECTORS, vectors.numpy())
+    save_array(run_dir / layout.BOOK_VECTORS, vectors.numpy())
     index, index_seconds = save_book_index(run_dir, vectors, cfg.retrieval.index)
     run.keep("towers", towers)
     run.keep("book_vectors", vectors)

@@ -54,7 +54,7 @@ from model import layout
 from model.artifacts import ModelFolder
 from model.book_index import BookIndex, IndexSettings
 from model.candidates import ItemGraph
-from model.catalog import Catalog, write_catalog
+from model.catalog import Catalog, save_array, write_catalog
 from model.checkpoint import load_scripted
 from model.encoder import load_serving_encoder
 from model.manifest import file_sha256
@@ -178,7 +178,7 @@ def _build(src: Source, update_dir: Path, dest: Path, version: str, cache_dir: P
     embedded_at = time.perf_counter()
     towers = _grow_towers(src.folder, old, catalog, dest)
     vectors = embed_book_set(towers, catalog, catalog.book_feats, torch.arange(len(catalog.books)))
-    np.save(dest / layout.BOOK_VECTORS, vectors.numpy())
+    save_array(dest / layout.BOOK_VECTORS, vectors.numpy())
     towers_at = time.perf_counter()
     index = _book_index(src, vectors, dest)
     index_at = time.perf_counter()
