@@ -70,17 +70,22 @@ class BookrecHandler(BaseHandler):
             self.engine = BookrecEngine(
                 model_dir, self.device, Limits.from_config(settings), rating_model=self.model, verified=True
             )
+        loaded = time.perf_counter()
         self.engine.warm_up()
         self.drift = DriftSampler.from_env(self.engine.catalog.users)
         log.info("drift sample: %s", self.drift.path if self.drift else "off")
+        done = time.perf_counter()
         log.info(
-            "bookrec %s loaded on %s (%d torch threads): %d books, %d users, ready in %.1f s",
+            "bookrec %s loaded on %s (%d torch threads): %d books, %d users, ready in %.1f s "
+            "(verified and loaded in %.1f s, warmed up in %.1f s)",
             self.engine.version,
             self.device,
             threads,
             len(self.engine.catalog.books),
             len(self.engine.catalog.users),
-            time.perf_counter() - start,
+            done - start,
+            loaded - start,
+            done - loaded,
         )
 
     @timed
